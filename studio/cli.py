@@ -33,9 +33,37 @@ def _demo_run(args: argparse.Namespace) -> int:
     return run_demo(method=args.method, steps=args.steps, seed=args.seed)
 
 
+def _make_base_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="output folder of the diffusers pipeline, e.g. sample_data/mini-sd")
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--resume", action="store_true", help="continue training the pipeline in OUT")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 if sharing the CPU)")
+    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the diffusion stage")
+    p.add_argument("--steps", type=int, default=200_000, help="diffusion steps in this sitting")
+    p.add_argument("--vae-minutes", type=float, default=8.0, help="wall-clock budget of the VAE stage")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--save-minutes", type=float, default=10.0, help="save improving weights this often")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _make_base_run(args: argparse.Namespace) -> int:
+    from trainers.mini_base import MiniBaseConfig, make_base
+
+    cfg = MiniBaseConfig(out=args.out, quick=args.quick, overwrite=args.overwrite,
+                         resume=args.resume, threads=args.threads, minutes=args.minutes,
+                         steps=args.steps, vae_minutes=args.vae_minutes, batch=args.batch,
+                         lr=args.lr, save_minutes=args.save_minutes, seed=args.seed)
+    make_base(cfg, say=lambda msg: print(msg, flush=True))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command("fit every adapter method on a tiny model and print what happened",
                     _demo_arguments, _demo_run),
+    "make-base": Command("train the embedded mini base model (shapes world) into a diffusers folder",
+                         _make_base_arguments, _make_base_run),
 }
 
 

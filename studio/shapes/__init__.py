@@ -1,0 +1,1 @@
+"""The procedural shapes world: generator, tokenizer builder, evaluator (imports nothing of ours but errors)."""

@@ -1,0 +1,1 @@
+"""Training code: imports studio.adapters/formats/models/config/pipeline/shapes, never cli/ui."""

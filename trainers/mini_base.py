@@ -1,0 +1,407 @@
+"""Recreate the embedded mini base: a tiny Stable-Diffusion-architecture model of the shapes world.
+
+The result is an ordinary diffusers ``StableDiffusionPipeline`` folder (UNet2DConditionModel,
+AutoencoderKL, CLIPTextModel + CLIPTokenizer, DPM-Solver scheduler), < 30 MB, safetensors only.
+
+Recipe (measured on a 2-core CPU, see the model card for the numbers of the shipped run):
+
+1. VAE 64x64x3 -> 16x16x4, channels (16, 32, 32), trained on procedural images
+   (MSE + tiny KL). Frozen afterwards; its latent std sets ``scaling_factor``.
+2. Text encoder (2-layer CLIP, width 64) + UNet trained jointly with the epsilon loss:
+   captions padded to ``max_length`` (24) tokens instead of 77 -- the tokenizer's
+   ``model_max_length`` and the text encoder's ``max_position_embeddings`` are that length,
+   so the pipeline pads the same way at inference; lr 1e-3 with warmup, AdamW, batch 32,
+   10 % caption dropout (classifier-free guidance), min-SNR-5 loss weights, offset noise 0.1
+   (flat black or white backgrounds need a shift of the image mean the plain epsilon
+   objective hardly learns), EMA 0.999 of the weights that are shipped.
+
+Resumable: ``--resume`` loads the weights already in OUT and continues the diffusion stage.
+The exact optimizer + raw-weight state lives beside OUT in ``OUT-train-state/`` (not shipped);
+when it is missing (fresh checkout) training resumes from the shipped EMA weights with a
+fresh optimizer and a short warmup, which costs a few hundred steps of re-warming, no more.
+
+Every save is atomic: the pipeline is written to a temp folder beside OUT and swapped in,
+so an interrupted run never leaves a half-written model under the target name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from studio.errors import StudioError
+
+STATE_FILE = "state.pt"
+LOG_FILE = "training.json"
+
+
+@dataclass(frozen=True)
+class MiniBaseConfig:
+    out: str
+    """Output folder of the diffusers pipeline."""
+    quick: bool = False
+    """Seconds-long smoke run (tiny step counts), for tests: proves the recipe end to end."""
+    overwrite: bool = False
+    """Replace a non-empty OUT (without it, a non-empty OUT is refused)."""
+    resume: bool = False
+    """Continue from the weights in OUT (skips the VAE stage)."""
+    threads: int = 1
+    """torch intra-op threads; 1 when another heavy torch process shares the 2 cores."""
+    seed: int = 0
+    vae_steps: int = 3000
+    """VAE optimizer steps (stage 1)."""
+    vae_minutes: float = 8.0
+    """Stop stage 1 after this many minutes even if vae_steps is not reached."""
+    steps: int = 200_000
+    """Diffusion optimizer steps to run in this sitting (stage 2)."""
+    minutes: float = 60.0
+    """Stop stage 2 after this many wall-clock minutes (whichever comes first)."""
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    ema: float = 0.999
+    caption_dropout: float = 0.1
+    offset_noise: float = 0.1
+    min_snr: float = 5.0
+    max_length: int = 24
+    """Token length of captions (tokenizer model_max_length = text encoder positions)."""
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    save_minutes: float = 10.0
+    """Write improving EMA weights to OUT this often."""
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.batch < 1 or self.max_length < 10:
+            raise StudioError("make-base: --threads and --batch must be >= 1, --max-length >= 10")
+        if self.quick:
+            object.__setattr__(self, "vae_steps", min(self.vae_steps, 4))
+            object.__setattr__(self, "steps", min(self.steps, 4))
+            object.__setattr__(self, "batch", min(self.batch, 4))
+
+
+# --------------------------------------------------------------------------- components
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        mid_block_add_attention=False)  # 16x16 attention is the slowest op on CPU; flat shapes need none
+
+
+def build_unet(channels: tuple[int, ...] = (32, 64, 64)):
+    from diffusers import UNet2DConditionModel
+
+    # Attention only below the 16x16 level: CPU flash attention over 256 tokens with head
+    # dim 8 took 55 % of a step; without it a step is 2.5x faster (measured, batch 32).
+    n = len(channels)
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 2) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 2) + ("UpBlock2D",)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=tuple(channels),
+        down_block_types=down, up_block_types=up, layers_per_block=1, cross_attention_dim=64,
+        attention_head_dim=8, norm_num_groups=8, transformer_layers_per_block=1)
+
+
+def build_text_encoder(tokenizer, max_length: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    bos = tokenizer.convert_tokens_to_ids(tokenizer.bos_token)
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, projection_dim=64,
+                         max_position_embeddings=max_length, bos_token_id=bos,
+                         eos_token_id=eos, pad_token_id=eos)
+    return CLIPTextModel(cfg)
+
+
+def train_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", prediction_type="epsilon",
+                         clip_sample=False, steps_offset=1)
+
+
+def inference_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(train_scheduler().config)
+
+
+def images_to_tensor(images):
+    import torch
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------- saving
+
+def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer_dir: Path, log: dict) -> None:
+    """Write the pipeline to a temp folder beside ``out``, then swap it in."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir),
+                                            model_max_length=text_encoder.config.max_position_embeddings)
+        pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tok,
+                                       scheduler=inference_scheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        # model_index.json without safety checker / feature extractor entries: loads plainly.
+        index_path = tmp / "model_index.json"
+        index = json.loads(index_path.read_text())
+        for key in ("safety_checker", "feature_extractor", "image_encoder"):
+            index.pop(key, None)
+        index["requires_safety_checker"] = False
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+        card = out / "README.md"
+        if card.exists():  # the model card is written by the evaluator; keep it across saves
+            shutil.copy2(card, tmp / "README.md")
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- stage 1: VAE
+
+def train_vae(vae, cfg: MiniBaseConfig, log: dict, say) -> None:
+    import torch
+    from studio.shapes import world
+
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    steps, batch = cfg.vae_steps, (cfg.batch if cfg.quick else 16)
+    t0, c0 = time.time(), time.process_time()
+    mse_avg = None
+    vae.train()
+    for step in range(steps):
+        frac = step / max(1, steps)
+        for g in opt.param_groups:
+            g["lr"] = 2e-4 + 0.5 * (2e-3 - 2e-4) * (1 + math.cos(math.pi * frac))
+        images, _, _ = world.batch(cfg.seed * 1_000_003 + 7919 * step + 1, batch)
+        x = images_to_tensor(images)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse = torch.nn.functional.mse_loss(rec, x)
+        kl = post.kl().mean() / (4 * 16 * 16)
+        loss = mse + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        mse_avg = mse.item() if mse_avg is None else 0.98 * mse_avg + 0.02 * mse.item()
+        if step % cfg.log_every == 0 or step == steps - 1:
+            say(f"vae step {step} mse {mse.item():.5f} avg {mse_avg:.5f} "
+                f"{(step + 1) / (time.time() - t0):.2f} steps/s")
+        if time.time() - t0 > cfg.vae_minutes * 60:
+            steps = step + 1
+            break
+    vae.eval()
+    vae.requires_grad_(False)
+    # scaling_factor: unit variance latents for the diffusion stage
+    with torch.no_grad():
+        images, _, _ = world.batch(cfg.seed + 424242, 256)
+        z = vae.encode(images_to_tensor(images)).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / z.std().clamp_min(1e-3)))
+    log["vae"] = {"steps": steps, "final_mse": round(float(mse_avg), 6),
+                  "cpu_seconds": round(time.process_time() - c0, 1),
+                  "wall_seconds": round(time.time() - t0, 1),
+                  "scaling_factor": vae.config.scaling_factor}
+
+
+# --------------------------------------------------------------------------- stage 2: diffusion
+
+def _ema_update(ema_model, model, decay: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for e, p in zip(ema_model.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def train_diffusion(vae, unet, text_encoder, tokenizer, ema_unet, ema_te, cfg: MiniBaseConfig,
+                    log: dict, say, save, state_path: Path | None) -> None:
+    import torch
+    import torch.nn.functional as F
+    from studio.shapes import world
+
+    sched = train_scheduler()
+    alphas = sched.alphas_cumprod  # (1000,)
+    snr = alphas / (1 - alphas)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    d = log.setdefault("diffusion", {"steps": 0, "cpu_seconds": 0.0, "wall_seconds": 0.0,
+                                     "sittings": 0, "history": []})
+    d["sittings"] += 1
+    start_step = d["steps"]
+    warm_from = start_step
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("step") == start_step:
+            unet.load_state_dict(state["unet"])
+            text_encoder.load_state_dict(state["text_encoder"])
+            opt.load_state_dict(state["opt"])
+            warm_from = -10**9  # exact resume: no re-warming
+            say(f"resumed optimizer state from {state_path} at step {start_step}")
+        else:
+            say(f"{state_path} is from step {state.get('step')}, weights are at {start_step}: "
+                "fresh optimizer")
+
+    captions = world.all_captions()
+    tok = tokenizer(captions + [""], padding="max_length", max_length=cfg.max_length,
+                    truncation=True, return_tensors="pt").input_ids  # (121, L)
+    empty = len(captions)
+    gen = torch.Generator().manual_seed(cfg.seed * 7 + start_step)
+    t0, c0 = time.time(), time.process_time()  # since the last save (for the log)
+    t_start = last_save = t0
+    loss_avg = None
+    unet.train()
+    text_encoder.train()
+    step = start_step
+    for i in range(cfg.steps):
+        step = start_step + i
+        lr = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        images, caps, scenes = world.batch(cfg.seed * 1_000_003 + 104729 * step + 17, cfg.batch)
+        idx = torch.tensor([captions.index(c) for c in caps])
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
+        idx[drop] = empty
+        with torch.no_grad():
+            z = vae.encode(images_to_tensor(images)).latent_dist.sample(generator=gen)
+            z = z * vae.config.scaling_factor  # (B, 4, 16, 16)
+        noise = torch.randn(z.shape, generator=gen)
+        noise = noise + cfg.offset_noise * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=gen)
+        t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
+        zt = sched.add_noise(z, noise, t)
+        cond = text_encoder(tok[idx]).last_hidden_state  # (B, L, 64)
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        w = torch.clamp(snr[t], max=cfg.min_snr) / snr[t]  # min-SNR-gamma for epsilon targets
+        per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (w * per).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_te, text_encoder, decay)
+        raw = per.mean().item()
+        loss_avg = raw if loss_avg is None else 0.99 * loss_avg + 0.01 * raw
+        done = i == cfg.steps - 1 or time.time() - t_start > cfg.minutes * 60
+        if step % cfg.log_every == 0 or done:
+            sps = (i + 1) / (time.time() - t_start)
+            say(f"step {step} loss {raw:.4f} avg {loss_avg:.4f} lr {lr:.2e} {sps:.2f} steps/s")
+            d["history"].append([step, round(loss_avg, 5)])
+        if done or time.time() - last_save > cfg.save_minutes * 60:
+            d["steps"] = step + 1
+            d["final_loss"] = round(loss_avg, 5)
+            d["cpu_seconds"] = round(d["cpu_seconds"] + time.process_time() - c0, 1)
+            d["wall_seconds"] = round(d["wall_seconds"] + time.time() - t0, 1)
+            t_save = time.time()
+            save()
+            if state_path is not None:
+                _atomic_torch_save({"step": step + 1, "unet": unet.state_dict(),
+                                    "text_encoder": text_encoder.state_dict(),
+                                    "opt": opt.state_dict()}, state_path)
+            say(f"saved at step {step + 1} ({time.time() - t_save:.1f} s)")
+            t0, c0, last_save = time.time(), time.process_time(), time.time()
+            if done:
+                break
+
+
+# --------------------------------------------------------------------------- entry point
+
+def make_base(cfg: MiniBaseConfig, say=print) -> Path:
+    import torch
+    from studio.shapes.tokenizer import load_tokenizer, write_tokenizer
+
+    out = Path(cfg.out)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    if cfg.resume:
+        if not (out / "model_index.json").exists():
+            raise StudioError(f"{out}: no pipeline to resume from (model_index.json missing); "
+                              "run without --resume first")
+    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise StudioError(f"{out} exists and is not empty; pass --overwrite to replace it, "
+                          "--resume to continue training it, or choose another folder")
+    state_path = None if cfg.quick else out.parent / f"{out.name}-train-state" / STATE_FILE
+
+    with tempfile.TemporaryDirectory() as tmpdir:
+        if cfg.resume:
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+            from transformers import CLIPTextModel
+
+            tok_dir = Path(tmpdir) / "tokenizer"
+            shutil.copytree(out / "tokenizer", tok_dir)
+            tokenizer = load_tokenizer(tok_dir)
+            vae = AutoencoderKL.from_pretrained(str(out / "vae"))
+            unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+            text_encoder = CLIPTextModel.from_pretrained(str(out / "text_encoder"))
+            log = json.loads((out / LOG_FILE).read_text()) if (out / LOG_FILE).exists() else {}
+            vae.requires_grad_(False)
+            vae.eval()
+        else:
+            tok_dir = write_tokenizer(Path(tmpdir) / "tokenizer", cfg.max_length)
+            tokenizer = load_tokenizer(tok_dir)
+            vae, unet = build_vae(), build_unet(cfg.unet_channels)
+            text_encoder = build_text_encoder(tokenizer, cfg.max_length)
+            log = {}
+            if state_path is not None and state_path.exists():
+                state_path.unlink()  # a fresh run must never pick up a stale optimizer
+            say(f"params: vae {sum(p.numel() for p in vae.parameters()):,} "
+                f"unet {sum(p.numel() for p in unet.parameters()):,} "
+                f"text encoder {sum(p.numel() for p in text_encoder.parameters()):,}")
+            train_vae(vae, cfg, log, say)
+        log["settings"] = {k: v for k, v in asdict(cfg).items() if k not in ("out",)}
+        ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+        ema_unet.requires_grad_(False)
+        ema_te.requires_grad_(False)
+
+        def save() -> None:
+            save_pipeline(out, vae, ema_unet, ema_te, tok_dir, log)
+
+        if cfg.overwrite and not cfg.resume and out.exists():
+            pass  # replaced atomically by the first save
+        train_diffusion(vae, unet, text_encoder, tokenizer, ema_unet, ema_te, cfg, log, say,
+                        save, state_path)
+    return out
