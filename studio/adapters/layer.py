@@ -1,0 +1,171 @@
+"""AdaptedLinear: a frozen base Linear (or GPT-2 Conv1D) plus any number of named adapters.
+
+    y = base(x) + sum_i w_i * delta_i(x)        delta_i(x) = x @ dW_i.T, dW_i against pristine W0
+
+One source of truth for merging: ``merged`` lists the adapters folded into the live weight.
+While it is non-empty the pristine W0 is kept as a backup; the live weight is always
+*recomputed* as cast(W0 + sum w_i dW_i) in fp32 from that backup, and unmerge copies the
+backup back, so W0 returns bit-exactly whatever the dtype.
+
+Several unmerged adapters run as one concatenated (down, up) matmul pair whose columns are
+scaled by the user weights; the stacked factors are cached while parameters and weights do
+not change, so moving a weight slider costs one small re-stack and no re-merge.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from studio.errors import StudioError
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's transformers.Conv1D: a Linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class Adapter(nn.Module):
+    """One named adapter on one layer: its method, frozen config and state tensors."""
+
+    def __init__(self, method_name: str, method: ModuleType, cfg, state: dict):
+        super().__init__()
+        self.method_name, self.method, self.cfg = method_name, method, cfg
+        self.weight = 1.0
+        self.enabled = True
+        self._names = tuple(state)
+        for key, value in state.items():
+            if key in method.TRAINABLE:
+                self.register_parameter(key, nn.Parameter(value))
+            else:  # SVF's U, S, Vh are shared with the SVD cache and never saved
+                self.register_buffer(key, value, persistent=key in method.SAVED)
+
+    def state(self) -> dict:
+        return {k: getattr(self, k) for k in self._names}
+
+    def saved_tensors(self) -> dict:
+        return {k: getattr(self, k).detach() for k in self.method.SAVED}
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.method.factors(self.cfg, self.state())
+
+    def delta_weight(self) -> torch.Tensor:
+        down, up = self.factors()
+        return up @ down  # (out, in), fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.forward_delta(self.cfg, self.state(), x, self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.method_name}, {self.cfg}, weight={self.weight}, enabled={self.enabled}"
+
+
+class AdaptedLinear(nn.Module):
+    def __init__(self, base: nn.Module, path: str):
+        super().__init__()
+        self.base = base
+        self.path = path
+        self.adapters = nn.ModuleDict()
+        self.merged: list[str] = []
+        self._w0: torch.Tensor | None = None
+        self._stack_key = None
+        self._stack = None
+
+    # -- the base weight, always as (out, in) ---------------------------------------------
+    @property
+    def transposed(self) -> bool:
+        return is_conv1d(self.base)
+
+    @property
+    def pristine_weight(self) -> torch.Tensor:
+        W = self._w0 if self._w0 is not None else self.base.weight.detach()
+        return W.T if self.transposed else W
+
+    @property
+    def out_features(self) -> int:
+        return self.pristine_weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.pristine_weight.shape[1]
+
+    # -- forward ----------------------------------------------------------------------------
+    def live_adapters(self) -> list[Adapter]:
+        return [a for n, a in self.adapters.items() if a.enabled and a.weight != 0 and n not in self.merged]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        live = self.live_adapters()
+        if not live:
+            return y
+        if len(live) == 1:
+            delta = live[0](x.to(torch.float32) if x.dtype != torch.float32 else x)
+            if live[0].weight != 1.0:
+                delta = delta * live[0].weight
+            return y + delta.to(y.dtype)
+        down, up = self._stacked(live)
+        xf = x.to(down.dtype)
+        return y + F.linear(F.linear(xf, down), up).to(y.dtype)
+
+    def _stacked(self, live: list[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenate the factors of all live adapters; cache while nothing changed."""
+        tensors = [t for a in live for t in a.state().values()]
+        cacheable = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        key = tuple((id(a), a.weight, tuple(t._version for t in a.state().values())) for a in live)
+        if cacheable and key == self._stack_key:
+            return self._stack
+        pairs = [a.factors() for a in live]
+        down = torch.cat([d for d, _ in pairs], dim=0)                              # (R, in)
+        up = torch.cat([u * a.weight for (_, u), a in zip(pairs, live)], dim=1)     # (out, R)
+        if cacheable:
+            self._stack_key, self._stack = key, (down, up)
+        return down, up
+
+    # -- merge / unmerge --------------------------------------------------------------------
+    def merge(self, names: list[str]) -> None:
+        new = [n for n in names if n in self.adapters and n not in self.merged]
+        if new:
+            self._write(self.merged + new)
+
+    def refresh(self) -> None:
+        """Re-merge after a weight or enable change of a merged adapter."""
+        if self.merged:
+            self._write(self.merged)
+
+    def unmerge(self) -> None:
+        if self._w0 is not None:
+            with torch.no_grad():
+                self.base.weight.copy_(self._w0)
+        self._w0 = None
+        self.merged = []
+
+    def _write(self, names: list[str]) -> None:
+        W0 = self.pristine_weight
+        W = W0.float().clone()
+        for name in names:
+            adapter = self.adapters[name]
+            if not adapter.enabled or adapter.weight == 0:
+                continue
+            dW = adapter.delta_weight().detach().to(W.device)
+            if not torch.isfinite(dW).all():
+                raise StudioError(
+                    f"cannot merge adapter '{name}' into module '{self.path}': its delta has NaN or "
+                    f"infinite values (a diverged or damaged adapter): retrain it with a lower "
+                    f"learning rate, or leave it out of the mix")
+            W += adapter.weight * dW
+        out = W.to(W0.dtype)
+        if not torch.isfinite(out).all():
+            raise StudioError(
+                f"merging {names} into module '{self.path}' overflows {W0.dtype}: lower the adapter "
+                f"weights or merge in float32")
+        if self._w0 is None:
+            self._w0 = self.base.weight.detach().clone()
+        with torch.no_grad():
+            self.base.weight.copy_(out.T if self.transposed else out)
+        self.merged = list(names)
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, merged={self.merged}"

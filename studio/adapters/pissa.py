@@ -1,0 +1,107 @@
+"""PiSSA: principal singular values and vectors adaptation (Meng et al. 2024, arXiv 2404.02948).
+
+LoRA's architecture with its factors initialised from the top-r singular triplets of W0:
+
+    W0 = U diag(S) Vh                         (fp32; fast randomized SVD or exact)
+    A0 = diag(sqrt(S_r / s)) Vh_r   (r, in)    B0 = U_r diag(sqrt(S_r / s))   (out, r)
+    W_res = W0 - s B0 A0                      (PEFT's residual base)
+    trained: A, B starting at A0, B0;  dW against W0 = s (B A - B0 A0)    (rank <= 2r)
+
+Unlike PEFT we never overwrite the base weight with W_res: the layer keeps W0 and adds
+s(BA - B0A0), which is the same function (W_res + sBA) and keeps every adapter a delta
+against the pristine W0, so PiSSA mixes, merges and unmerges like any other method. The
+price is a rank-2r instead of rank-r adapter matmul, small next to the base layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from studio.adapters.common import check_rank
+from studio.errors import StudioError
+
+TRAINABLE = ("A", "B")
+SAVED = ("A", "B", "A0", "B0")
+SVD_KINDS = ("fast", "exact")
+
+
+@dataclass(frozen=True)
+class Config:
+    rank: int = 4
+    """r: number of principal singular triplets used as the initial factors."""
+    alpha: float | None = None
+    """Scale numerator; None means alpha = rank (the PiSSA authors' choice, scale 1)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    dropout: float = 0.0
+    """Input dropout while training; the PiSSA authors recommend 0."""
+    svd: str = "fast"
+    """'fast': torch.svd_lowrank (randomized, top-r only); 'exact': torch.linalg.svd."""
+    niter: int = 4
+    """Power iterations of the fast SVD (PEFT's pissa_niter_N); 4 or more is close to exact."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise StudioError(f"PiSSA rank must be a positive integer, got {self.rank!r}: pass --rank 4 or more")
+        if self.svd not in SVD_KINDS:
+            raise StudioError(f"PiSSA svd must be one of {SVD_KINDS}, got {self.svd!r}")
+        if self.niter < 0:
+            raise StudioError(f"PiSSA niter must be >= 0, got {self.niter}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise StudioError(f"PiSSA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        alpha = self.rank if self.alpha is None else self.alpha
+        return alpha / math.sqrt(self.rank) if self.rslora else alpha / self.rank
+
+
+def state_from_triplets(scale: float, U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor) -> dict:
+    """Split r singular triplets evenly into (A0, B0) so that s * B0 @ A0 = U_r diag(S_r) Vh_r."""
+    root = torch.sqrt(S_r / scale)  # (r,)
+    A0 = root[:, None] * Vh_r       # (r, in)
+    B0 = U_r * root[None, :]        # (out, r)
+    return {"A": A0.clone(), "B": B0.clone(), "A0": A0, "B0": B0}
+
+
+def init(cfg: Config, W0: torch.Tensor, module: str = "", generator: torch.Generator | None = None) -> dict:
+    check_rank(cfg.rank, W0.shape, module)
+    W = W0.detach().float()
+    if cfg.svd == "exact":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U_r, S_r, Vh_r = U[:, : cfg.rank], S[: cfg.rank], Vh[: cfg.rank]
+    else:  # PEFT's pissa_niter_N: q = r, no oversampling
+        U_r, S_r, V_r = torch.svd_lowrank(W, q=cfg.rank, niter=cfg.niter)
+        Vh_r = V_r.T
+    return state_from_triplets(cfg.scale, U_r, S_r, Vh_r)
+
+
+def factors(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    down = torch.cat([state["A"], state["A0"]], dim=0)                    # (2r, in)
+    up = torch.cat([state["B"], -state["B0"]], dim=1) * cfg.scale          # (out, 2r)
+    return down, up
+
+
+def forward_delta(cfg: Config, state: dict, x: torch.Tensor, training: bool = False) -> torch.Tensor:
+    if training and cfg.dropout > 0:
+        x = F.dropout(x, cfg.dropout, training=True)
+    down, up = factors(cfg, state)
+    return F.linear(F.linear(x, down), up)
+
+
+def residual(cfg: Config, state: dict, W0: torch.Tensor) -> torch.Tensor:
+    """W_res = W0 - s B0 A0, the base PEFT trains against (for comparison and export)."""
+    return W0.float() - cfg.scale * state["B0"] @ state["A0"]
+
+
+def expected_shapes(cfg: Config, out_features: int, in_features: int) -> dict:
+    r = cfg.rank
+    return {"A": (r, in_features), "B": (out_features, r), "A0": (r, in_features), "B0": (out_features, r)}
+
+
+def from_saved(cfg: Config, W0: torch.Tensor, tensors: dict, module: str = "") -> dict:
+    return {k: tensors[k].float() for k in SAVED}

@@ -1,0 +1,70 @@
+"""SVF: singular value fine-tuning (Transformer^2, Sun, Cetin, Tang 2025, arXiv 2501.06252).
+
+One gain per singular value of the base weight, in the additive form used throughout the
+studio (every adapter is a delta against the pristine W0):
+
+    W0 = U diag(S) Vh              U: (out, n)  S: (n,)  Vh: (n, in)   n = min(out, in)
+    dW = U diag(S * (z - 1)) Vh    z: (n,) trained, init 1  =>  dW = 0 at init
+
+Mixing experts of one base is the delta sum: z_mix = 1 + sum_i w_i (z_i - 1) (``mix.mix_svf``). The paper's
+nuclear-norm renormalisation is deliberately left out: it would make the delta non-linear in
+z and break that rule.
+
+The SVD is computed once per base weight in fp32 (``common.cached_svd``) and shared by every
+SVF adapter on that weight; the adapter stores only z and the weight's hash, and refuses a
+base whose weight hashes differently. ``forward_delta`` runs x -> Vh x -> * S(z-1) -> U, so
+training never forms a dense (out, in) weight gradient: dL/dz_i = S_i sum_t (u_i.g_t)(v_i.x_t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from studio.adapters.common import HASH_BYTES, cached_svd, hash_to_tensor, tensor_to_hash, weight_hash
+from studio.errors import StudioError
+
+TRAINABLE = ("z",)
+SAVED = ("z", "basis_hash")
+
+
+@dataclass(frozen=True)
+class Config:
+    """SVF has no rank: it trains min(out, in) gains per weight."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
+def init(cfg: Config, W0: torch.Tensor, module: str = "", generator: torch.Generator | None = None) -> dict:
+    U, S, Vh, h = cached_svd(W0)
+    return {"z": torch.ones_like(S), "basis_hash": hash_to_tensor(h), "U": U, "S": S, "Vh": Vh}
+
+
+def from_saved(cfg: Config, W0: torch.Tensor, tensors: dict, module: str = "") -> dict:
+    """Rebuild the state from saved (z, basis_hash), refusing a base with a different weight."""
+    if tensor_to_hash(tensors["basis_hash"]) != weight_hash(W0):
+        raise StudioError(
+            f"SVF adapter was trained on a different base weight for module '{module}' (basis hash "
+            f"mismatch): load it on the exact base checkpoint it was trained on, or export it as a "
+            f"plain LoRA first")
+    U, S, Vh, h = cached_svd(W0)
+    return {"z": tensors["z"].float(), "basis_hash": hash_to_tensor(h), "U": U, "S": S, "Vh": Vh}
+
+
+def gains(state: dict) -> torch.Tensor:
+    return state["S"] * (state["z"] - 1)  # (n,) singular values of dW, up to sign
+
+
+def factors(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return state["Vh"], state["U"] * gains(state)[None, :]  # (n, in), (out, n)
+
+
+def forward_delta(cfg: Config, state: dict, x: torch.Tensor, training: bool = False) -> torch.Tensor:
+    return F.linear(F.linear(x, state["Vh"]) * gains(state), state["U"])
+
+
+def expected_shapes(cfg: Config, out_features: int, in_features: int) -> dict:
+    return {"z": (min(out_features, in_features),), "basis_hash": (HASH_BYTES,)}

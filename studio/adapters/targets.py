@@ -1,0 +1,165 @@
+"""Find the Linear layers to adapt, and attach / detach named adapters on them.
+
+Targets are given as a preset name, a regular expression, an exact module name, or a list of
+those. An entry matches module ``n`` when ``n == entry``, ``n`` ends with ``"." + entry``, or
+``re.fullmatch(entry, n)`` succeeds. Only ``nn.Linear`` and GPT-2's ``Conv1D`` are adaptable.
+"""
+
+from __future__ import annotations
+
+import re
+from types import ModuleType
+
+import torch.nn as nn
+
+from studio.adapters.common import check_shapes
+from studio.adapters.layer import AdaptedLinear, Adapter, is_conv1d
+from studio.errors import StudioError
+
+PRESETS: dict[str, str] = {
+    # every attention block of a diffusers UNet2DConditionModel: 128 layers on SD1.5, 560 on SDXL
+    "unet-attn": r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+    # CLIPTextModel / CLIPTextModelWithProjection self-attention
+    "te-attn": r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+    # Llama / Qwen / Mistral attention, GPT-2 attention (Conv1D c_attn, c_proj)
+    "lm-attn": r".*(self_attn\.(q_proj|k_proj|v_proj|o_proj)|\battn\.(c_attn|c_proj))",
+    # Llama / Qwen / Mistral gated MLP, GPT-2 MLP
+    "lm-mlp": r".*mlp\.(gate_proj|up_proj|down_proj|c_fc|c_proj)",
+}
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, AdaptedLinear)) or is_conv1d(module)
+
+
+def _entry_matches(entry: str, name: str) -> bool:
+    if entry in PRESETS:
+        return re.fullmatch(PRESETS[entry], name) is not None
+    if name == entry or name.endswith("." + entry):
+        return True
+    try:
+        return re.fullmatch(entry, name) is not None
+    except re.error:
+        return False
+
+
+def _split(targets: str | list[str]) -> list[str]:
+    """'unet-attn,te-attn' is a list of presets; any other string is one entry."""
+    if isinstance(targets, str):
+        parts = [t.strip() for t in targets.split(",")]
+        return parts if all(p in PRESETS for p in parts) else [targets]
+    return list(targets)
+
+
+def find_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.Module]:
+    """Adaptable modules (or AdaptedLinear wrappers) whose names match the targets, in model order."""
+    entries = _split(targets)
+    found: dict[str, nn.Module] = {}
+    inside_wrapper: set[str] = set()
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in inside_wrapper):
+            continue
+        if isinstance(module, AdaptedLinear):
+            inside_wrapper.add(name)
+        if _is_adaptable(module) and any(_entry_matches(e, name) for e in entries):
+            found[name] = module
+    if not found:
+        raise StudioError(
+            f"targets {entries} match no Linear layer of {type(model).__name__}: use a preset "
+            f"({', '.join(PRESETS)}), a module name, or a regex over names such as "
+            f"'{next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), 'none')}'")
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    return {m.path: m for m in model.modules() if isinstance(m, AdaptedLinear)}
+
+
+def attach(model: nn.Module, name: str, method: str, cfg=None, targets: str | list[str] = "unet-attn",
+           weight: float = 1.0, saved: dict[str, dict] | None = None, freeze_base: bool = True) -> list[str]:
+    """Attach adapter ``name`` of ``method`` on every matching layer; return the module paths.
+
+    ``saved`` maps module path -> saved tensors (see ``ops.load_adapter``); without it every
+    layer is initialised by the method's ``init``. The base model's own parameters are frozen.
+    """
+    from studio.adapters import METHODS  # the registry sits in the package __init__
+
+    if method not in METHODS:
+        raise StudioError(f"unknown adapter method {method!r}: choose one of {', '.join(METHODS)}")
+    module_of_method: ModuleType = METHODS[method]
+    cfg = cfg if cfg is not None else module_of_method.Config()
+    if not isinstance(cfg, module_of_method.Config):
+        raise StudioError(f"method {method!r} needs a {module_of_method.__name__}.Config, got {type(cfg).__name__}")
+    if name in adapter_names(model):
+        raise StudioError(f"an adapter named {name!r} is already attached: detach it first or choose another name")
+    layers = find_targets(model, targets) if saved is None else _saved_targets(model, saved)
+    states = {}
+    for path, module in layers.items():  # build every state before touching the model
+        layer = module if isinstance(module, AdaptedLinear) else AdaptedLinear(module, path)
+        W0 = layer.pristine_weight
+        if saved is None:
+            state = module_of_method.init(cfg, W0, module=path)
+        else:
+            check_shapes(saved[path], module_of_method.expected_shapes(cfg, *W0.shape), path)
+            state = module_of_method.from_saved(cfg, W0, saved[path], module=path)
+        states[path] = (layer, {k: v.to(W0.device) for k, v in state.items()})
+    if freeze_base:
+        adapter_params = {id(p) for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()}
+        for p in model.parameters():
+            if id(p) not in adapter_params:
+                p.requires_grad_(False)
+    for path, (layer, state) in states.items():
+        if not isinstance(model.get_submodule(path), AdaptedLinear):
+            _set_submodule(model, path, layer)
+        adapter = Adapter(method, module_of_method, cfg, state)
+        adapter.weight = float(weight)
+        layer.adapters[name] = adapter
+    return list(states)
+
+
+def _saved_targets(model: nn.Module, saved: dict[str, dict]) -> dict[str, nn.Module]:
+    layers = {}
+    for path in saved:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        if module is None or not _is_adaptable(module):
+            raise StudioError(
+                f"the adapter targets module '{path}', which {type(model).__name__} does not have as a "
+                f"Linear layer: the adapter was trained for another base model")
+        layers[path] = module
+    return layers
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for layer in adapted_layers(model).values():
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def layers_of(model: nn.Module, name: str) -> dict[str, AdaptedLinear]:
+    layers = {p: m for p, m in adapted_layers(model).items() if name in m.adapters}
+    if not layers:
+        raise StudioError(f"no adapter named {name!r} is attached (attached: {adapter_names(model) or 'none'})")
+    return layers
+
+
+def detach(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left without adapters get their original module back."""
+    for path, layer in layers_of(model, name).items():
+        was_merged = list(layer.merged)
+        layer.unmerge()
+        del layer.adapters[name]
+        remaining = [n for n in was_merged if n != name]
+        if remaining:
+            layer.merge(remaining)
+        if len(layer.adapters) == 0:
+            _set_submodule(model, path, layer.base)
