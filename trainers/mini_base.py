@@ -352,6 +352,16 @@ def train_diffusion(vae, unet, text_encoder, tokenizer, ema_unet, ema_te, cfg: M
 
 def make_base(cfg: MiniBaseConfig, say=print) -> Path:
     import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _make_base(cfg, say)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's process (e.g. pytest) as it was
+
+
+def _make_base(cfg: MiniBaseConfig, say) -> Path:
+    import torch
     from studio.shapes.tokenizer import load_tokenizer, write_tokenizer
 
     out = Path(cfg.out)
@@ -400,8 +410,6 @@ def make_base(cfg: MiniBaseConfig, say=print) -> Path:
         def save() -> None:
             save_pipeline(out, vae, ema_unet, ema_te, tok_dir, log)
 
-        if cfg.overwrite and not cfg.resume and out.exists():
-            pass  # replaced atomically by the first save
         train_diffusion(vae, unet, text_encoder, tokenizer, ema_unet, ema_te, cfg, log, say,
                         save, state_path)
     return out

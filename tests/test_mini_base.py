@@ -1,0 +1,84 @@
+"""make-base end to end (--quick), and the shipped mini base in sample_data/mini-sd."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from studio.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "sample_data" / "mini-sd"
+
+
+@pytest.fixture(autouse=True)
+def _offline_one_thread(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _load(folder):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(folder))
+
+
+def _render(pipe, prompt="a red circle on a blue background", steps=2):
+    import torch
+
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=4.0, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    image = out.images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    return image
+
+
+@pytest.fixture(scope="module")
+def quick_base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "mini"
+    assert main(["make-base", str(out), "--quick"]) == 0
+    return out
+
+
+def test_quick_make_base_loads_and_renders(quick_base):
+    assert (quick_base / "model_index.json").exists()
+    index = json.loads((quick_base / "model_index.json").read_text())
+    assert "safety_checker" not in index and "feature_extractor" not in index
+    pipe = _load(quick_base)
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
+    _render(pipe)
+    assert not [p for p in quick_base.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_make_base_refuses_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["make-base", str(tmp_path), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path) in err and "--overwrite" in err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_resume_needs_a_pipeline_and_continues_one(quick_base, tmp_path, capsys):
+    assert main(["make-base", str(tmp_path / "nothing"), "--resume", "--quick"]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+    before = json.loads((quick_base / "training.json").read_text())["diffusion"]["steps"]
+    assert main(["make-base", str(quick_base), "--resume", "--quick"]) == 0
+    log = json.loads((quick_base / "training.json").read_text())["diffusion"]
+    assert log["steps"] == before + 4 and log["sittings"] == 2
+
+
+def test_shipped_mini_base_loads_offline_and_renders():
+    if not (SHIPPED / "model_index.json").exists():
+        pytest.fail(f"{SHIPPED} is missing: run `studio make-base {SHIPPED}`")
+    files = [p for p in SHIPPED.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert (SHIPPED / "README.md").exists()
+    _render(_load(SHIPPED))

@@ -1,0 +1,109 @@
+"""The shapes world: generator, tokenizer, evaluator and the style/character detectors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from studio.errors import StudioError
+from studio.shapes import evaluate, styles, world
+from studio.shapes.tokenizer import caption_words, load_tokenizer, write_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generator_is_deterministic_and_seed_dependent():
+    a_img, a_cap, _ = world.batch(7, 16)
+    b_img, b_cap, _ = world.batch(7, 16)
+    c_img, c_cap, _ = world.batch(8, 16)
+    assert a_img.shape == (16, 64, 64, 3) and a_img.dtype == np.uint8
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap
+    assert not np.array_equal(a_img, c_img)
+
+
+def test_exact_palette_colours_and_caption_form():
+    assert world.COLOURS["red"] == (220, 40, 40) and world.COLOURS["black"] == (25, 25, 25)
+    scene = world.Scene("square", "green", "yellow", 32.0, 32.0, 20.0)
+    img = world.render(scene)
+    assert tuple(img[32, 32]) == (40, 170, 60)       # inside: exact foreground
+    assert tuple(img[1, 1]) == (235, 210, 40)        # corner: exact background
+    assert scene.caption == "a green square on a yellow background"
+    _, caps, scenes = world.batch(3, 200)
+    for cap, s in zip(caps, scenes):
+        assert s.colour != s.background
+        assert world.parse_caption(cap) == (s.colour, s.shape, s.background)
+    assert {s.shape for s in scenes} == set(world.SHAPES)
+    assert len(world.all_captions()) == 6 * 4 * 5
+
+
+def test_bad_scene_and_caption_raise_studio_error():
+    with pytest.raises(StudioError):
+        world.Scene("circle", "red", "red", 32, 32, 10)
+    with pytest.raises(StudioError):
+        world.Scene("hexagon", "red", "blue", 32, 32, 10)
+    with pytest.raises(StudioError):
+        world.parse_caption("a red blob on a blue background")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(write_tokenizer(tmp_path_factory.mktemp("tok"), 24))
+
+
+def test_tokenizer_vocabulary_words_are_single_tokens(tokenizer):
+    assert tokenizer.model_max_length == 24
+    for word in caption_words():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_tokenizer_round_trip_and_unknown_word(tokenizer):
+    text = "a red circle on a blue background"
+    ids = tokenizer(text, padding="max_length", max_length=24).input_ids
+    assert len(ids) == 24
+    assert ids[0] == tokenizer.bos_token_id and ids[8] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    # a trigger word falls back to byte pieces instead of vanishing into <unk>
+    zxq = tokenizer("zxq", add_special_tokens=False).input_ids
+    assert len(zxq) >= 1 and tokenizer.unk_token_id not in zxq
+    assert tokenizer.decode(zxq) == "zxq"
+    styled = "a red circle on a blue background, zxq style"
+    assert tokenizer.decode(tokenizer(styled).input_ids, skip_special_tokens=True) == \
+        "a red circle on a blue background , zxq style"
+
+
+def test_evaluator_reads_ground_truth():
+    images, captions, _ = world.batch(2024, 240)
+    s = evaluate.score(images, captions)
+    assert s["both_colours"] >= 0.95 and s["shape"] >= 0.95, s
+    # ... and it can fail: captions of other images do not match
+    shuffled = captions[1:] + captions[:1]
+    assert evaluate.score(images, shuffled)["all"] < 0.3
+
+
+def test_evaluator_rejects_garbage():
+    r = evaluate.read_image(np.full((64, 64, 3), 128, np.uint8))
+    assert r.shape is None
+    with pytest.raises(StudioError):
+        evaluate.score([np.zeros((64, 64, 3), np.uint8)], ["not a caption"])
+
+
+@pytest.mark.parametrize("name", ["stripes", "outline", "kbot"])
+def test_detectors_find_their_sets_and_not_plain_shapes(name):
+    images, captions = styles.sample_images(name, 11, 30)
+    trigger = {**styles.STYLE_TRIGGERS, **styles.CHARACTER_TRIGGERS}[name]
+    assert all(trigger in c.split() or f"{trigger}," in c for c in captions)
+    assert styles.detection_rate(name, images) >= 0.9
+    assert styles.detection_rate(name, styles.plain_images(12, 200)) <= 0.1
+
+
+def test_committed_sample_sets_match_the_script(tmp_path):
+    from trainers.sample_sets import SETS, write_sets
+
+    write_sets(tmp_path, count=24)
+    for rel in SETS:
+        fresh = sorted(p.name for p in (tmp_path / rel).iterdir())
+        shipped = ROOT / "sample_data" / rel
+        assert sorted(p.name for p in shipped.iterdir()) == fresh
+        assert 16 <= len(fresh) // 2 <= 40
+        for name in fresh:
+            assert (shipped / name).read_bytes() == (tmp_path / rel / name).read_bytes(), name
