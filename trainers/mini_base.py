@@ -171,9 +171,9 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer_dir: Path, log: 
         index["requires_safety_checker"] = False
         index_path.write_text(json.dumps(index, indent=2) + "\n")
         (tmp / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
-        card = out / "README.md"
-        if card.exists():  # the model card is written by the evaluator; keep it across saves
-            shutil.copy2(card, tmp / "README.md")
+        for name in ("README.md", "grid.png", "quality.json"):  # the card (mini_base_card.py)
+            if (out / name).exists():
+                shutil.copy2(out / name, tmp / name)
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
