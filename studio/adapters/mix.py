@@ -71,7 +71,7 @@ def compress(down: torch.Tensor, up: torch.Tensor, rank: int | None = None, ener
     up = Qu Ru, down.T = Qd Rd (thin QR)  =>  up @ down = Qu (Ru Rd.T) Qd.T; the SVD of the
     (R, R) core gives the singular values of the mix. Frobenius error = sqrt(dropped energy).
     """
-    down, up = down.float(), up.float()
+    down, up = down.detach().float(), up.detach().float()
     Qu, Ru = torch.linalg.qr(up)            # (out, R), (R, R)
     Qd, Rd = torch.linalg.qr(down.T)        # (in, R), (R, R)
     Uc, S, Vhc = torch.linalg.svd(Ru @ Rd.T)
@@ -82,7 +82,7 @@ def compress(down: torch.Tensor, up: torch.Tensor, rank: int | None = None, ener
 def compress_svf(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor,
                  rank: int | None = None, energy: float | None = None) -> LowRank:
     """An SVF delta U diag(S(z-1)) Vh is already an SVD: keep the largest |S(z-1)|, no new SVD."""
-    g = S.float() * (z.float() - 1)                      # (n,) signed singular values of dW
+    g = S.detach().float() * (z.detach().float() - 1)                      # (n,) signed singular values of dW
     order = torch.argsort(g.abs(), descending=True)
     g_sorted = g[order]
     k = _cutoff(g_sorted.abs(), rank, energy)
