@@ -5,7 +5,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from a second thread, and two multi-threaded torch processes on
+# this 2-core machine slow each other down tens of times (a training job often runs beside).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
