@@ -82,3 +82,17 @@ def test_shipped_mini_base_loads_offline_and_renders():
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     assert (SHIPPED / "README.md").exists()
     _render(_load(SHIPPED))
+
+
+def test_exact_resume_uses_the_saved_optimizer_state(tmp_path):
+    from trainers.mini_base import MiniBaseConfig, make_base
+
+    out = tmp_path / "base"
+    messages = []
+    make_base(MiniBaseConfig(out=str(out), vae_steps=2, steps=3, batch=2), say=messages.append)
+    state = tmp_path / "base-train-state" / "state.pt"
+    assert state.exists()
+    make_base(MiniBaseConfig(out=str(out), resume=True, steps=2, batch=2), say=messages.append)
+    assert any("resumed optimizer state" in m for m in messages)
+    log = json.loads((out / "training.json").read_text())["diffusion"]
+    assert log["steps"] == 5

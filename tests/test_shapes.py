@@ -72,7 +72,7 @@ def test_tokenizer_round_trip_and_unknown_word(tokenizer):
 
 
 def test_evaluator_reads_ground_truth():
-    images, captions, _ = world.batch(2024, 240)
+    images, captions, _ = world.batch(2024, 120)
     s = evaluate.score(images, captions)
     assert s["both_colours"] >= 0.95 and s["shape"] >= 0.95, s
     # ... and it can fail: captions of other images do not match

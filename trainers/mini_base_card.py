@@ -74,7 +74,7 @@ Weights: {size / 2**20:.1f} MB of safetensors.
 
 ## Measured quality
 
-{m["n"]} generations of the evaluator's fixed prompts (all 120 combinations, seeds 0..{m["n"] - 1}),
+{m["n"]} generations of the evaluator's fixed prompts (spread over the 120 combinations, seeds 0..{m["n"] - 1}),
 {m["steps"]} steps, guidance {m["guidance"]}, judged by `studio.shapes.evaluate`:
 
 | measure | value |
