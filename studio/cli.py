@@ -59,11 +59,25 @@ def _make_base_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _formats(name: str) -> Callable:
+    """A function of studio.formats.commands, imported only when the subcommand runs."""
+    def call(arg):
+        from studio.formats import commands
+        return getattr(commands, name)(arg)
+    return call
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command("fit every adapter method on a tiny model and print what happened",
                     _demo_arguments, _demo_run),
     "make-base": Command("train the embedded mini base model (shapes world) into a diffusers folder",
                          _make_base_arguments, _make_base_run),
+    "export": Command("write an adapter as a kohya (default), diffusers or native .safetensors LoRA",
+                      _formats("export_arguments"), _formats("export_run")),
+    "inspect": Command("show what an adapter file is: format, base, method, ranks, trigger words, hash, metadata",
+                       _formats("inspect_arguments"), _formats("inspect_run")),
+    "bake": Command("bake weighted adapters into one LoRA file (exact, or at a rank with the error reported)",
+                    _formats("bake_arguments"), _formats("bake_run")),
 }
 
 

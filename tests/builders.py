@@ -101,3 +101,55 @@ CASES = [
     Case("llama", tiny_llama, "lm-attn,lm-mlp", lambda m: m(input_ids=_ids()).logits),
     Case("gpt2", tiny_gpt2, "lm-attn,lm-mlp", lambda m: m(input_ids=_ids()).logits),
 ]
+
+
+# -- appended for the adapter-file tests (studio/formats) --------------------------------------
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+# SDXL's layout at toy width: two resnets per block (so SGM block numbers are SDXL's), the same
+# down / up block types, 1-1-2 transformer layers, text_time conditioning (TE1 16 + TE2 16 = 32).
+TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), cross_attention_dim=32,
+    use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=64,
+)
+TINY_CLIP_16 = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=16)
+TINY_CLIP_PROJ = dict(TINY_CLIP_16, projection_dim=16)
+
+
+def tiny_sdxl_unet():
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(**TINY_SDXL_UNET)
+
+
+def tiny_sdxl_text_encoders():
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    return CLIPTextModel(CLIPTextConfig(**TINY_CLIP_16)), CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP_PROJ))
+
+
+def meta_clip_with_projection(config: dict = CLIP_BIGG):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    with torch.device("meta"):
+        return CLIPTextModelWithProjection(CLIPTextConfig(**config))
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, sample_size=16)
+
+
+def tiny_pipeline(unet, text_encoder, text_encoder_2=None):
+    """A diffusers SD / SDXL pipeline around given models, without tokenizers (LoRA loading only)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    scheduler = DDIMScheduler(steps_offset=1, clip_sample=False)
+    if text_encoder_2 is None:
+        return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=None, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=None, tokenizer_2=None, unet=unet, scheduler=scheduler)

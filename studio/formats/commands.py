@@ -1,0 +1,179 @@
+"""The ``studio export``, ``studio inspect`` and ``studio bake`` subcommands (registered in cli.py).
+
+Each ``*_arguments`` fills an argparse parser; each ``*_run`` takes the parsed namespace, prints
+what happened and returns the exit code. Errors are StudioErrors (cli.py prints ``error: ...``
+and exits 2). Heavy imports stay inside the run functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from studio.errors import StudioError
+
+FORMAT_CHOICES = ("kohya", "diffusers", "native", "peft")
+DTYPE_CHOICES = ("fp16", "bf16", "fp32")
+
+
+# -- shared ------------------------------------------------------------------------------------
+def _load_base(folder: str, components: list[str]) -> dict:
+    """Base models for SVF conversion: a diffusers pipeline folder or a transformers LM folder.
+
+    (A stop-gap until ``studio.models`` loads every kind of base; only the components the adapter
+    needs are loaded.)
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise StudioError(f"{folder}: --base must be a diffusers pipeline folder (unet/, text_encoder/) or a "
+                          f"transformers model folder")
+    try:
+        if (path / "unet").is_dir():
+            from diffusers import UNet2DConditionModel
+            from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+            loaders = {"unet": lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+                       "te": lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+                       "te1": lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+                       "te2": lambda: CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")}
+            return {c: loaders[c]() for c in components if c in loaders}
+        if (path / "config.json").exists():
+            from transformers import AutoModelForCausalLM
+
+            return {"lm": AutoModelForCausalLM.from_pretrained(path)}
+    except (OSError, ValueError) as err:
+        raise StudioError(f"{folder}: cannot load the base model ({err}): give the folder the adapter was trained on") from None
+    raise StudioError(f"{folder} is neither a diffusers pipeline folder nor a transformers model folder")
+
+
+def _policy_arguments(p: argparse.ArgumentParser, exact_flag: bool) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--rank", type=int, help="keep the R largest singular values per module")
+    if exact_flag:
+        group.add_argument("--exact", action="store_true", help="exact rank concatenation (the default)")
+    else:
+        group.add_argument("--energy", type=float, help="keep per module the fewest components retaining this "
+                                                        "fraction of ||dW||^2 (1 = exact)")
+
+
+def _output_arguments(p: argparse.ArgumentParser, default_format: str) -> None:
+    p.add_argument("--format", choices=FORMAT_CHOICES, default=default_format,
+                   help="kohya (loads everywhere, default), diffusers (diffusers only), native (studio, exact)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="tensor dtype (default fp16; native is always fp32)")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--base", help="base model folder; needed only to convert SVF adapters")
+    p.add_argument("--unet-layout", choices=("sgm", "diffusers"),
+                   help="SDXL kohya UNet names: sgm (input_blocks..., default) or diffusers (down_blocks...)")
+
+
+def _print_report(report, say=print) -> None:
+    ranks = ", ".join(str(r) for r in report.ranks) or "-"
+    modules = ", ".join(f"{c} {n}" for c, n in report.modules.items())
+    alpha = "" if report.alpha is None else f", alpha {report.alpha:g}"
+    say(f"wrote {report.path} ({report.format}, {report.dtype}, rank {ranks}{alpha}; modules: {modules})")
+    say(f"retained energy {report.energy:.6f}, relative Frobenius error {report.relative_error:.3g}")
+    if report.energy < 1.0 and report.per_module:
+        worst = sorted(report.per_module.items(), key=lambda kv: kv[1])[:5]
+        say("lowest per module: " + ", ".join(f"{k} {v:.4f}" for k, v in worst)
+            + " (all stored in studio.energy_retained)")
+    for note in report.notes:
+        say(f"note: {note}")
+    say(f"sha256 {report.sha256} (A1111 short hash {report.sha256[:12]})")
+
+
+def _models_for(args, files_) -> dict | None:
+    needs_base = any(p.method == "svf" for af in files_ for p in af.parts.values())
+    if not needs_base or args.format == "native":
+        return None
+    if not args.base:
+        raise StudioError("SVF adapters become plain LoRAs on their base model's singular vectors: pass --base "
+                          "FOLDER (the base the adapter was trained on), or export --format native")
+    components = sorted({c for af in files_ for c in af.parts})
+    return _load_base(args.base, components)
+
+
+# -- export ------------------------------------------------------------------------------------
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter .safetensors file (native, kohya or diffusers)")
+    _policy_arguments(p, exact_flag=False)
+    _output_arguments(p, "kohya")
+
+
+def export_run(args: argparse.Namespace) -> int:
+    from studio.formats import read, save
+
+    af = read(args.adapter)
+    energy = args.energy
+    if args.format in ("kohya", "diffusers") and af.method == "svf" and args.rank is None and energy is None:
+        energy = 0.99
+        print("SVF: no --rank or --energy given, keeping 99% of each module's energy "
+              "(--energy 1 writes the exact full-rank file)")
+    models = _models_for(args, [af])
+    report = save(af, args.out, args.format, rank=args.rank, energy=energy, dtype=args.dtype, models=models,
+                  unet_layout=args.unet_layout, overwrite=args.overwrite)
+    _print_report(report)
+    if args.format == "diffusers":
+        print("note: the diffusers layout loads in diffusers only; use --format kohya for A1111, Forge, ComfyUI")
+    return 0
+
+
+# -- inspect -----------------------------------------------------------------------------------
+def inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="adapter .safetensors file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def inspect_run(args: argparse.Namespace) -> int:
+    from studio.formats.inspection import inspect_file, render_json, render_text
+
+    info = inspect_file(args.file)
+    print(render_json(info) if args.json else render_text(info))
+    return 0
+
+
+# -- bake --------------------------------------------------------------------------------------
+def parse_spec(spec: str) -> tuple[str, float, float | None]:
+    """'FILE[:WEIGHT[:TE_WEIGHT]]' (a file name may itself contain ':')."""
+    numbers: list[float] = []
+    rest = spec
+    while len(numbers) < 2 and ":" in rest:
+        head, _, tail = rest.rpartition(":")
+        try:
+            numbers.insert(0, float(tail))
+        except ValueError:
+            break
+        rest = head
+    if not rest:
+        raise StudioError(f"bad adapter spec {spec!r}: use FILE:WEIGHT or FILE:WEIGHT:TE_WEIGHT")
+    weight = numbers[0] if numbers else 1.0
+    return rest, weight, numbers[1] if len(numbers) > 1 else None
+
+
+def bake_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapters", nargs="+", metavar="FILE:W[:TE_W]", help="adapters with weights, e.g. a.safetensors:0.8")
+    _policy_arguments(p, exact_flag=True)
+    _output_arguments(p, "kohya")
+
+
+def bake_run(args: argparse.Namespace) -> int:
+    from studio.formats import bake, read, save
+    from studio.formats.files import check_target
+
+    check_target(args.out, args.overwrite)  # fail before the work
+    specs = [parse_spec(s) for s in args.adapters]
+    inputs = [(read(path), weight, te_weight) for path, weight, te_weight in specs]
+    needs_base = any(p.method == "svf" for af, _, _ in inputs for p in af.parts.values())
+    models = None
+    if needs_base:
+        if not args.base:
+            raise StudioError("baking SVF adapters needs their base model: pass --base FOLDER")
+        models = _load_base(args.base, sorted({c for af, _, _ in inputs for c in af.parts}))
+    baked, summary = bake(inputs, rank=args.rank, models=models)
+    mode = f"rank {args.rank}" if args.rank else "exact"
+    print(f"baked {len(inputs)} adapters ({mode}): retained energy {summary['energy']:.6f}, "
+          f"Frobenius error {summary['error']:.4g} (relative {summary['relative_error']:.3g})")
+    report = save(baked, args.out, args.format, dtype=args.dtype, unet_layout=args.unet_layout,
+                  overwrite=args.overwrite)
+    _print_report(report)
+    return 0

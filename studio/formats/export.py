@@ -1,0 +1,101 @@
+"""``save(adapter_file, path, format)``: write an AdapterFile as native, kohya or diffusers.
+
+kohya and diffusers files are plain LoRAs (``lowrank``): exact for LoRA and PiSSA / MiLoRA
+(rank <= 2r), exact for SVF at full rank, otherwise truncated to ``rank`` or an ``energy``
+threshold with the retained energy reported and stored. Nothing is written until the whole file
+is built; the write itself is atomic (``files.write``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch.nn as nn
+
+from studio.errors import StudioError
+from studio.formats import diffusers_lora, files, kohya, native
+from studio.formats.adapter_file import AdapterFile, normalise_models
+from studio.formats.lowrank import DTYPES, Factors, Policy, pack, summarise, to_lowrank
+from studio.formats.metadata import export_metadata
+
+FORMATS = ("kohya", "diffusers", "native", "peft")
+
+
+class ExportReport(NamedTuple):
+    path: str
+    format: str
+    dtype: str
+    alpha: float | None
+    ranks: list[int]                 # distinct ranks in the file
+    modules: dict[str, int]          # component -> module count
+    energy: float                    # retained fraction of sum ||dW||_F^2 (1.0 when exact)
+    relative_error: float            # ||dW - dW_file||_F / ||dW||_F over all modules
+    per_module: dict[str, float]     # '<component>.<path>' -> retained energy
+    notes: list[str]                 # what was adjusted (fp16 rescaling, ...)
+    sha256: str                      # data-section hash (= sshs_model_hash)
+
+
+def plain_lora(af: AdapterFile, policy: Policy, models: dict[str, nn.Module] | None = None
+               ) -> tuple[dict[str, dict[str, Factors]], dict]:
+    """Every part as plain-LoRA factors under the policy, with the energy summary."""
+    models = normalise_models(models or {})
+    factors = {c: to_lowrank(part, policy, models.get(c), c) for c, part in af.parts.items()}
+    return factors, summarise(factors)
+
+
+def save(af: AdapterFile, path: str | os.PathLike, format: str = "native", *, rank: int | None = None,
+         energy: float | None = None, dtype: str | None = None, models: dict[str, nn.Module] | None = None,
+         unet_layout: str | None = None, overwrite: bool = False) -> ExportReport:
+    """Write ``af`` to ``path``. ``models`` (the base) is needed only to turn SVF into a plain LoRA."""
+    if format == "peft":
+        # hook for the language-model path (issue 7): PEFT adapter_model.safetensors + adapter_config.json
+        raise StudioError("--format peft (language-model adapters for PEFT) is not implemented yet: "
+                          "use --format native for now")
+    if format not in FORMATS:
+        raise StudioError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
+    if rank is not None and energy is not None:
+        raise StudioError("give --rank or --energy, not both")
+    target = files.check_target(path, overwrite)
+    stem = Path(path).stem
+    if format == "native":
+        if rank is not None or energy is not None:
+            raise StudioError("--format native keeps the adapter exactly: --rank / --energy apply to kohya and "
+                              "diffusers exports")
+        if dtype not in (None, "fp32"):
+            raise StudioError("--format native is written in fp32 (exact resume and mixing): use --format kohya "
+                              "for a half-precision file")
+        tensors, layout = native.to_tensors(af)
+        meta = export_metadata(af.metadata, base=af.base, fmt="native", stem=stem, methods=af.methods)
+        meta.update(layout)
+        digest = files.write(target, tensors, meta, overwrite=overwrite)
+        return ExportReport(str(target), format, "fp32", None, [], af.module_counts(), 1.0, 0.0, {}, [], digest)
+
+    if af.base == "lm":
+        raise StudioError(f"{format} files hold Stable Diffusion adapters; language-model adapters export with "
+                          f"--format peft (not yet available) or native")
+    dtype = dtype or "fp16"
+    if dtype not in DTYPES:
+        raise StudioError(f"unknown --dtype {dtype!r}: choose fp16, bf16 or fp32")
+    layout = unet_layout or ("sgm" if af.base == "sdxl" else "diffusers")
+    if layout not in ("sgm", "diffusers"):
+        raise StudioError(f"unknown UNet layout {layout!r}: choose sgm or diffusers")
+    policy = Policy(rank, energy)
+    factors, summary = plain_lora(af, policy, models)
+    packed = pack(factors, DTYPES[dtype])
+    if format == "kohya":
+        tensors, extra = kohya.to_tensors(packed, layout), {}
+    else:
+        tensors, extra = diffusers_lora.to_tensors(packed)
+    ranks = sorted({int(d.shape[0]) for mods in packed.modules.values() for d, _ in mods.values()})
+    meta = export_metadata(af.metadata, base=af.base, fmt=format, stem=stem, methods=af.methods, ranks=set(ranks),
+                           alpha=packed.alpha, dtype=dtype, policy=policy.describe(),
+                           summary=None if policy.exact else summary,
+                           sgm=format == "kohya" and layout == "sgm")
+    if policy.exact:
+        meta["studio.energy_retained_total"] = f"{summary['energy']:.6f}"
+    meta.update(extra)
+    digest = files.write(target, tensors, meta, overwrite=overwrite)
+    return ExportReport(str(target), format, dtype, packed.alpha, ranks, af.module_counts(), summary["energy"],
+                        summary["relative_error"], summary["per_module"], packed.notes, digest)

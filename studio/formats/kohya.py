@@ -1,0 +1,116 @@
+"""The kohya sd-scripts layout (``networks.lora``): what AUTOMATIC1111, Forge, ComfyUI, diffusers,
+kohya and InvokeAI all load.
+
+Per adapted Linear ``N`` (``lora_unet_...``, ``lora_te_...``, SDXL ``lora_te1_`` / ``lora_te2_``):
+
+    N.lora_down.weight  (r_N, in)      N.lora_up.weight  (out, r_N)      N.alpha  ()
+
+    dW_N = (alpha / r_N) * lora_up @ lora_down        alpha missing or 0 means alpha = r_N
+
+Writing uses one alpha for the file (``lowrank.pack``) and, on SDXL, SGM UNet names by default
+(one layout per file, never mixed). Reading accepts SD1.5 and SDXL in both UNet layouts and turns
+the file into plain-LoRA parts (A = lora_down, B = lora_up, alpha -> the LoRA config's alpha).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from studio.errors import StudioError
+from studio.formats.adapter_file import AdapterFile, guess_family
+from studio.formats.lowrank import Packed, check_pair, lora_part
+from studio.formats.names import canonical_te_path, is_sgm, kohya_name, sgm_to_diffusers, split_kohya_name
+from studio.formats.refuse import refuse_leftovers, refuse_unsupported
+
+PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """alpha in the file's dtype when that is exact (every loader calls .item()), else fp32."""
+    t = torch.tensor(value, dtype=dtype)
+    return t if float(t) == value else torch.tensor(value, dtype=torch.float32)
+
+
+def to_tensors(packed: Packed, unet_layout: str = "diffusers") -> dict[str, torch.Tensor]:
+    out = {}
+    for component, modules in packed.modules.items():
+        for path, (down, up) in modules.items():
+            name = kohya_name(component, path, unet_layout)
+            out[f"{name}.lora_down.weight"] = down
+            out[f"{name}.lora_up.weight"] = up
+            out[f"{name}.alpha"] = scalar(packed.alpha, down.dtype)
+    return out
+
+
+def looks_like(keys) -> bool:
+    return bool(keys) and all(k.startswith(PREFIXES) for k in keys)
+
+
+def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> AdapterFile:
+    refuse_unsupported(tensors, where)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    leftovers = []
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        if suffix not in SUFFIXES or split_kohya_name(name) is None:
+            leftovers.append(key)
+        else:
+            grouped.setdefault(name, {})[suffix] = value
+    refuse_leftovers(leftovers, where, "kohya")
+    incomplete = sorted(n for n, d in grouped.items() if not {"lora_down.weight", "lora_up.weight"} <= d.keys())
+    if incomplete:
+        raise StudioError(f"{where}: modules without both lora_down and lora_up: {', '.join(incomplete[:8])}: "
+                          f"the file is damaged or incomplete")
+
+    components: dict[str, dict[str, tuple]] = {}
+    layouts, unmapped = set(), []
+    for name, parts in sorted(grouped.items()):
+        component, path = split_kohya_name(name)
+        if component == "unet" and is_sgm(path):
+            layouts.add("sgm")
+            mapped = sgm_to_diffusers(path)
+            if mapped is None:
+                unmapped.append(name)
+                continue
+            path = mapped
+        elif component == "unet":
+            layouts.add("diffusers")
+        else:
+            path = canonical_te_path(path)
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        check_pair(where, name, down, up)
+        r = down.shape[0]
+        alpha = float(parts["alpha"]) if "alpha" in parts else 0.0
+        alpha = alpha if alpha != 0.0 else float(r)
+        if path in components.get(component, {}):
+            raise StudioError(f"{where}: two kohya names map to module '{component}.{path}' (one is '{name}'): "
+                              f"the file mixes naming layouts; re-export it with one layout")
+        components.setdefault(component, {})[path] = (down, up, alpha)
+    if unmapped:
+        raise StudioError(f"{where}: SGM UNet modules outside the transformer blocks are not supported: "
+                          f"{', '.join(unmapped[:8])}: use a LoRA of attention / transformer layers")
+    if layouts == {"sgm", "diffusers"}:
+        raise StudioError(f"{where} mixes SGM (input_blocks) and diffusers (down_blocks) UNet names: loaders "
+                          f"disagree on such files (diffusers drops the SGM half); re-export it with one layout")
+
+    parts = {c: lora_part(mods) for c, mods in components.items()}
+    hint = metadata.get("studio.base")
+    if hint is None and metadata.get("ss_base_model_version", "").startswith("sdxl"):
+        hint = "sdxl"
+    if "te1" in parts and "te2" not in parts and hint != "sdxl" and "te" not in parts:
+        if "unet" not in parts or guess_family({"unet": parts["unet"]}) != "sdxl":
+            # an SD1.x file written with lora_te1_ (diffusers' convert_state_dict_to_kohya does that)
+            parts["te"], components["te"] = parts.pop("te1"), components.pop("te1")
+    family = guess_family(parts, hint)
+    if family == "sdxl" and "te" in parts:
+        if "te1" in parts:
+            raise StudioError(f"{where} has both lora_te_ and lora_te1_ modules: re-export it with one prefix")
+        parts["te1"] = parts.pop("te")  # ComfyUI reads lora_te_ as CLIP-L on SDXL; so do we
+        components["te1"] = components.pop("te")
+    ranks = {f"{c}.{p}": int(m[0].shape[0]) for c, mods in components.items() for p, m in mods.items()}
+    alphas = {f"{c}.{p}": m[2] for c, mods in components.items() for p, m in mods.items()}
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    source = {"format": "kohya", "unet_layout": (layouts or {"none"}).pop(), "ranks": ranks, "alphas": alphas,
+              "dtypes": dtypes}
+    return AdapterFile(family, parts, source=source)

@@ -1,0 +1,50 @@
+"""Adapter algorithms we do not import, recognised by their tensor names and refused by name.
+
+A LoHa, LoKr or DoRA file loaded as if it were a plain LoRA would silently do the wrong thing
+(diffusers, for one, drops ``dora_scale`` with a warning), so every reader calls ``refuse_unsupported``
+before looking at anything else, and raises on any key it did not consume (``refuse_leftovers``).
+"""
+
+from __future__ import annotations
+
+from studio.errors import StudioError
+
+# (marker in a key, algorithm name, why it cannot become a plain LoRA)
+UNSUPPORTED = [
+    ("hada_w", "LyCORIS LoHa", "its delta is a Hadamard product of two low-rank terms"),
+    ("hada_t", "LyCORIS LoHa", "its delta is a Hadamard product of two low-rank terms"),
+    ("lokr_", "LyCORIS LoKr", "its delta is a Kronecker product"),
+    ("dora_scale", "DoRA", "its magnitude vectors rescale the weight and cannot be dropped"),
+    ("lora_magnitude_vector", "DoRA (PEFT)", "its magnitude vectors rescale the weight and cannot be dropped"),
+    ("lora_mid", "LyCORIS LoCon with a Tucker core (lora_mid)", "its convolution core has no Linear equivalent"),
+    ("oft_", "OFT / BOFT", "it rotates the weight instead of adding a delta"),
+    ("boft_", "OFT / BOFT", "it rotates the weight instead of adding a delta"),
+    ("on_input", "(IA)^3", "it rescales activations instead of adding a delta"),
+    (".w_norm", "LyCORIS norm", "it adapts normalisation layers"),
+    (".b_norm", "LyCORIS norm", "it adapts normalisation layers"),
+]
+_ENDINGS = [(".diff", "LyCORIS full (diff)"), (".diff_b", "LyCORIS full (diff)"),
+            (".a1.weight", "GLoRA"), (".b1.weight", "GLoRA")]
+
+
+def refuse_unsupported(keys, where: str) -> None:
+    for key in keys:
+        for marker, name, why in UNSUPPORTED:
+            if marker in key:
+                raise StudioError(
+                    f"{where} is a {name} file (key '{key}'): {name} is not supported because {why}; the "
+                    f"studio imports plain LoRA files (lora_down/lora_up or lora_A/lora_B): convert or "
+                    f"retrain it as a plain LoRA")
+        for ending, name in _ENDINGS:
+            if key.endswith(ending):
+                raise StudioError(
+                    f"{where} is a {name} file (key '{key}'): {name} is not supported; the studio imports "
+                    f"plain LoRA files (lora_down/lora_up or lora_A/lora_B): convert or retrain it as a plain LoRA")
+
+
+def refuse_leftovers(leftovers: list[str], where: str, reader: str) -> None:
+    if leftovers:
+        shown = ", ".join(sorted(leftovers)[:8]) + (f" (+{len(leftovers) - 8} more)" if len(leftovers) > 8 else "")
+        raise StudioError(
+            f"{where} has {len(leftovers)} key(s) the {reader} reader does not understand: {shown}: nothing "
+            f"was loaded; remove those keys or re-export the file as a plain LoRA")
