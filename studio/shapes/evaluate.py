@@ -9,7 +9,7 @@ No learned parts, so there is nothing to retrain and nothing to drift:
   background to the foreground colour (for a ground-truth image that is exactly the shape
   outline) is described by two numbers -- *extent* = area / bounding-box area and
   *solidity* = area / convex-hull area -- and classified: star when solidity < 0.75 (five
-  notches), square when extent >= 0.9, circle when extent >= 0.66 (pi/4 = 0.785), else
+  notches), square when extent >= 0.87, circle when extent >= 0.66 (pi/4 = 0.785), else
   triangle (0.5).
 
 :func:`score` compares readings with captions; :func:`evaluate_pipeline` renders fixed
@@ -115,7 +115,7 @@ def classify_shape(mask: np.ndarray) -> tuple[str | None, float, float, int]:
     solidity = area / max(_hull_area(blob), 1.0)
     if solidity < 0.75:
         shape = "star"
-    elif extent >= 0.9:
+    elif extent >= 0.87:
         shape = "square"
     elif extent >= 0.66:
         shape = "circle"
