@@ -67,7 +67,21 @@ def _formats(name: str) -> Callable:
     return call
 
 
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    from trainers.commands import add_arguments
+
+    add_arguments(p)
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from trainers.commands import run
+
+    return run(args)
+
+
 COMMANDS: dict[str, Command] = {
+    "train": Command("train a style or character adapter on a folder of captioned images",
+                     _train_arguments, _train_run),
     "demo": Command("fit every adapter method on a tiny model and print what happened",
                     _demo_arguments, _demo_run),
     "make-base": Command("train the embedded mini base model (shapes world) into a diffusers folder",

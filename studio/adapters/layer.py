@@ -107,8 +107,12 @@ class AdaptedLinear(nn.Module):
                 delta = delta * live[0].weight
             return y + delta.to(y.dtype)
         down, up = self._stacked(live)
-        xf = x.to(down.dtype)
-        return y + F.linear(F.linear(xf, down), up).to(y.dtype)
+        hidden = F.linear(x.to(down.dtype), down)  # (..., R)
+        if not torch.is_grad_enabled() and y.dtype == up.dtype and y.is_contiguous():
+            # inference: accumulate into y in place, saving one pass over the activations
+            y.view(-1, y.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up.T)
+            return y
+        return y + F.linear(hidden, up).to(y.dtype)
 
     def _stacked(self, live: list[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenate the factors of all live adapters; cache while nothing changed."""

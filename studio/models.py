@@ -1,0 +1,96 @@
+"""Load base models: the embedded mini base, diffusers folders, hub ids, single-file checkpoints.
+
+Imports nothing of ours but ``studio.errors``. A base is returned as a diffusers pipeline plus
+its family ("sd15" or "sdxl") and the named components adapters attach to:
+``unet``, ``te`` (SD1.5) or ``te1`` / ``te2`` (SDXL).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from studio.errors import StudioError
+
+MINI_BASE = Path(__file__).resolve().parents[1] / "sample_data" / "mini-sd"
+SDXL_KEY_HINTS = ("conditioner.embedders.1", "add_embedding.linear_1")
+NO_SAFETY = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@dataclass
+class DiffusionBase:
+    pipe: object
+    family: str          # "sd15" | "sdxl"
+    source: str          # what the user gave (or the mini base folder)
+
+    @property
+    def components(self) -> dict[str, torch.nn.Module]:
+        if self.family == "sdxl":
+            return {"unet": self.pipe.unet, "te1": self.pipe.text_encoder, "te2": self.pipe.text_encoder_2}
+        return {"unet": self.pipe.unet, "te": self.pipe.text_encoder}
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for k, m in self.components.items() if k != "unet"]
+
+    @property
+    def resolution(self) -> int:
+        unet = self.pipe.unet
+        return int(unet.config.sample_size) * self.pipe.vae_scale_factor
+
+
+def _family_of_file(path: Path) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise StudioError(f"cannot read checkpoint {path}: {err}: give a .safetensors checkpoint or a diffusers folder") from None
+    return "sdxl" if any(k.startswith(h) or h in k for k in keys for h in SDXL_KEY_HINTS) else "sd15"
+
+
+def load_diffusion_base(base: str | None = None, dtype: torch.dtype = torch.float32) -> DiffusionBase:
+    """The mini base when ``base`` is None; else a folder, a single .safetensors file or a hub id."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    source = str(base) if base else str(MINI_BASE)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise StudioError(f"base checkpoint {path} is not a .safetensors file: convert it, or give a diffusers folder "
+                              f"(pickled .ckpt files are never loaded)")
+        family = _family_of_file(path)
+        cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+        extra = {} if family == "sdxl" else NO_SAFETY
+        try:
+            pipe = cls.from_single_file(str(path), torch_dtype=dtype, **extra)
+        except Exception as err:
+            raise StudioError(f"cannot load checkpoint {path} as {family}: {err}") from None
+        return DiffusionBase(pipe, family, source)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise StudioError(f"base folder {path} has no model_index.json: give a diffusers pipeline folder")
+        family = "sdxl" if "XL" in json.loads(index.read_text()).get("_class_name", "") else "sd15"
+        return DiffusionBase(_from_pretrained(family, str(path), dtype), family, source)
+    if base and "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1:
+        family = "sdxl" if "xl" in source.lower() else "sd15"
+        return DiffusionBase(_from_pretrained(family, source, dtype), family, source)
+    raise StudioError(f"base {source} does not exist: give a diffusers folder, a .safetensors checkpoint or a hub id "
+                      f"such as runwayml/stable-diffusion-v1-5 (or omit --base for the embedded mini base)")
+
+
+def _from_pretrained(family: str, source: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else NO_SAFETY
+    try:
+        return cls.from_pretrained(source, torch_dtype=dtype, **extra)
+    except OSError as err:
+        raise StudioError(f"cannot load base {source}: {str(err).splitlines()[0]}: check the path, or download the "
+                          f"model where the hub is reachable") from None

@@ -1,0 +1,296 @@
+"""``studio train``: a style or character adapter on a Stable Diffusion base, top to bottom.
+
+    data  -> buckets -> (cached) latents + (cached) text embeddings
+    noise -> UNet with adapters -> epsilon / v loss (min-SNR, prior preservation) -> AdamW
+    every N steps: atomic checkpoint, a sample grid from studio.pipeline, TensorBoard scalars
+
+Everything random at step N comes from generators seeded by (seed, N, purpose) and the data
+order is a function of (seed, epoch), so ``--resume`` continues bit-identically and P
+processes (``accelerate launch``) split exactly the global batch one process would see.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import studio.adapters as A
+from studio import formats
+from studio.config import to_toml
+from studio.errors import StudioError
+from studio.models import load_diffusion_base
+from studio.pipeline import Settings, generate, grid, save_png
+from trainers import batches, data_images, loop
+from trainers.caches import TensorCache, default_cache_dir, fingerprint
+from trainers.diffusion_config import DiffusionTrainConfig
+from trainers.output import prepare_output, write_text_atomic
+
+
+def _pixels(images: list[np.ndarray], device) -> torch.Tensor:
+    array = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).to(device)  # (n, 3, h, w) in [-1, 1]
+
+
+def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from torch.utils.tensorboard import SummaryWriter
+
+    # 1. everything that can fail on user input fails here, before anything is written
+    items = data_images.scan(cfg.data)
+    reg_items = data_images.scan(cfg.reg_data) if cfg.reg_data else []
+    pictures = [data_images.load_image(i.path) for i in items + reg_items]
+    out = cfg.out_dir
+    identity = {"method": cfg.method, "base": cfg.base or "mini-sd", "targets": cfg.targets, "rank": cfg.rank}
+    start_checkpoint = prepare_output(out, resume, identity)
+    base = load_diffusion_base(cfg.base)
+    pipe, unet, vae = base.pipe, base.pipe.unet, base.pipe.vae
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    device, world, rank_index = accelerator.device, accelerator.num_processes, accelerator.process_index
+    pipe.to(device)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = cfg.prediction_type or noise_scheduler.config.prediction_type
+    noise_scheduler.register_to_config(prediction_type=prediction)
+    resolution = cfg.resolution or base.resolution
+    multiple = pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    bucket_list = (batches.make_buckets(resolution, multiple, max(multiple, resolution // 2), resolution * 2)
+                   if cfg.buckets else [(resolution, resolution)])
+    buckets_of = [batches.nearest_bucket(p.shape[1], p.shape[0], bucket_list) for p in pictures]
+    fitted = [batches.fit_to_bucket(p, b) for p, b in zip(pictures, buckets_of)]
+
+    # 2. adapters on the UNet and / or the text encoders; the base stays frozen
+    torch.manual_seed(cfg.seed)
+    name, method_cfg = cfg.adapter_name, cfg.method_config()
+    for p in list(unet.parameters()) + list(vae.parameters()) + [p for te in base.text_encoders for p in te.parameters()]:
+        p.requires_grad_(False)
+    groups = []
+    if cfg.train_unet:
+        A.attach(unet, name, cfg.method, method_cfg, "unet-attn")
+        groups.append((A.trainable_parameters(unet, name), cfg.lr_unet))
+    if cfg.train_te:
+        for te in base.text_encoders:
+            A.attach(te, name, cfg.method, method_cfg, "te-attn")
+            groups.append((A.trainable_parameters(te, name), cfg.lr_te))
+    optimizer = loop.make_optimizer(groups)
+
+    # 3. the schedule of global batches, and the total number of steps
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    n = len(items)
+    order = batches.BatchOrder([bucket_list.index(b) for b in buckets_of[:n]], [i.repeats for i in items], per_step, cfg.seed)
+    reg_order = (batches.BatchOrder([bucket_list.index(b) for b in buckets_of[n:]], [1] * len(reg_items), per_step,
+                                    cfg.seed + 1) if reg_items else None)
+    total = cfg.steps or (cfg.epochs * order.steps_per_epoch if cfg.epochs else 300)
+    schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total)
+    optimizer = accelerator.prepare(optimizer)  # gradients are averaged across processes by hand below
+    params = [p for group, _ in groups for p in group]
+    start = 0
+    if start_checkpoint is not None:
+        start, tensors, states, saved_identity = loop.load_checkpoint(start_checkpoint)
+        loop.check_identity(saved_identity, identity, start_checkpoint)
+        _restore(base, name, tensors)
+        optimizer.load_state_dict(states["optimizer"])
+        schedule.load_state_dict(states["schedule"])
+        say(f"resumed from {start_checkpoint} at step {start}")
+    if accelerator.is_main_process:
+        write_text_atomic(out / "config.toml", to_toml(cfg))
+
+    # 4. caches (latents always cacheable; text only while the text encoders are frozen)
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    base_key = fingerprint(vae, base.source)
+    latent_cache = TensorCache(cache_root / "latents" / base_key if cfg.cache_latents else None)
+    text_cache = TensorCache(cache_root / "text" / fingerprint(base.text_encoders[0], base.source)
+                             if cfg.cache_text and not cfg.train_te else None)
+    hashes = [data_images.file_hash(i.path) for i in items + reg_items] if cfg.cache_latents else []
+
+    def posterior(index: int, flip: bool) -> torch.Tensor:
+        def compute():
+            image = fitted[index][:, ::-1] if flip else fitted[index]
+            with torch.no_grad():
+                dist = vae.encode(_pixels([np.ascontiguousarray(image)], device)).latent_dist
+            return {"mean": dist.mean[0], "std": dist.std[0]}
+        if not cfg.cache_latents:
+            return torch.cat(list(compute().values()))
+        key = f"{hashes[index]}/{buckets_of[index]}/{flip}"
+        entry = latent_cache.get(key, compute)
+        return torch.cat([entry["mean"], entry["std"]])
+
+    def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if base.family == "sdxl":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+            return embeds, pooled
+        return pipe.encode_prompt(captions, device, 1, False)[0], None
+
+    def text(captions: list[str]):
+        if not (cfg.cache_text and not cfg.train_te):
+            return encode_text(captions)
+        rows = [text_cache.get(c, lambda c=c: _pack(encode_text([c]))) for c in captions]
+        embeds = torch.stack([r["embeds"][0] for r in rows]).to(device)
+        pooled = torch.stack([r["pooled"][0] for r in rows]).to(device) if "pooled" in rows[0] else None
+        return embeds, pooled
+
+    def micro_loss(step: int, micro: int, indices: list[int], offset: int, weight: float) -> torch.Tensor:
+        """Loss of this process's share of one micro-batch; randomness keyed by global position."""
+        purpose = f"{micro}/{offset}"
+        g = loop.step_generator(cfg.seed, step, purpose)
+        size = len(indices) // world
+        mine = slice(rank_index * size, (rank_index + 1) * size)
+        captions, flips = [], []
+        for position, index in enumerate(indices):
+            rng = random.Random(f"{cfg.seed}/{step}/{purpose}/{position}")
+            item = (items + reg_items)[index]
+            caption = data_images.with_trigger(item.caption, cfg.trigger if index < n else None)
+            captions.append(data_images.augment_caption(caption, rng, cfg.shuffle_captions, cfg.keep_tokens,
+                                                        cfg.caption_dropout))
+            flips.append(cfg.flip and rng.random() < 0.5)
+        stats = torch.stack([posterior(i, f) for i, f in zip(indices, flips)])  # (G, 2C, h, w)
+        mean, std = stats.chunk(2, dim=1)
+        latents = (mean + std * torch.randn(mean.shape, generator=g)) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(indices),), generator=g)
+        latents, noise, timesteps = latents[mine].to(device), noise[mine].to(device), timesteps[mine].to(device)
+        embeds, pooled = text(captions[mine])
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        extra = {}
+        if base.family == "sdxl":
+            h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(latents), dtype=embeds.dtype, device=device)
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        pred = unet(noisy, timesteps, encoder_hidden_states=embeds, **extra).sample
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            alphas = noise_scheduler.alphas_cumprod.to(device)[timesteps]
+            snr = alphas / (1 - alphas)
+            clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
+            per_sample = per_sample * (clipped / snr if prediction == "epsilon" else clipped / (snr + 1))
+        return weight * per_sample.mean()
+
+    # 5. the loop
+    writer = SummaryWriter(str(out / "logs")) if accelerator.is_main_process else None
+    samples = _sample_settings(cfg, items)
+    last_checkpoint = start_checkpoint
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not accelerator.is_main_process,
+               desc=f"{name} ({cfg.method})", unit="step")
+    began = time.perf_counter()
+    for step in bar:
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 97 + rank_index)  # adapter dropout only
+        global_batch = order.batch(step)
+        reg_batch = reg_order.batch(step) if reg_order else None
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            share = slice(micro * cfg.batch_size * world, (micro + 1) * cfg.batch_size * world)
+            with accelerator.autocast():
+                loss = micro_loss(step, micro, global_batch[share], 0, 1.0)
+                if reg_batch is not None:
+                    loss = loss + micro_loss(step, micro, [n + i for i in reg_batch[share]], 1, cfg.prior_loss_weight)
+            loop.guard_finite(loss.detach(), step, last_checkpoint)
+            accelerator.backward(loss / cfg.grad_accum)
+            step_loss += loss.item() / cfg.grad_accum
+        if world > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        done = step + 1
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+        if writer:
+            writer.add_scalar("loss", step_loss, done)
+            writer.add_scalar("lr", schedule.get_last_lr()[0], done)
+        if done % cfg.save_every == 0 or done == total:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(base, name),
+                                                       optimizer, schedule, identity)
+        if accelerator.is_main_process and ((cfg.sample_every and done % cfg.sample_every == 0) or done == total):
+            _render_samples(pipe, samples, out / "samples" / f"step-{done:07d}.png")
+    if writer:
+        writer.close()
+    accelerator.wait_for_everyone()
+    path = out / f"{name}.safetensors"
+    if accelerator.is_main_process:
+        _save_adapter(cfg, base, name, path, items, total, time.perf_counter() - began, say)
+    return path
+
+
+def _pack(result) -> dict[str, torch.Tensor]:
+    embeds, pooled = result
+    return {"embeds": embeds} if pooled is None else {"embeds": embeds, "pooled": pooled}
+
+
+def _adapter_tensors(base, name: str) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v for c, m in base.components.items() if name in A.adapter_names(m)
+            for k, v in A.adapter_state_dict(m, name).items()}
+
+
+def _restore(base, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for component, model in base.components.items():
+        if name not in A.adapter_names(model):
+            continue
+        for path, layer in A.targets.adapted_layers(model).items():
+            adapter = layer.adapters[name]
+            with torch.no_grad():
+                for key in adapter.method.SAVED:
+                    getattr(adapter, key).copy_(tensors[f"{component}.{path}.{key}"])
+
+
+def _sample_settings(cfg: DiffusionTrainConfig, items) -> list[Settings]:
+    prompts = list(cfg.sample_prompts)
+    if not prompts:
+        seen = []
+        for item in items:
+            caption = data_images.with_trigger(item.caption, cfg.trigger)
+            if caption and caption not in seen:
+                seen.append(caption)
+        prompts = seen[:4] or [cfg.trigger or ""]
+    return [Settings(prompt=p, seed=seed, steps=cfg.sample_steps, cfg=cfg.sample_cfg) for p in prompts for seed in (0, 1)]
+
+
+def _render_samples(pipe, settings: list[Settings], path: Path) -> None:
+    pipe.set_progress_bar_config(disable=True)
+    modules = [pipe.unet, pipe.text_encoder]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        images = generate(pipe, settings)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+    text = "\n\n".join(f"{s.prompt}\nSeed: {s.seed}, Steps: {s.steps}, CFG scale: {s.cfg:g}" for s in settings)
+    save_png(grid(images, cols=2), path, text)
+
+
+def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: float, say) -> None:
+    tags: dict[str, int] = {}
+    for item in items:
+        for tag in (t.strip() for t in data_images.with_trigger(item.caption, cfg.trigger).split(",")):
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+    metadata = formats.training_metadata(
+        title=name, output_name=name, trigger_phrase=cfg.trigger, steps=steps, seed=cfg.seed,
+        unet_lr=cfg.lr_unet, text_encoder_lr=cfg.lr_te if cfg.train_te else None, optimizer="AdamW",
+        num_train_images=len(items), base_model_name=cfg.base or "mini-sd", resolution=cfg.resolution or base.resolution,
+        tag_frequency={cfg.dataset_name: tags}, training_comment=f"studio train, {seconds:.0f} s")
+    af = formats.from_models(base.components, name, metadata=metadata)
+    formats.save(af, path, "native", overwrite=True)
+    kohya = path.with_name(f"{name}.kohya.safetensors")
+    report = formats.save(af, kohya, "kohya", dtype="fp16", energy=0.99 if cfg.method == "svf" else None,
+                          models=base.components, overwrite=True)
+    say(f"adapter: {path} (exact, for the studio)\n"
+        f"A1111 / ComfyUI / Forge / kohya: {kohya} (retained energy {report.energy:.4f})")

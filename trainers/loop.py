@@ -1,0 +1,101 @@
+"""Helpers every training loop shares: optimizer groups, LR schedule, checkpoints, NaN guard.
+
+Exact resume: all randomness of step N is drawn from generators seeded by (seed, N), so a
+checkpoint only needs the adapter tensors, the optimizer and scheduler states and the step.
+Checkpoints are written to a temp folder and renamed into place: a run killed at any moment
+leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from studio.errors import StudioError
+
+SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
+
+
+def step_generator(seed: int, step: int, purpose: str) -> torch.Generator:
+    """A CPU generator for one purpose of one step: the same on resume and on every process."""
+    digest = int.from_bytes(hashlib.sha256(f"{seed}/{step}/{purpose}".encode()).digest()[:8], "little")
+    return torch.Generator().manual_seed(digest & ((1 << 63) - 1))
+
+
+def make_optimizer(groups: list[tuple[list[torch.nn.Parameter], float]], weight_decay: float = 1e-2):
+    """AdamW over parameter groups (e.g. UNet and text encoder) with their own learning rates."""
+    param_groups = [{"params": params, "lr": lr} for params, lr in groups if params]
+    if not param_groups:
+        raise StudioError("nothing to train: the targets matched no layer with trainable adapter parameters")
+    return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+
+
+def make_schedule(optimizer, name: str, warmup_steps: int, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    if name not in SCHEDULES:
+        raise StudioError(f"unknown LR schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+    if name == "constant" and warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def save_checkpoint(folder: Path, step: int, adapter: dict[str, torch.Tensor], optimizer, schedule,
+                    identity: dict) -> Path:
+    """``folder/step-N`` written atomically; keeps only the newest two checkpoints."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    try:
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **identity}, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(folder.glob("step-*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(p for p in folder.glob("step-*") if (p / "meta.json").is_file())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:
+    """(step, adapter tensors, {optimizer, schedule} states, identity) of a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "meta.json").read_text())
+    state = torch.load(path / "state.pt", weights_only=True)
+    return meta.pop("step"), load_file(str(path / "adapter.safetensors")), state, meta
+
+
+def check_identity(saved: dict, current: dict, where: Path) -> None:
+    """Refuse to resume a run whose method, base or targets differ from the saved one."""
+    for key in ("method", "base", "targets", "rank"):
+        if key in saved and saved[key] != current.get(key):
+            raise StudioError(f"cannot resume from {where}: it was trained with {key} = {saved[key]!r}, this run has "
+                              f"{current.get(key)!r}: use the same {key} or a new --out folder")
+
+
+def guard_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) -> None:
+    if not torch.isfinite(loss).all():
+        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        raise StudioError(f"the loss became {loss.item()} at step {step} ({kept}): lower --unet-lr / --te-lr, or "
+                          f"use a smaller --alpha, then --resume")
