@@ -53,20 +53,22 @@ def read_header(path: str | os.PathLike) -> Header:
     if size == 0:
         raise StudioError(f"{path} is empty (0 bytes): re-download or re-export it")
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        head = f.read(9)
+        # a safetensors header is JSON right after the 8-byte length; pickles start \x80, zips PK
+        if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
             raise StudioError(
                 f"{path} is a pickle / zip checkpoint, not a .safetensors file: adapters are never "
                 f"unpickled; convert it to .safetensors with a tool you trust")
         if len(head) < 8:
             raise StudioError(f"{path} is truncated ({size} bytes, not even a header): re-download or re-export it")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
         if n > MAX_HEADER_BYTES:
             raise StudioError(f"{path} is not a valid .safetensors file: its header claims {n} bytes "
                               f"(over the {MAX_HEADER_BYTES} limit): the file is damaged or not an adapter")
         if 8 + n > size:
             raise StudioError(f"{path} is truncated: the header needs {n} bytes but the file has {size - 8}: "
                               f"re-download or re-export it")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
