@@ -56,7 +56,11 @@ def _family_of_file(path: Path) -> str:
 def load_diffusion_base(base: str | None = None, dtype: torch.dtype = torch.float32) -> DiffusionBase:
     """The mini base when ``base`` is None; else a folder, a single .safetensors file or a hub id."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.disable_progress_bar()  # one bar per component is noise; errors stay one line
+    transformers_logging.disable_progress_bar()
     source = str(base) if base else str(MINI_BASE)
     path = Path(source).expanduser()
     if path.is_file():
@@ -67,7 +71,7 @@ def load_diffusion_base(base: str | None = None, dtype: torch.dtype = torch.floa
         cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
         extra = {} if family == "sdxl" else NO_SAFETY
         try:
-            pipe = cls.from_single_file(str(path), torch_dtype=dtype, **extra)
+            pipe = cls.from_single_file(str(path), dtype=dtype, **extra)
         except Exception as err:
             raise StudioError(f"cannot load checkpoint {path} as {family}: {err}") from None
         return DiffusionBase(pipe, family, source)
@@ -90,7 +94,7 @@ def _from_pretrained(family: str, source: str, dtype: torch.dtype):
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     extra = {} if family == "sdxl" else NO_SAFETY
     try:
-        return cls.from_pretrained(source, torch_dtype=dtype, **extra)
+        return cls.from_pretrained(source, dtype=dtype, **extra)
     except OSError as err:
         raise StudioError(f"cannot load base {source}: {str(err).splitlines()[0]}: check the path, or download the "
                           f"model where the hub is reachable") from None

@@ -1,0 +1,120 @@
+"""`studio train` end to end on the embedded mini base: outputs, exact resume, bad input."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from studio.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+STYLE = ROOT / "sample_data" / "styles" / "stripes"
+
+
+@pytest.fixture
+def data(tmp_path):
+    folder = tmp_path / "stripes"
+    folder.mkdir()
+    for png in sorted(STYLE.glob("*.png"))[:6]:
+        shutil.copy(png, folder)
+        shutil.copy(png.with_suffix(".txt"), folder)
+    return folder
+
+
+def _args(data, out, cache, *extra):
+    return [str(data), "--out", str(out), "--steps", "4", "--batch-size", "2", "--sample-every", "0",
+            "--save-every", "2", "--set", f"cache_dir={cache}", "--set", "sample_steps=4", *extra]
+
+
+def test_train_writes_adapter_config_samples_checkpoints_logs(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *_args(data, out, tmp_path / "cache"), "--method", "svf", "--trigger", "zxq"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"stripes.safetensors", "stripes.kohya.safetensors", "config.toml", "samples", "checkpoints",
+            "logs"} <= names
+    assert "method = \"svf\"" in (out / "config.toml").read_text()
+    assert (out / "samples" / "step-0000004.png").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    from studio import formats
+    af = formats.read(out / "stripes.safetensors")
+    assert af.method == "svf" and "unet" in af.parts
+    z = [v for k, v in af.parts["unet"].tensors.items() if k.endswith(".z")]
+    assert len(z) > 0 and any((t - 1).abs().max() > 0 for t in z)  # it trained
+    from PIL import Image
+    assert "zxq" in Image.open(out / "samples" / "step-0000004.png").text["parameters"]
+
+
+def _cli(*args, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "studio", "train", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_is_bit_identical(data, tmp_path):
+    cache = tmp_path / "cache"
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    common = ["--steps", "10", "--method", "lora", "--rank", "4"]
+    proc = _cli(*_args(data, straight, cache), *common)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    proc = _cli(*_args(data, killed, cache), *common)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-0000004").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "stripes.safetensors").exists()
+    proc = _cli("--resume", str(killed))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    a, b = load_file(str(straight / "stripes.safetensors")), load_file(str(killed / "stripes.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _error(capsys, argv):
+    capsys.readouterr()  # forget what earlier commands printed
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_input_gives_one_error_line(data, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert "does not exist" in _error(capsys, ["train", str(tmp_path / "missing")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no images in" in _error(capsys, ["train", str(empty)])
+    assert "--rank must be positive" in _error(capsys, ["train", str(data), "--rank", "0"])
+    assert "unknown method 'dora'" in _error(capsys, ["train", str(data), "--method", "dora"])
+    assert "unknown config key 'rnak'" in _error(capsys, ["train", str(data), "--set", "rnak=3"])
+    assert "base" in _error(capsys, ["train", *_args(data, tmp_path / "o1", cache), "--base", str(tmp_path / "nobase")])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if not os.access(locked, os.W_OK):  # root can write anywhere
+        assert "not writable" in _error(capsys, ["train", *_args(data, locked / "out", cache)])
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    (bad / "zero.png").write_bytes(b"")
+    assert "zero.png is an empty file" in _error(capsys, ["train", *_args(bad, tmp_path / "o2", cache)])
+    (bad / "zero.png").write_text("text, not pixels")
+    assert "zero.png is not an image" in _error(capsys, ["train", *_args(bad, tmp_path / "o3", cache)])
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()  # nothing written
+
+
+def test_resume_with_another_method_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *_args(data, out, tmp_path / "cache"), "--steps", "2"]) == 0
+    before = (out / "stripes.safetensors").read_bytes()
+    message = _error(capsys, ["train", "--resume", str(out), "--method", "svf"])
+    assert "method = 'lora'" in message and "svf" in message
+    assert (out / "stripes.safetensors").read_bytes() == before
+    message = _error(capsys, ["train", *_args(data, out, tmp_path / "cache")])
+    assert "already holds a run" in message and "--resume" in message
