@@ -8,9 +8,11 @@ No learned parts, so there is nothing to retrain and nothing to drift:
 - shape: the largest 4-connected blob of pixels that lie past the half-way point from the
   background to the foreground colour (for a ground-truth image that is exactly the shape
   outline) is described by two numbers -- *extent* = area / bounding-box area and
-  *solidity* = area / convex-hull area -- and classified: star when solidity < 0.75 (five
+  *solidity* = area / convex-hull area -- and classified: star when solidity < 0.81 (five
   notches), square when extent >= 0.87, circle when extent >= 0.66 (pi/4 = 0.785), else
-  triangle (0.5).
+  triangle (0.5). On ground truth stars reach solidity <= 0.63 and triangles >= 0.90; the
+  star threshold sits nearer the triangles because generated stars come out with blunted
+  notches (0.76-0.80 seen) while generated triangles stay >= 0.83.
 
 :func:`score` compares readings with captions; :func:`evaluate_pipeline` renders fixed
 prompts at fixed seeds with a diffusers pipeline and scores them.
@@ -113,7 +115,7 @@ def classify_shape(mask: np.ndarray) -> tuple[str | None, float, float, int]:
     ys, xs = np.nonzero(blob)
     extent = area / float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     solidity = area / max(_hull_area(blob), 1.0)
-    if solidity < 0.75:
+    if solidity < 0.81:
         shape = "star"
     elif extent >= 0.87:
         shape = "square"
