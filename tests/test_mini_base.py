@@ -96,3 +96,28 @@ def test_exact_resume_uses_the_saved_optimizer_state(tmp_path):
     assert any("resumed optimizer state" in m for m in messages)
     log = json.loads((out / "training.json").read_text())["diffusion"]
     assert log["steps"] == 5
+
+
+def test_interrupted_run_leaves_no_model_under_the_target_name(tmp_path):
+    from trainers.mini_base import MiniBaseConfig, make_base
+
+    def interrupt(message):
+        if message.startswith("step "):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "base"
+    with pytest.raises(KeyboardInterrupt):
+        make_base(MiniBaseConfig(out=str(out), quick=True), say=interrupt)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_shipped_mini_base_follows_prompts():
+    from studio.shapes.evaluate import render_prompts, score
+
+    pipe = _load(SHIPPED)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle on a blue background", "a yellow star on a black background",
+               "a white square on a green background", "a blue triangle on a yellow background",
+               "a black circle on a white background", "a green star on a red background"]
+    s = score(render_prompts(pipe, prompts, seed=0, steps=12), prompts)
+    assert s["both_colours"] >= 0.5 and s["shape"] >= 0.5, s
