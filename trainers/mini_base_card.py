@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -129,9 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    m = measure(args.out, n=args.n)
-    print(json.dumps(m, indent=2))
-    write_card(args.out, m)
+    out = Path(args.out)
+    # Measure a snapshot: a running `make-base` may swap in new weights at any moment.
+    with tempfile.TemporaryDirectory() as tmp:
+        snap = Path(tmp) / "snap"
+        shutil.copytree(out, snap)
+        m = measure(snap, n=args.n)
+        print(json.dumps(m, indent=2))
+        write_card(snap, m)
+        if (out / "training.json").read_bytes() != (snap / "training.json").read_bytes():
+            print(f"error: {out} changed while it was measured (a training save); run again",
+                  file=sys.stderr)
+            return 2
+        for name in ("README.md", "grid.png", "quality.json"):
+            shutil.copy2(snap / name, out / name)
+    print(f"wrote {out / 'README.md'}")
     return 0
 
 
