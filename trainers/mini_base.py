@@ -284,6 +284,9 @@ def train_diffusion(vae, unet, text_encoder, tokenizer, ema_unet, ema_te, cfg: M
         else:
             say(f"{state_path} is from step {state.get('step')}, weights are at {start_step}: "
                 "fresh optimizer")
+    elif start_step:
+        say(f"no optimizer state at {state_path}: resuming from the shipped EMA weights with a "
+            f"fresh optimizer ({cfg.warmup} warmup steps)")
 
     captions = world.all_captions()
     tok = tokenizer(captions + [""], padding="max_length", max_length=cfg.max_length,
