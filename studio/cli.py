@@ -9,6 +9,7 @@ one ``error: ...`` line on stderr and exit code 2 -- never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NamedTuple
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time notes about torchvision
     args = build_parser().parse_args(argv)
     try:
         return args._run(args)

@@ -208,7 +208,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         done = step + 1
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}", refresh=False)
         if writer:
             writer.add_scalar("loss", step_loss, done)
             writer.add_scalar("lr", schedule.get_last_lr()[0], done)
