@@ -78,12 +78,15 @@ def diffusers_fused(base: dict, path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def studio_merged(base: dict, af: F.AdapterFile, weight: float = 1.0) -> dict[str, dict[str, torch.Tensor]]:
-    m = copies(base)
-    F.attach_file(af, m, "x", weight=weight)
-    for model in m.values():
-        A.merge(model)
-    return {c: linear_weights(model) for c, model in m.items()}
+def studio_merged(base: dict, af: F.AdapterFile) -> dict[str, dict[str, torch.Tensor]]:
+    """Our merge of ``af`` into ``base`` (detached again afterwards: merge / unmerge is bit-exact)."""
+    F.attach_file(af, base, "x")
+    try:
+        for model in base.values():
+            A.merge(model)
+        return {c: linear_weights(model) for c, model in base.items()}
+    finally:
+        F.detach_file(base, "x")
 
 
 def assert_fused_equal(theirs, ours, base, modules: dict[str, int]):
@@ -97,7 +100,7 @@ def assert_fused_equal(theirs, ours, base, modules: dict[str, int]):
 
 
 CASES_SD = [("lora", "kohya", "fp32", {}), ("lora", "diffusers", "fp32", {}), ("pissa", "kohya", "fp32", {}),
-            ("svf", "diffusers", "fp32", {}), ("svf", "kohya", "fp32", {"rank": 3}), ("lora", "kohya", "fp16", {})]
+            ("svf", "diffusers", "fp32", {}), ("lora", "kohya", "fp16", {})]
 
 
 @pytest.mark.parametrize("method,fmt,dtype,policy", CASES_SD)

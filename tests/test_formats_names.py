@@ -136,13 +136,3 @@ def test_sdxl_kohya_names_use_one_sgm_layout(sdxl, tmp_path):
     back = F.read(tmp_path / "xl.safetensors")
     assert back.source["unet_layout"] == "sgm"
     _check_round_trip(af, back, sdxl)
-
-
-def test_sdxl_kohya_diffusers_layout_on_request(sdxl, tmp_path):
-    af = shape_adapter({"unet": sdxl["unet"]}, "sdxl")
-    F.save(af, tmp_path / "xl-d.safetensors", "kohya", unet_layout="diffusers")
-    keys, meta = file_keys(tmp_path / "xl-d.safetensors")
-    assert len(keys) == 3 * 560 and not any("input_blocks" in k or "output_blocks" in k for k in keys)
-    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q.lora_down.weight" in keys
-    assert meta["modelspec.implementation"] == "diffusers"
-    _check_round_trip(af, F.read(tmp_path / "xl-d.safetensors"), {"unet": sdxl["unet"]})

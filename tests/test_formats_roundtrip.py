@@ -25,10 +25,16 @@ def sdxl():
     return {"unet": tiny_sdxl_unet(), "te1": te1, "te2": te2}
 
 
+@pytest.fixture(scope="module")
+def trained(sd):
+    """One trained copy of the base per method (shared by the format cases)."""
+    return {method: train(copies(sd), method) for method in METHODS}
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("fmt", ["native", "kohya", "diffusers"])
-def test_every_method_round_trips_through_every_format(sd, tmp_path, method, fmt):
-    models = train(copies(sd), method)
+def test_every_method_round_trips_through_every_format(sd, trained, tmp_path, method, fmt):
+    models = trained[method]
     af = F.from_models(models, "a")
     path = tmp_path / f"{method}.safetensors"
     report = F.save(af, path, fmt, dtype=None if fmt == "native" else "fp32", models=models)
@@ -45,9 +51,11 @@ def test_every_method_round_trips_through_every_format(sd, tmp_path, method, fmt
         assert back.method == "lora" and report.energy == pytest.approx(1.0)
         if method in ("pissa", "milora"):
             assert report.ranks == [4]  # rank <= 2r, exact
-    fresh = copies(sd)
-    F.attach_file(back, fresh, "b")
-    assert_deltas_close(deltas(fresh, "b"), deltas(models, "a"), rtol=1e-5)
+    F.attach_file(back, sd, "b")  # on the pristine base (SVF checks it is the same weight)
+    try:
+        assert_deltas_close(deltas(sd, "b"), deltas(models, "a"), rtol=1e-5)
+    finally:
+        F.detach_file(sd, "b")
 
 
 def test_sdxl_round_trips_in_both_unet_layouts(sdxl, tmp_path):
@@ -64,8 +72,8 @@ def test_sdxl_round_trips_in_both_unet_layouts(sdxl, tmp_path):
         assert_deltas_close(deltas(fresh, "b"), deltas(models, "a"))
 
 
-def test_plain_lora_factors_are_sorted_and_balanced(sd):
-    models = train(copies(sd), "pissa")
+def test_plain_lora_factors_are_sorted_and_balanced(trained):
+    models = trained["pissa"]
     factors, summary = F.plain_lora(F.from_models(models, "a"), F.export.Policy())
     for mods in factors.values():
         for f in mods.values():
@@ -91,15 +99,15 @@ def test_pissa_export_never_stores_the_cancelling_initial_factors(sd):
             assert f.up.pow(2).sum() < 0.1 * scale * tensors["B0"].pow(2).sum()
 
 
-def test_svf_truncation_error_equals_the_dropped_singular_values(sd, tmp_path):
-    models = train(copies(sd), "svf")
+def test_svf_truncation_error_equals_the_dropped_singular_values(sd, trained, tmp_path):
+    models = trained["svf"]
     af = F.from_models(models, "a")
     report = F.save(af, tmp_path / "svf3.safetensors", "kohya", rank=3, dtype="fp32", models=models)
     assert report.ranks == [3] and report.energy < 1.0
     back = F.read(tmp_path / "svf3.safetensors")
-    fresh = copies(sd)
-    F.attach_file(back, fresh, "b")
-    got, want = deltas(fresh, "b"), deltas(models, "a")
+    F.attach_file(back, sd, "b")
+    got, want = deltas(sd, "b"), deltas(models, "a")
+    F.detach_file(sd, "b")
     for key, dW in want.items():
         S = torch.linalg.svdvals(dW.double())
         predicted = S[3:].pow(2).sum().sqrt()
@@ -111,16 +119,16 @@ def test_svf_truncation_error_equals_the_dropped_singular_values(sd, tmp_path):
     assert meta["studio.export_rank_policy"] == "rank=3"
 
 
-def test_svf_energy_threshold_keeps_enough_per_module(sd, tmp_path):
-    models = train(copies(sd), "svf")
+def test_svf_energy_threshold_keeps_enough_per_module(trained, tmp_path):
+    models = trained["svf"]
     report = F.save(F.from_models(models, "a"), tmp_path / "e.safetensors", "kohya", energy=0.9, dtype="fp32",
                     models=models)
     assert min(report.per_module.values()) >= 0.9 and report.energy < 1.0
     assert len(report.ranks) > 1  # dynamic ranks
 
 
-def test_svf_needs_its_base_to_become_a_lora(sd, tmp_path):
-    af = F.from_models(train(copies(sd), "svf"), "a")
+def test_svf_needs_its_base_to_become_a_lora(trained, tmp_path):
+    af = F.from_models(trained["svf"], "a")
     with pytest.raises(StudioError, match="needs its base model: pass --base"):
         F.save(af, tmp_path / "x.safetensors", "kohya")
 

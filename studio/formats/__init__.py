@@ -11,7 +11,7 @@
 Modules: ``adapter_file`` (AdapterFile, Part, families), ``names`` (key schemes), ``files``
 (safe reading, hashed atomic writing), ``metadata`` (ss_*, modelspec.*, studio.*), ``lowrank``
 (any method as a plain LoRA), ``kohya`` / ``diffusers_lora`` / ``native`` (the layouts),
-``load`` / ``export`` (dispatch), ``attach``, ``bake``, ``inspection``, ``commands`` (CLI).
+``load`` / ``export`` (dispatch), ``attach``, ``baking``, ``inspection``, ``commands`` (CLI).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import importlib
 _EXPORTS = {
     "FAMILIES": "adapter_file", "AdapterFile": "adapter_file", "Part": "adapter_file",
     "attach_file": "attach", "detach_file": "attach", "from_models": "attach", "set_file_weight": "attach",
-    "bake": "bake", "FORMATS": "export", "ExportReport": "export", "plain_lora": "export", "save": "export",
+    "bake": "baking", "FORMATS": "export", "ExportReport": "export", "plain_lora": "export", "save": "export",
     "data_hash": "files", "inspect_file": "inspection", "read": "load", "training_metadata": "metadata",
 }
 __all__ = sorted(_EXPORTS)

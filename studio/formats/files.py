@@ -61,6 +61,9 @@ def read_header(path: str | os.PathLike) -> Header:
                 f"unpickled; convert it to .safetensors with a tool you trust")
         if len(head) < 8:
             raise StudioError(f"{path} is truncated ({size} bytes, not even a header): re-download or re-export it")
+        if head[8:9] not in (b"{", b""):
+            raise StudioError(f"{path} is not a .safetensors file (no safetensors header at its start): "
+                              f"give a .safetensors adapter")
         (n,) = struct.unpack("<Q", head[:8])
         if n > MAX_HEADER_BYTES:
             raise StudioError(f"{path} is not a valid .safetensors file: its header claims {n} bytes "

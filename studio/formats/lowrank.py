@@ -93,6 +93,9 @@ def exact_factors(part: Part, model: nn.Module | None = None, component: str = "
         else:
             state = method.from_saved(cfg, None, tensors, module=path)
         down, up = method.factors(cfg, state)
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise StudioError(f"module '{component}.{path}' of the adapter has NaN or infinite values: it diverged; "
+                              f"retrain it with a lower learning rate or use an earlier checkpoint")
         out[path] = (down.detach().float(), up.detach().float())
     return out
 
@@ -136,6 +139,9 @@ def _to_lowrank(part: Part, policy: Policy, model: nn.Module | None, component: 
             exact_factors(part, None, component)  # raises the explanation
         out = {}
         for path, tensors in part.modules().items():
+            if not torch.isfinite(tensors["z"]).all():
+                raise StudioError(f"module '{component}.{path}' of the SVF adapter has NaN or infinite gains: it "
+                                  f"diverged; retrain it with a lower learning rate or use an earlier checkpoint")
             state = method.from_saved(cfg, base_weight(model, path), tensors, module=f"{component}.{path}")
             full = mix.compress_svf(state["U"], state["S"], state["Vh"], state["z"], rank=state["S"].numel())
             out[path] = truncate(full, policy)

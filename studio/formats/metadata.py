@@ -19,7 +19,7 @@ SPEC_VERSION = "1.0.1"
 
 LAYOUT_KEYS = {
     "format", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256",
-    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version", "ss_v2",
+    "ss_output_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version", "ss_v2",
     "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
     "modelspec.implementation_version", "studio.format", "studio.format_version", "studio.adapter", "studio.base",
     "studio.adapter_type", "studio.export_method", "studio.export_rank_policy", "studio.energy_retained",
@@ -43,7 +43,7 @@ _TRAINING_KEYS = {
     "optimizer": "ss_optimizer", "seed": "ss_seed", "num_train_images": "ss_num_train_images",
     "mixed_precision": "ss_mixed_precision", "clip_skip": "ss_clip_skip", "base_model_name": "ss_sd_model_name",
     "base_model_hash": "ss_new_sd_model_hash", "started_at": "ss_training_started_at",
-    "finished_at": "ss_training_finished_at", "output_name": "ss_output_name",
+    "finished_at": "ss_training_finished_at",
 }
 
 
@@ -67,7 +67,7 @@ def training_metadata(*, tags: list[str] | str | None = None, tag_frequency: dic
     Known names: title, author, description, trigger_phrase, usage_hint, license, prediction_type,
     training_comment, steps, epochs, learning_rate, unet_lr, text_encoder_lr, optimizer, seed,
     num_train_images, mixed_precision, clip_skip, base_model_name, base_model_hash, started_at,
-    finished_at, output_name; ``tag_frequency`` = {dataset folder: {tag: count}}. Keys already in
+    finished_at; ``tag_frequency`` = {dataset folder: {tag: count}}. Keys already in
     a namespace (``ss_``, ``modelspec.``, ``studio.``) pass through; other names become ``studio.<name>``.
     """
     out: dict[str, str] = {}
@@ -104,7 +104,7 @@ def export_metadata(carried: dict[str, str], *, base: str, fmt: str, stem: str, 
     """Every header field of an exported file except the two hash fields (``files.serialise``)."""
     architecture, version_tag, resolution = ARCHITECTURE[base]
     meta = dict(carried)
-    meta.setdefault("ss_output_name", stem)
+    meta["ss_output_name"] = stem  # A1111's alias: the name of this file
     meta.setdefault("modelspec.title", stem)
     if resolution:
         meta.setdefault("modelspec.resolution", resolution)
