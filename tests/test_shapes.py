@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from studio.errors import StudioError
-from studio.shapes import evaluate, styles, world
+from studio.shapes import evaluate, styles, wild, world
 from studio.shapes.tokenizer import caption_words, load_tokenizer, write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +107,10 @@ def test_committed_sample_sets_match_the_script(tmp_path):
         assert 16 <= len(fresh) // 2 <= 40
         for name in fresh:
             assert (shipped / name).read_bytes() == (tmp_path / rel / name).read_bytes(), name
+
+
+def test_wild_images_are_deterministic_and_leave_the_palette():
+    a, b = wild.wild_batch(5, 8), wild.wild_batch(5, 8)
+    assert a.shape == (8, 64, 64, 3) and np.array_equal(a, b)
+    _, dist = evaluate.nearest_colour(a.astype(np.float32))
+    assert (dist > 40).mean() > 0.5  # mostly colours the shapes world never uses

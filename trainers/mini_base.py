@@ -5,8 +5,10 @@ AutoencoderKL, CLIPTextModel + CLIPTokenizer, DPM-Solver scheduler), < 30 MB, sa
 
 Recipe (measured on a 2-core CPU, see the model card for the numbers of the shipped run):
 
-1. VAE 64x64x3 -> 16x16x4, channels (16, 32, 32), trained on procedural images
-   (MSE + tiny KL). Frozen afterwards; its latent std sets ``scaling_factor``.
+1. VAE 64x64x3 -> 16x16x4, channels (16, 32, 32), trained on procedural images (MSE + tiny
+   KL): half shapes world, half ``studio.shapes.wild`` (any colour, stripes, dots, outlines)
+   so that it can also draw what adapters will teach -- a shapes-only VAE turned grey into
+   orange and stripes into flat fill. Frozen afterwards; its latent std sets ``scaling_factor``.
 2. Text encoder (2-layer CLIP, width 64) + UNet trained jointly with the epsilon loss:
    captions padded to ``max_length`` (24) tokens instead of 77 -- the tokenizer's
    ``model_max_length`` and the text encoder's ``max_position_embeddings`` are that length,
@@ -57,7 +59,7 @@ class MiniBaseConfig:
     seed: int = 0
     vae_steps: int = 3000
     """VAE optimizer steps (stage 1)."""
-    vae_minutes: float = 8.0
+    vae_minutes: float = 14.0
     """Stop stage 1 after this many minutes even if vae_steps is not reached."""
     steps: int = 200_000
     """Diffusion optimizer steps to run in this sitting (stage 2)."""
@@ -204,8 +206,9 @@ def _atomic_torch_save(obj, path: Path) -> None:
 # --------------------------------------------------------------------------- stage 1: VAE
 
 def train_vae(vae, cfg: MiniBaseConfig, log: dict, say) -> None:
+    import numpy as np
     import torch
-    from studio.shapes import world
+    from studio.shapes import wild, world
 
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     steps, batch = cfg.vae_steps, (cfg.batch if cfg.quick else 16)
@@ -213,11 +216,13 @@ def train_vae(vae, cfg: MiniBaseConfig, log: dict, say) -> None:
     mse_avg = None
     vae.train()
     for step in range(steps):
-        frac = step / max(1, steps)
+        # cosine over whichever budget (steps or minutes) runs out first
+        frac = min(1.0, max(step / max(1, steps), (time.time() - t0) / (cfg.vae_minutes * 60)))
         for g in opt.param_groups:
             g["lr"] = 2e-4 + 0.5 * (2e-3 - 2e-4) * (1 + math.cos(math.pi * frac))
-        images, _, _ = world.batch(cfg.seed * 1_000_003 + 7919 * step + 1, batch)
-        x = images_to_tensor(images)
+        seed = cfg.seed * 1_000_003 + 7919 * step + 1
+        images, _, _ = world.batch(seed, batch // 2)
+        x = images_to_tensor(np.concatenate([images, wild.wild_batch(seed, batch - batch // 2)]))
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = torch.nn.functional.mse_loss(rec, x)
