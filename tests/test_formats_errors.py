@@ -264,6 +264,17 @@ def test_outputs_are_checked_before_any_work(sd, tmp_path):
     assert (tmp_path / "old.safetensors").read_bytes() == b"precious"
 
 
+def test_written_files_get_ordinary_permissions(sd, tmp_path):
+    af = F.from_models(train(copies(sd), "lora"), "a")
+    F.save(af, tmp_path / "new.safetensors", "kohya")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "new.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    os.chmod(tmp_path / "new.safetensors", 0o640)
+    F.save(af, tmp_path / "new.safetensors", "kohya", overwrite=True)
+    assert (tmp_path / "new.safetensors").stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
+
+
 def test_an_interrupted_write_keeps_the_previous_file(sd, tmp_path, monkeypatch):
     af = F.from_models(train(copies(sd), "lora"), "a")
     target = tmp_path / "out.safetensors"

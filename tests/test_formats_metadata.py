@@ -101,7 +101,10 @@ def test_descriptive_fields_survive_conversions(adapter, tmp_path):
     F.save(F.read(tmp_path / "k.safetensors"), tmp_path / "k2.safetensors", "kohya")
     meta = header(tmp_path / "k2.safetensors")
     assert meta["ss_training_comment"] == "trigger: zq stripes" and meta["modelspec.title"] == "Stripes"
-    assert meta["ss_output_name"] == "k2"  # A1111's alias follows the file
+    assert meta["ss_output_name"] == "k2"  # A1111's alias follows the file unless one was given
+    F.save(adapter.replace(metadata={**adapter.metadata, **F.training_metadata(output_name="zq-stripes")}),
+           tmp_path / "k3.safetensors", "kohya")
+    assert header(tmp_path / "k3.safetensors")["ss_output_name"] == "zq-stripes"
 
 
 def test_inspect_reports_everything(adapter, tmp_path):

@@ -144,8 +144,11 @@ def data_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, str]:
-    """The file's bytes with both hash fields set to the sha256 of its data section."""
+def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[list, str]:
+    """The file as [header bytes, data section], both hash fields set to the data section's sha256.
+
+    The data section is reused as serialised (a view, no copy): editing the header never changes it.
+    """
     from safetensors.torch import save
 
     blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
@@ -157,7 +160,7 @@ def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tup
                               "sshs_model_hash": digest, "modelspec.hash_sha256": "0x" + digest}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned, as safetensors does
-    return struct.pack("<Q", len(text)) + text + bytes(data), digest
+    return [struct.pack("<Q", len(text)) + text, data], digest
 
 
 def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -173,7 +176,7 @@ def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def write_atomic(path: str | os.PathLike, blob: bytes) -> None:
+def write_atomic(path: str | os.PathLike, chunks: list) -> None:
     """Temp file in the same folder, fsync, rename: the old file survives any failure midway."""
     path = Path(path)
     folder = path.parent.resolve()
@@ -183,7 +186,12 @@ def write_atomic(path: str | os.PathLike, blob: bytes) -> None:
         raise StudioError(f"{path}: cannot write in {folder} ({err.strerror}): choose a writable folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+            umask = os.umask(0)
+            os.umask(umask)
+            # mkstemp makes the file private (0600): give it the mode a plain open() would, or the old file's
+            os.fchmod(f.fileno(), path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -204,6 +212,6 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: d
           overwrite: bool = False) -> str:
     """Serialise with hashes and write atomically; returns the data-section sha256."""
     path = check_target(path, overwrite)
-    blob, digest = serialise(tensors, metadata)
-    write_atomic(path, blob)
+    chunks, digest = serialise(tensors, metadata)
+    write_atomic(path, chunks)
     return digest

@@ -100,26 +100,33 @@ def exact_factors(part: Part, model: nn.Module | None = None, component: str = "
     return out
 
 
-def truncate(full: mix.LowRank, policy: Policy) -> Factors:
-    """Keep the leading components of a sorted, full-rank LowRank according to the policy."""
-    S = full.singular_values.double()
-    total = float((S ** 2).sum())
+def keep(S: torch.Tensor, policy: Policy) -> int:
+    """How many leading singular values (sorted, descending) the policy keeps; at least one."""
+    S = S.double()
     nonzero = max(1, int((S > ZERO * S[0]).sum())) if S.numel() and S[0] > 0 else 1
     if policy.rank is not None:
         if policy.rank <= 0:
             raise StudioError(f"--rank must be positive, got {policy.rank}")
-        k = min(policy.rank, nonzero)
-    elif policy.exact:
-        k = nonzero
-    else:
-        if not 0.0 < policy.energy <= 1.0:
-            raise StudioError(f"--energy must be in (0, 1], got {policy.energy}")
-        cumulative = torch.cumsum(S ** 2, 0)
-        k = nonzero if total == 0 else min(nonzero, int((cumulative < policy.energy * total * (1 - 1e-12)).sum()) + 1)
-    dropped = float((S[k:] ** 2).sum())
-    energy = 1.0 if total == 0 else 1.0 - dropped / total
-    return Factors(full.down[:k].contiguous(), full.up[:, :k].contiguous(), energy, math.sqrt(dropped),
-                   math.sqrt(total))
+        return min(policy.rank, nonzero)
+    if policy.exact:
+        return nonzero
+    if not 0.0 < policy.energy <= 1.0:
+        raise StudioError(f"--energy must be in (0, 1], got {policy.energy}")
+    cumulative = torch.cumsum(S ** 2, 0)
+    total = float(cumulative[-1])
+    return nonzero if total == 0 else min(nonzero, int((cumulative < policy.energy * total * (1 - 1e-12)).sum()) + 1)
+
+
+def _factors(lowrank: mix.LowRank, k: int) -> Factors:
+    S = lowrank.singular_values.double()
+    total, dropped = float((S ** 2).sum()), float((S[k:] ** 2).sum())
+    return Factors(lowrank.down[:k].contiguous(), lowrank.up[:, :k].contiguous(),
+                   1.0 if total == 0 else 1.0 - dropped / total, math.sqrt(dropped), math.sqrt(total))
+
+
+def truncate(full: mix.LowRank, policy: Policy) -> Factors:
+    """Keep the leading components of a sorted, full-rank LowRank according to the policy."""
+    return _factors(full, keep(full.singular_values, policy))
 
 
 def sorted_full(down: torch.Tensor, up: torch.Tensor) -> mix.LowRank:
@@ -143,8 +150,9 @@ def _to_lowrank(part: Part, policy: Policy, model: nn.Module | None, component: 
                 raise StudioError(f"module '{component}.{path}' of the SVF adapter has NaN or infinite gains: it "
                                   f"diverged; retrain it with a lower learning rate or use an earlier checkpoint")
             state = method.from_saved(cfg, base_weight(model, path), tensors, module=f"{component}.{path}")
-            full = mix.compress_svf(state["U"], state["S"], state["Vh"], state["z"], rank=state["S"].numel())
-            out[path] = truncate(full, policy)
+            sigma = (state["S"] * (state["z"] - 1)).abs().sort(descending=True).values  # dW's singular values
+            k = keep(sigma, policy)  # decided first, so only k singular vectors are gathered and scaled
+            out[path] = _factors(mix.compress_svf(state["U"], state["S"], state["Vh"], state["z"], rank=k), k)
         return out
     return {path: truncate(sorted_full(down, up), policy)
             for path, (down, up) in exact_factors(part, model, component).items()}
@@ -185,13 +193,13 @@ def pack(factors: dict[str, dict[str, Factors]], dtype: torch.dtype) -> Packed:
 def _fit(modules: dict, dtype: torch.dtype) -> tuple[int, list[str]]:
     """The power-of-two shift k (factors * 2^k, alpha / 4^k) that fits ``dtype``, nearest to 0."""
     tensors = [t for mods in modules.values() for pair in mods.values() for t in pair]
-    if not all(torch.isfinite(t).all() for t in tensors):
+    peaks = [float(t.abs().max()) for t in tensors if t.numel()]  # NaN and inf propagate into the max
+    if not all(math.isfinite(p) for p in peaks):
         raise StudioError("the adapter has NaN or infinite values: it diverged; retrain it or export an "
                           "earlier checkpoint")
     if dtype == torch.float32:
         return 0, []
     info = torch.finfo(dtype)
-    peaks = [float(t.abs().max()) for t in tensors if t.numel()]
     largest = max(peaks, default=0.0)
     if largest == 0.0:
         return 0, []

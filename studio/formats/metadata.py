@@ -67,7 +67,7 @@ def training_metadata(*, tags: list[str] | str | None = None, tag_frequency: dic
     Known names: title, author, description, trigger_phrase, usage_hint, license, prediction_type,
     training_comment, steps, epochs, learning_rate, unet_lr, text_encoder_lr, optimizer, seed,
     num_train_images, mixed_precision, clip_skip, base_model_name, base_model_hash, started_at,
-    finished_at; ``tag_frequency`` = {dataset folder: {tag: count}}. Keys already in
+    finished_at, output_name (A1111's alias; default: the file name); ``tag_frequency`` = {dataset folder: {tag: count}}. Keys already in
     a namespace (``ss_``, ``modelspec.``, ``studio.``) pass through; other names become ``studio.<name>``.
     """
     out: dict[str, str] = {}
@@ -104,7 +104,7 @@ def export_metadata(carried: dict[str, str], *, base: str, fmt: str, stem: str, 
     """Every header field of an exported file except the two hash fields (``files.serialise``)."""
     architecture, version_tag, resolution = ARCHITECTURE[base]
     meta = dict(carried)
-    meta["ss_output_name"] = stem  # A1111's alias: the name of this file
+    meta["ss_output_name"] = carried.get("studio.output_name", stem)  # A1111's alias: given, else the file name
     meta.setdefault("modelspec.title", stem)
     if resolution:
         meta.setdefault("modelspec.resolution", resolution)

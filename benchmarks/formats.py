@@ -1,0 +1,128 @@
+"""Adapter files at SD1.5 size (UNet + TE attention: 128 + 48 modules), each against a peer.
+
+1. Export of a rank-16 LoRA to kohya fp16 (QR + small SVD per module, metadata, hash, atomic
+   write) vs writing the same tensors with plain safetensors.save_file.    goal: < 1 s
+2. Import of that file (checks, names, canonical LoRA) vs diffusers' own
+   StableDiffusionLoraLoaderMixin.lora_state_dict (kohya -> diffusers keys).  goal: < 1 s
+3. SVF -> LoRA export at 99 % energy (the delta is already an SVD: sort, no new SVD) vs the
+   naive route: form each dense dW and take its SVD.                        goal: < 5 s
+   (the base's SVD is computed once beforehand, as during training: it is cached)
+
+Prints BENCH export_sd15_seconds, import_sd15_seconds, svf_export_sd15_seconds.
+Run: python benchmarks/formats.py [--threads N] [--skip-svf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import studio.adapters as A  # noqa: E402
+import studio.formats as F  # noqa: E402
+from builders import CLIP_L, SD15_UNET, meta_clip, meta_unet  # noqa: E402
+from timing import bench, interleaved  # noqa: E402
+
+TARGETS = {"unet": "unet-attn", "te": "te-attn"}
+
+
+def sd15_shapes() -> dict[str, dict[str, tuple[int, int]]]:
+    """{component: {module path: (out, in)}} of the SD1.5 attention Linears (meta device: no memory)."""
+    models = {"unet": meta_unet(SD15_UNET), "te": meta_clip(CLIP_L)}
+    return {c: {p: tuple(m.weight.shape) for p, m in A.find_targets(model, TARGETS[c]).items()}
+            for c, model in models.items()}
+
+
+def lora_file(shapes, rank: int = 16) -> F.AdapterFile:
+    g = torch.Generator().manual_seed(0)
+    parts = {}
+    for component, modules in shapes.items():
+        tensors = {}
+        for path, (out, inp) in modules.items():
+            tensors[f"{path}.A"] = torch.randn(rank, inp, generator=g) / inp ** 0.5
+            tensors[f"{path}.B"] = 0.01 * torch.randn(out, rank, generator=g)
+        parts[component] = F.Part("lora", {"rank": rank, "alpha": float(rank), "rslora": False, "dropout": 0.0},
+                                  tensors)
+    return F.AdapterFile("sd15", parts)
+
+
+class Skeleton(nn.Module):
+    """Only the adapted Linears of a model, at their module paths (random weights)."""
+
+    def __init__(self, modules: dict[str, tuple[int, int]]):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        for path, (out, inp) in modules.items():
+            parent = self
+            *parents, leaf = path.split(".")
+            for name in parents:
+                if not hasattr(parent, name):
+                    parent.add_module(name, nn.Module())
+                parent = getattr(parent, name)
+            linear = nn.Linear(inp, out, bias=False)
+            with torch.no_grad():
+                linear.weight.copy_(torch.randn(out, inp, generator=g) / inp ** 0.5)
+            parent.add_module(leaf, linear)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-svf", action="store_true", help="skip part 3 (its setup SVD takes ~40 s here)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = sd15_shapes()
+    af = lora_file(shapes)
+    folder = Path(tempfile.mkdtemp(prefix="bench-formats-"))
+    ours, theirs = folder / "ours.safetensors", folder / "plain.safetensors"
+
+    from safetensors.torch import save_file
+    flat = {k: v.half() for k, v in af.tensors().items()}
+    t = interleaved({"studio": lambda: F.save(af, ours, "kohya", overwrite=True),
+                     "save_file": lambda: save_file(flat, str(theirs))}, repeat=3)
+    print(f"export, SD1.5 rank 16 -> kohya fp16: studio {t['studio']:.3f} s, plain save_file {t['save_file']:.3f} s "
+          f"(ratio {t['studio'] / t['save_file']:.1f})")
+    bench("export_sd15_seconds", t["studio"], "< 1")
+
+    from diffusers import StableDiffusionPipeline
+    t = interleaved({"studio": lambda: F.read(ours),
+                     "diffusers": lambda: StableDiffusionPipeline.lora_state_dict(str(ours))}, repeat=3)
+    print(f"import of that file: studio {t['studio']:.3f} s, diffusers lora_state_dict {t['diffusers']:.3f} s "
+          f"(ratio {t['studio'] / t['diffusers']:.2f})")
+    bench("import_sd15_seconds", t["studio"], "< 1")
+
+    if args.skip_svf:
+        return
+    models = {c: Skeleton(modules) for c, modules in shapes.items()}
+    g = torch.Generator().manual_seed(2)
+    for component, model in models.items():  # the SVD of every base weight, computed once and cached
+        A.attach(model, "s", "svf", targets=TARGETS[component])
+        with torch.no_grad():
+            for p in A.trainable_parameters(model, "s"):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    svf = F.from_models(models, "s", base="sd15")
+    dense = {c: A.delta_weights(m, "s") for c, m in models.items()}
+
+    def naive():
+        for deltas in dense.values():
+            for dW in deltas.values():
+                torch.linalg.svd(dW, full_matrices=False)
+
+    report = {}
+    t = interleaved({"studio": lambda: report.setdefault("r", F.save(svf, folder / "svf.safetensors", "kohya",
+                                                                      energy=0.99, models=models, overwrite=True)),
+                     "dense SVD": naive}, repeat=1, warmup=0)
+    print(f"SVF -> LoRA at 99 % energy: studio {t['studio']:.2f} s, dense dW + SVD {t['dense SVD']:.2f} s "
+          f"(ratio {t['studio'] / t['dense SVD']:.2f}); ranks {min(report['r'].ranks)}..{max(report['r'].ranks)}, "
+          f"retained energy {report['r'].energy:.4f}")
+    bench("svf_export_sd15_seconds", t["studio"], "< 5")
+
+
+if __name__ == "__main__":
+    main()
