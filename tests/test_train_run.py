@@ -118,3 +118,27 @@ def test_resume_with_another_method_is_refused(data, tmp_path, capsys):
     assert (out / "stripes.safetensors").read_bytes() == before
     message = _error(capsys, ["train", *_args(data, out, tmp_path / "cache")])
     assert "already holds a run" in message and "--resume" in message
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(data, tmp_path):
+    """`accelerate launch --multi_gpu` (gloo on CPU): 2 processes x batch 1 == 1 process x batch 2."""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # SVF: every gain has a real gradient from step 1 (LoRA's A starts with an exactly-zero one,
+    # which AdamW's normalisation turns into fp noise-sized steps that differ between runs)
+    common = ["--steps", "3", "--sample-every", "0", "--save-every", "3", "--set", f"cache_dir={cache}",
+              "--set", "sample_steps=2", "--method", "svf"]
+    one = subprocess.run([sys.executable, "-m", "studio", "train", str(data), "--out", str(tmp_path / "one"),
+                          "--batch-size", "2", *common], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "studio", "train", str(data), "--out", str(tmp_path / "two"), "--batch-size", "1",
+                          *common], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "one" / "stripes.safetensors")), load_file(str(tmp_path / "two" / "stripes.safetensors"))
+    assert a.keys() == b.keys()
+    zs = [k for k in a if k.endswith(".z")]
+    change = max((a[k] - 1).abs().max().item() for k in zs)
+    difference = max((a[k] - b[k]).abs().max().item() for k in zs)
+    assert change > 1e-3 and difference < 1e-3 * change, (change, difference)

@@ -52,7 +52,10 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     base = load_diffusion_base(cfg.base)
     pipe, unet, vae = base.pipe, base.pipe.unet, base.pipe.vae
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    # cpu=True without an accelerator: under `accelerate launch --multi_gpu` / torchrun this selects
+    # accelerate's multi-CPU (gloo) mode instead of silently running N independent copies
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available())
     device, world, rank_index = accelerator.device, accelerator.num_processes, accelerator.process_index
     pipe.to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
