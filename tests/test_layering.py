@@ -36,13 +36,20 @@ def _ours(name: str) -> bool:
     return name == "studio" or name.startswith(("studio.", "trainers"))
 
 
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            for alias in node.names:  # `from studio import formats` imports studio.formats
+                full = f"{node.module}.{alias.name}"
+                found.add(full if _is_module(full) else node.module)
     return {n for n in found if _ours(n)}
 
 
