@@ -144,3 +144,58 @@ def test_language_model_adapters_save_natively_and_refuse_sd_layouts(tmp_path):
     for fmt in ("kohya", "diffusers", "peft"):
         with pytest.raises(StudioError, match="--format peft|Stable Diffusion"):
             F.save(af, tmp_path / f"lm-{fmt}.safetensors", fmt)
+
+
+def _factor_pairs(model, targets, rank=3, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for path, module in A.find_targets(model, targets).items():
+        out[path] = (torch.randn(rank, module.in_features, generator=g), torch.randn(module.out_features, rank, generator=g))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["processor", "lora.down", "peft-no-metadata", "kohya-te1"])
+def test_older_and_foreign_layouts_import(sd, tmp_path, layout):
+    """Attention-processor names (to_q_lora.down), lora.down / lora_linear_layer, bare PEFT keys
+    (scale 1) and an SD1 kohya file written with lora_te1_ all read into the same plain LoRA."""
+    from safetensors.torch import save_file
+    unet, te = _factor_pairs(sd["unet"], "unet-attn"), _factor_pairs(sd["te"], "te-attn")
+    tensors = {}
+    for path, (down, up) in unet.items():
+        if layout == "processor":
+            proj = path.split(".")[-1] if not path.endswith("to_out.0") else "to_out"
+            module = path[: path.rindex(".to_")]
+            key = f"unet.{module}.processor.{proj}_lora"
+            tensors[f"{key}.down.weight"], tensors[f"{key}.up.weight"] = down, up
+        elif layout == "lora.down":
+            tensors[f"unet.{path}.lora.down.weight"], tensors[f"unet.{path}.lora.up.weight"] = down, up
+        elif layout == "peft-no-metadata":
+            tensors[f"unet.{path}.lora_A.weight"], tensors[f"unet.{path}.lora_B.weight"] = down, up
+        else:
+            name = "lora_unet_" + path.replace(".", "_")
+            tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
+            tensors[f"{name}.alpha"] = torch.tensor(3.0)
+    for path, (down, up) in te.items():
+        if layout == "processor":
+            proj = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}[path.split(".")[-1]]
+            key = f"text_encoder.text_model.{path.rpartition('.')[0]}.{proj}_lora"
+            tensors[f"{key}.down.weight"], tensors[f"{key}.up.weight"] = down, up
+        elif layout == "lora.down":
+            key = f"text_encoder.text_model.{path}.lora_linear_layer"
+            tensors[f"{key}.down.weight"], tensors[f"{key}.up.weight"] = down, up
+        elif layout == "peft-no-metadata":
+            tensors[f"text_encoder.{path}.lora_A.weight"], tensors[f"text_encoder.{path}.lora_B.weight"] = down, up
+        else:
+            name = "lora_te1_text_model_" + path.replace(".", "_")
+            tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
+    save_file(tensors, str(tmp_path / "old.safetensors"))
+    af = F.read(tmp_path / "old.safetensors")
+    assert set(af.parts) == {"unet", "te"} and af.method == "lora"
+    F.attach_file(af, sd, "old")
+    try:
+        got = deltas(sd, "old")
+    finally:
+        F.detach_file(sd, "old")
+    for component, pairs in (("unet", unet), ("te", te)):
+        for path, (down, up) in pairs.items():
+            torch.testing.assert_close(got[f"{component}.{path}"], up @ down, rtol=1e-5, atol=1e-5)

@@ -181,19 +181,21 @@ def pack(factors: dict[str, dict[str, Factors]], dtype: torch.dtype) -> Packed:
     """One alpha for the file, scales folded in, then fitted into ``dtype`` (see module doc)."""
     ranks = {f.down.shape[0] for mods in factors.values() for f in mods.values()}
     alpha = float(max(ranks))
-    scaled = {c: {p: (f.down * math.sqrt(f.down.shape[0] / alpha), f.up * math.sqrt(f.down.shape[0] / alpha))
+    scale = {c: {p: math.sqrt(f.down.shape[0] / alpha) for p, f in mods.items()} for c, mods in factors.items()}
+    peaks = [float(t.abs().max()) * scale[c][p]  # NaN and inf propagate into the max
+             for c, mods in factors.items() for p, f in mods.items() for t in (f.down, f.up) if t.numel()]
+    shift, notes = _fit(peaks, dtype)
+    t = 2.0 ** shift  # a power of two: (x * s) * t == x * (s * t) exactly, one pass per tensor
+    stored = {c: {p: ((f.down * (scale[c][p] * t)).to(dtype), (f.up * (scale[c][p] * t)).to(dtype))
                   for p, f in mods.items()} for c, mods in factors.items()}
-    shift, notes = _fit(scaled, dtype)
-    t = 2.0 ** shift
-    stored = {c: {p: ((d * t).to(dtype), (u * t).to(dtype)) for p, (d, u) in mods.items()}
-              for c, mods in scaled.items()}
     return Packed(stored, alpha / (t * t), notes)
 
 
-def _fit(modules: dict, dtype: torch.dtype) -> tuple[int, list[str]]:
-    """The power-of-two shift k (factors * 2^k, alpha / 4^k) that fits ``dtype``, nearest to 0."""
-    tensors = [t for mods in modules.values() for pair in mods.values() for t in pair]
-    peaks = [float(t.abs().max()) for t in tensors if t.numel()]  # NaN and inf propagate into the max
+def _fit(peaks: list[float], dtype: torch.dtype) -> tuple[int, list[str]]:
+    """The power-of-two shift k (factors * 2^k, alpha / 4^k) that fits ``dtype``, nearest to 0.
+
+    ``peaks`` are the largest magnitudes of every stored tensor.
+    """
     if not all(math.isfinite(p) for p in peaks):
         raise StudioError("the adapter has NaN or infinite values: it diverged; retrain it or export an "
                           "earlier checkpoint")
