@@ -42,7 +42,7 @@ def _make_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 if sharing the CPU)")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the diffusion stage")
     p.add_argument("--steps", type=int, default=200_000, help="diffusion steps in this sitting")
-    p.add_argument("--vae-minutes", type=float, default=14.0, help="wall-clock budget of the VAE stage")
+    p.add_argument("--vae-minutes", type=float, default=8.0, help="wall-clock budget of the VAE stage")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--save-minutes", type=float, default=10.0, help="save improving weights this often")

@@ -89,7 +89,8 @@ def test_exact_resume_uses_the_saved_optimizer_state(tmp_path):
 
     out = tmp_path / "base"
     messages = []
-    make_base(MiniBaseConfig(out=str(out), vae_steps=2, steps=3, batch=2), say=messages.append)
+    make_base(MiniBaseConfig(out=str(out), vae_steps=2, steps=3, batch=2, vae_wild=0.5),
+              say=messages.append)
     state = tmp_path / "base-train-state" / "state.pt"
     assert state.exists()
     make_base(MiniBaseConfig(out=str(out), resume=True, steps=2, batch=2), say=messages.append)
