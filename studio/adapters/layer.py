@@ -36,7 +36,6 @@ class Adapter(nn.Module):
         self.method_name, self.method, self.cfg = method_name, method, cfg
         self.weight = 1.0
         self.enabled = True
-        self._names = tuple(state)
         for key, value in state.items():
             if key in method.TRAINABLE:
                 self.register_parameter(key, nn.Parameter(value))
@@ -44,7 +43,7 @@ class Adapter(nn.Module):
                 self.register_buffer(key, value, persistent=key in method.SAVED)
 
     def state(self) -> dict:
-        return {k: getattr(self, k) for k in self._names}
+        return {**self._parameters, **self._buffers}  # no __getattr__ per tensor: this runs every forward
 
     def saved_tensors(self) -> dict:
         return {k: getattr(self, k).detach() for k in self.method.SAVED}
@@ -56,8 +55,8 @@ class Adapter(nn.Module):
         down, up = self.factors()
         return up @ down  # (out, in), fp32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.forward_delta(self.cfg, self.state(), x, self.training)
+    def forward(self, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        return self.method.forward_delta(self.cfg, self.state(), x, self.training, weight)
 
     def extra_repr(self) -> str:
         return f"{self.method_name}, {self.cfg}, weight={self.weight}, enabled={self.enabled}"
@@ -101,11 +100,9 @@ class AdaptedLinear(nn.Module):
         live = self.live_adapters()
         if not live:
             return y
-        if len(live) == 1:
-            delta = live[0](x.to(torch.float32) if x.dtype != torch.float32 else x)
-            if live[0].weight != 1.0:
-                delta = delta * live[0].weight
-            return y + delta.to(y.dtype)
+        if len(live) == 1:  # the training path: no stacking, no extra pass over the output
+            delta = live[0].forward(x if x.dtype == torch.float32 else x.float(), live[0].weight)
+            return y.add_(delta) if delta.dtype == y.dtype else y + delta.to(y.dtype)
         down, up = self._stacked(live)
         hidden = F.linear(x.to(down.dtype), down)  # (..., R)
         if not torch.is_grad_enabled() and y.dtype == up.dtype and y.is_contiguous():

@@ -60,10 +60,11 @@ def factors(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return state["A"], state["B"] * cfg.scale  # (r, in), (out, r)
 
 
-def forward_delta(cfg: Config, state: dict, x: torch.Tensor, training: bool = False) -> torch.Tensor:
+def forward_delta(cfg: Config, state: dict, x: torch.Tensor, training: bool = False, weight: float = 1.0) -> torch.Tensor:
+    """weight * x @ dW.T; the scales multiply the rank-r hidden, not the (.., out) result."""
     if training and cfg.dropout > 0:
         x = F.dropout(x, cfg.dropout, training=True)
-    return F.linear(F.linear(x, state["A"]), state["B"]) * cfg.scale
+    return F.linear(F.linear(x, state["A"]) * (cfg.scale * weight), state["B"])
 
 
 def expected_shapes(cfg: Config, out_features: int, in_features: int) -> dict:

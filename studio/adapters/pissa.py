@@ -86,11 +86,13 @@ def factors(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return down, up
 
 
-def forward_delta(cfg: Config, state: dict, x: torch.Tensor, training: bool = False) -> torch.Tensor:
+def forward_delta(cfg: Config, state: dict, x: torch.Tensor, training: bool = False, weight: float = 1.0) -> torch.Tensor:
+    """weight * x @ dW.T as one rank-2r matmul pair: s (B A x - B0 A0 x)."""
     if training and cfg.dropout > 0:
         x = F.dropout(x, cfg.dropout, training=True)
-    down, up = factors(cfg, state)
-    return F.linear(F.linear(x, down), up)
+    down = torch.cat([state["A"], state["A0"]], dim=0)   # (2r, in)
+    up = torch.cat([state["B"], -state["B0"]], dim=1)    # (out, 2r)
+    return F.linear(F.linear(x, down) * (cfg.scale * weight), up)
 
 
 def residual(cfg: Config, state: dict, W0: torch.Tensor) -> torch.Tensor:

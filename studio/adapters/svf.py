@@ -62,8 +62,8 @@ def factors(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return state["Vh"], state["U"] * gains(state)[None, :]  # (n, in), (out, n)
 
 
-def forward_delta(cfg: Config, state: dict, x: torch.Tensor, training: bool = False) -> torch.Tensor:
-    return F.linear(F.linear(x, state["Vh"]) * gains(state), state["U"])
+def forward_delta(cfg: Config, state: dict, x: torch.Tensor, training: bool = False, weight: float = 1.0) -> torch.Tensor:
+    return F.linear(F.linear(x, state["Vh"]) * (gains(state) * weight), state["U"])
 
 
 def expected_shapes(cfg: Config, out_features: int, in_features: int) -> dict:
