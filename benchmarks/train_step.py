@@ -7,7 +7,7 @@ Time per step = (T(2N steps) - T(N steps)) / N, so loading and the final save ca
 Each variant runs in its own process; peak RSS is that process's maximum resident set.
 
 Prints BENCH train_step_vs_reference, train_step_cached_vs_reference, train_rss_vs_reference.
-Run: python benchmarks/train_step.py [--steps 20] [--batch 8] [--rank 8]
+Run: python benchmarks/train_step.py [--steps 40] [--repeat 2] [--batch 8] [--rank 8]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,7 +98,8 @@ def run(kind: str, steps: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=2, help="median over repeated (N, 2N) pairs")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--child", default=None)
@@ -109,9 +111,12 @@ def main() -> None:
     for kind in ("reference", "studio", "cached"):  # warm the latent / text cache once for "cached"
         if kind == "cached":
             run(kind, 2, args)
-        short, long = run(kind, args.steps, args), run(kind, 2 * args.steps, args)
-        per_step[kind] = (long["seconds"] - short["seconds"]) / args.steps
-        rss[kind] = max(short["rss_mb"], long["rss_mb"])
+        estimates, peaks = [], []
+        for _ in range(args.repeat):
+            short, long = run(kind, args.steps, args), run(kind, 2 * args.steps, args)
+            estimates.append((long["seconds"] - short["seconds"]) / args.steps)
+            peaks += [short["rss_mb"], long["rss_mb"]]
+        per_step[kind], rss[kind] = statistics.median(estimates), max(peaks)
         print(f"{kind:9s} {per_step[kind] * 1e3:7.1f} ms/step  peak RSS {rss[kind]:.0f} MB", flush=True)
     bench("train_step_vs_reference", per_step["studio"] / per_step["reference"], "<= 1.0")
     bench("train_step_cached_vs_reference", per_step["cached"] / per_step["reference"], "<= 0.7")

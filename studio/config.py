@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def _convert(value, annotation, key: str, source: str):
     """Coerce a TOML or command-line value to the annotated type, or say why not."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
             if type(None) in args:
                 return None

@@ -8,6 +8,7 @@ weight hashes differently, because their gains z are only meaningful in that exa
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -15,6 +16,12 @@ import torch
 from studio.errors import StudioError
 
 HASH_BYTES = 32
+
+
+def lowrank_scale(rank: int, alpha: float | None, rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA; alpha None means alpha = r."""
+    alpha = rank if alpha is None else alpha
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def check_rank(rank: int, shape: tuple[int, int] | torch.Size, module: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from studio.adapters.common import check_rank
+from studio.adapters.common import check_rank, lowrank_scale
 from studio.errors import StudioError
 
 TRAINABLE = ("A", "B")
@@ -42,8 +42,7 @@ class Config:
 
     @property
     def scale(self) -> float:
-        alpha = self.rank if self.alpha is None else self.alpha
-        return alpha / math.sqrt(self.rank) if self.rslora else alpha / self.rank
+        return lowrank_scale(self.rank, self.alpha, self.rslora)
 
 
 def init(cfg: Config, W0: torch.Tensor, module: str = "", generator: torch.Generator | None = None) -> dict:

@@ -11,13 +11,12 @@ Everything after the init (factors, forward, shapes) is PiSSA's.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from studio.adapters import pissa
-from studio.adapters.common import cached_svd, check_rank
+from studio.adapters.common import cached_svd, check_rank, lowrank_scale
 from studio.errors import StudioError
 
 TRAINABLE = pissa.TRAINABLE
@@ -48,8 +47,7 @@ class Config:
 
     @property
     def scale(self) -> float:
-        alpha = self.rank if self.alpha is None else self.alpha
-        return alpha / math.sqrt(self.rank) if self.rslora else alpha / self.rank
+        return lowrank_scale(self.rank, self.alpha, self.rslora)
 
 
 def init(cfg: Config, W0: torch.Tensor, module: str = "", generator: torch.Generator | None = None) -> dict:

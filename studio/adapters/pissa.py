@@ -15,13 +15,12 @@ price is a rank-2r instead of rank-r adapter matmul, small next to the base laye
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from studio.adapters.common import check_rank
+from studio.adapters.common import check_rank, lowrank_scale
 from studio.errors import StudioError
 
 TRAINABLE = ("A", "B")
@@ -56,8 +55,7 @@ class Config:
 
     @property
     def scale(self) -> float:
-        alpha = self.rank if self.alpha is None else self.alpha
-        return alpha / math.sqrt(self.rank) if self.rslora else alpha / self.rank
+        return lowrank_scale(self.rank, self.alpha, self.rslora)
 
 
 def state_from_triplets(scale: float, U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor) -> dict:
