@@ -5,6 +5,10 @@
 2. SD1.5-sized UNet (random weights), one denoising forward at 256 px (32x32 latents):
    three unmerged rank-16 LoRA adapters vs the bare base             goal: <= 1.15
    the same three merged vs the bare base                           goal: <= 1.01
+3. SD1.5 proj_in-shaped 1x1 Conv2d (320 channels, 64x64 latents, batch 2), rank-8 LoRA:
+   forward + backward, studio vs PEFT's LoRA Conv2d                  goal: ratio <= 1.0
+   forward, the delta as two 1x1 convs (what the layer does) vs channels moved last and
+   the Linear path reused (the alternative it rejected)               goal: ratio < 1.0
 
 Run: python benchmarks/adapter_overhead.py [--threads N] [--skip-sd15]
 """
@@ -101,6 +105,42 @@ def inference_overhead(repeat: int) -> tuple[float, float]:
     return times["unmerged"] / bare, times["merged"] / bare
 
 
+def conv1x1(repeat: int) -> tuple[float, float]:
+    import peft
+
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(320, 320, 1))
+    ours, theirs = copy.deepcopy(conv), copy.deepcopy(conv)
+    A.attach(ours, "a", "lora", A.lora.Config(rank=8), "0")
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(r=8, lora_alpha=8, target_modules=["0"]), theirs)
+    g = torch.Generator().manual_seed(3)
+    x, target = torch.randn(2, 320, 64, 64, generator=g), torch.randn(2, 320, 64, 64, generator=g)
+
+    def step(model):
+        def run():
+            model.zero_grad(set_to_none=True)
+            F.mse_loss(model(x), target).backward()
+        return run
+
+    train = interleaved({"studio": step(ours), "peft": step(theirs)}, repeat=repeat, warmup=2)
+    adapter = ours[0].adapters["a"]
+
+    def rejected():  # channels last, the Linear path's forward_delta, channels back
+        with torch.no_grad():
+            y = ours[0].base(x)
+            y.add_(A.lora.forward_delta(adapter.cfg, adapter.state(), x.movedim(1, -1)).movedim(-1, 1))
+
+    def chosen():
+        with torch.no_grad():
+            ours(x)
+
+    forward = interleaved({"conv": chosen, "movedim": rejected}, repeat=repeat, warmup=2)
+    print(f"1x1 conv 320ch 64x64 rank-8 LoRA: forward+backward studio {train['studio'] * 1e3:.1f} ms, PEFT "
+          f"{train['peft'] * 1e3:.1f} ms; forward as 1x1 convs {forward['conv'] * 1e3:.1f} ms, channels-last "
+          f"Linear path {forward['movedim'] * 1e3:.1f} ms")
+    return train["studio"] / train["peft"], forward["conv"] / forward["movedim"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -109,6 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bench("core_train_step_vs_peft", training_step_vs_peft(args.repeat * 3), "<= 1.0")
+    train, forward = conv1x1(args.repeat * 2)
+    bench("conv1x1_train_step_vs_peft", train, "<= 1.0")
+    bench("conv1x1_forward_vs_channels_last", forward, "< 1.0")
     if not args.skip_sd15:
         unmerged, merged = inference_overhead(args.repeat)
         bench("unmerged3_vs_base", unmerged, "<= 1.15")

@@ -1,6 +1,11 @@
-"""AdaptedLinear: a frozen base Linear (or GPT-2 Conv1D) plus any number of named adapters.
+"""AdaptedLinear: a frozen base Linear (GPT-2 Conv1D, or 1x1 Conv2d) plus any number of named adapters.
 
     y = base(x) + sum_i w_i * delta_i(x)        delta_i(x) = x @ dW_i.T, dW_i against pristine W0
+
+A 1x1 convolution (stride 1, no padding or dilation, one group; SD1.5's ``proj_in`` / ``proj_out``)
+is a Linear over the channel dimension: W0 is ``weight.view(out, in)``, its delta runs over dim 1
+of an (N, C, H, W) input, and merging writes ``W.view(out, in, 1, 1)``. Every method works on it
+unchanged because every method only ever sees the (out, in) matrix.
 
 One source of truth for merging: ``merged`` lists the adapters folded into the live weight.
 While it is non-empty the pristine W0 is kept as a backup; the live weight is always
@@ -26,6 +31,13 @@ from studio.errors import StudioError
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's transformers.Conv1D: a Linear whose weight is stored (in, out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_conv1x1(module: nn.Module) -> bool:
+    """A Conv2d that is a Linear over channels: 1x1 kernel, stride 1, no padding / dilation, one group."""
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and tuple(module.stride) == (1, 1)
+            and module.padding in ((0, 0), "valid", "same") and tuple(module.dilation) == (1, 1)
+            and module.groups == 1)
 
 
 class Adapter(nn.Module):
@@ -72,15 +84,20 @@ class AdaptedLinear(nn.Module):
         self._w0: torch.Tensor | None = None
         self._stack_key = None
         self._stack = None
+        self.transposed = is_conv1d(base)   # weight stored (in, out)
+        self.conv = is_conv1x1(base)        # weight stored (out, in, 1, 1), channels on dim 1
+        if not (self.transposed or self.conv or isinstance(base, nn.Linear)):
+            raise StudioError(
+                f"module '{path}' is a {type(base).__name__}{_conv_shape(base)}: only Linear layers and 1x1 "
+                f"convolutions (stride 1, no padding) can be adapted; 3x3 / strided convolutions (LoCon) are "
+                f"not supported")
 
     # -- the base weight, always as (out, in) ---------------------------------------------
     @property
-    def transposed(self) -> bool:
-        return is_conv1d(self.base)
-
-    @property
     def pristine_weight(self) -> torch.Tensor:
         W = self._w0 if self._w0 is not None else self.base.weight.detach()
+        if self.conv:
+            return W.view(W.shape[0], W.shape[1])
         return W.T if self.transposed else W
 
     @property
@@ -100,6 +117,8 @@ class AdaptedLinear(nn.Module):
         live = self.live_adapters()
         if not live:
             return y
+        if self.conv:
+            return self._conv_forward(x, y, live)
         if len(live) == 1:  # the training path: no stacking, no extra pass over the output
             delta = live[0].forward(x if x.dtype == torch.float32 else x.float(), live[0].weight)
             return y.add_(delta) if delta.dtype == y.dtype else y + delta.to(y.dtype)
@@ -110,6 +129,22 @@ class AdaptedLinear(nn.Module):
             y.view(-1, y.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up.T)
             return y
         return y + F.linear(hidden, up).to(y.dtype)
+
+    def _conv_forward(self, x: torch.Tensor, y: torch.Tensor, live: list[Adapter]) -> torch.Tensor:
+        """The delta of a 1x1 conv as two 1x1 convolutions with the (stacked) factors as kernels.
+
+        Why not move the channels last and reuse the Linear path: on an (N, C, H, W) input that
+        permute makes F.linear copy the activations, and the result is strided; two 1x1 convs run
+        on NCHW as they are. Measured on one core, SD1.5 proj_in at 512 px (C 320, 64x64, r 8):
+        forward ~3x faster, forward + backward ~2x faster (benchmarks/adapter_overhead.py conv1x1).
+        The factors (down, up) carry every scale, so one path serves every method.
+        """
+        down, up = self._stacked(live)
+        if len(live) == 1 and live[0].training and getattr(live[0].cfg, "dropout", 0.0) > 0:
+            x = F.dropout(x, live[0].cfg.dropout, training=True)  # elementwise: the layout does not matter
+        hidden = F.conv2d(x.to(down.dtype), down[:, :, None, None])       # (N, R, H, W)
+        delta = F.conv2d(hidden, up[:, :, None, None])                     # (N, out, H, W)
+        return y.add_(delta) if delta.dtype == y.dtype else y + delta.to(y.dtype)
 
     def _stacked(self, live: list[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenate the factors of all live adapters; cache while nothing changed."""
@@ -165,8 +200,15 @@ class AdaptedLinear(nn.Module):
         if self._w0 is None:
             self._w0 = self.base.weight.detach().clone()
         with torch.no_grad():
-            self.base.weight.copy_(out.T if self.transposed else out)
+            self.base.weight.copy_(out.view_as(self.base.weight) if self.conv else out.T if self.transposed else out)
         self.merged = list(names)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, merged={self.merged}"
+
+
+def _conv_shape(module: nn.Module) -> str:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return (f" (kernel {tuple(module.kernel_size)}, stride {tuple(module.stride)}, padding {module.padding}, "
+                f"groups {module.groups})")
+    return ""

@@ -2,7 +2,9 @@
 
 Targets are given as a preset name, a regular expression, an exact module name, or a list of
 those. An entry matches module ``n`` when ``n == entry``, ``n`` ends with ``"." + entry``, or
-``re.fullmatch(entry, n)`` succeeds. Only ``nn.Linear`` and GPT-2's ``Conv1D`` are adaptable.
+``re.fullmatch(entry, n)`` succeeds. ``nn.Linear``, GPT-2's ``Conv1D`` and 1x1 ``nn.Conv2d``
+(stride 1, no padding; SD1.5's ``proj_in`` / ``proj_out``) are adaptable. Other convolutions
+are skipped by presets and regexes, and refused when an entry names one explicitly.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from types import ModuleType
 import torch.nn as nn
 
 from studio.adapters.common import check_shapes
-from studio.adapters.layer import AdaptedLinear, Adapter, is_conv1d
+from studio.adapters.layer import AdaptedLinear, Adapter, is_conv1d, is_conv1x1
 from studio.errors import StudioError
 
 PRESETS: dict[str, str] = {
@@ -29,7 +31,19 @@ PRESETS: dict[str, str] = {
 
 
 def _is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, AdaptedLinear)) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, AdaptedLinear)) or is_conv1d(module) or is_conv1x1(module)
+
+
+def _named_explicitly(entry: str, name: str) -> bool:
+    return entry not in PRESETS and (name == entry or name.endswith("." + entry))
+
+
+def _refuse_conv(name: str, module: nn.Module) -> None:
+    raise StudioError(
+        f"module '{name}' is a {type(module).__name__} with kernel {tuple(module.kernel_size)}, stride "
+        f"{tuple(module.stride)}, padding {module.padding}, groups {module.groups}: only Linear layers and 1x1 "
+        f"convolutions (stride 1, no padding, one group) can be adapted; LoCon-style 3x3 / strided convolutions "
+        f"are not supported: target Linear or 1x1 layers (e.g. 'unet-attn', 'proj_in')")
 
 
 def _entry_matches(entry: str, name: str) -> bool:
@@ -63,9 +77,11 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.Mod
             inside_wrapper.add(name)
         if _is_adaptable(module) and any(_entry_matches(e, name) for e in entries):
             found[name] = module
+        elif isinstance(module, nn.modules.conv._ConvNd) and any(_named_explicitly(e, name) for e in entries):
+            _refuse_conv(name, module)
     if not found:
         raise StudioError(
-            f"targets {entries} match no Linear layer of {type(model).__name__}: use a preset "
+            f"targets {entries} match no Linear layer or 1x1 convolution of {type(model).__name__}: use a preset "
             f"({', '.join(PRESETS)}), a module name, or a regex over names such as "
             f"'{next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), 'none')}'")
     return found
@@ -133,7 +149,7 @@ def _saved_targets(model: nn.Module, saved: dict[str, dict]) -> dict[str, nn.Mod
         if module is None or not _is_adaptable(module):
             raise StudioError(
                 f"the adapter targets module '{path}', which {type(model).__name__} does not have as a "
-                f"Linear layer: the adapter was trained for another base model")
+                f"Linear (or 1x1 convolution) layer: the adapter was trained for another base model")
         layers[path] = module
     return layers
 
