@@ -58,9 +58,11 @@ class Basis(NamedTuple):
 _SVD_CACHE: dict[tuple[bytes, str], Basis] = {}
 
 
-def cached_svd(W0: torch.Tensor) -> Basis:
-    """Thin SVD of W0 in fp32, computed once per distinct weight (and device)."""
-    h = weight_hash(W0)
+def cached_svd(W0: torch.Tensor, h: bytes | None = None) -> Basis:
+    """Thin SVD of W0 in fp32, computed once per distinct weight (and device).
+
+    ``h`` is W0's ``weight_hash`` when the caller has it already (hashing is the cost of a hit)."""
+    h = h if h is not None else weight_hash(W0)
     key = (h, str(W0.device))
     if key not in _SVD_CACHE:
         U, S, Vh = torch.linalg.svd(W0.detach().float(), full_matrices=False)

@@ -45,12 +45,13 @@ def init(cfg: Config, W0: torch.Tensor, module: str = "", generator: torch.Gener
 
 def from_saved(cfg: Config, W0: torch.Tensor, tensors: dict, module: str = "") -> dict:
     """Rebuild the state from saved (z, basis_hash), refusing a base with a different weight."""
-    if tensor_to_hash(tensors["basis_hash"]) != weight_hash(W0):
+    h = weight_hash(W0)
+    if tensor_to_hash(tensors["basis_hash"]) != h:
         raise StudioError(
             f"SVF adapter was trained on a different base weight for module '{module}' (basis hash "
             f"mismatch): load it on the exact base checkpoint it was trained on, or export it as a "
             f"plain LoRA first")
-    U, S, Vh, h = cached_svd(W0)
+    U, S, Vh, h = cached_svd(W0, h)
     return {"z": tensors["z"].float(), "basis_hash": hash_to_tensor(h), "U": U, "S": S, "Vh": Vh}
 
 
