@@ -36,7 +36,7 @@ def weight_hash(W: torch.Tensor) -> bytes:
     """SHA-256 of the fp32 bytes and shape of a weight (device and dtype independent)."""
     data = W.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.sha256(str(tuple(data.shape)).encode())
-    digest.update(data.numpy().tobytes())
+    digest.update(data.numpy())  # the buffer itself, no copy
     return digest.digest()
 
 
