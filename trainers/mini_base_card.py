@@ -111,6 +111,16 @@ Seeds 1000.. for the grid, two rows of the same eight prompts.
 - Total CPU time: {cpu_total / 60:.0f} min (VAE {vae.get("cpu_seconds", 0) / 60:.0f} min, diffusion
   {diff.get("cpu_seconds", 0) / 60:.0f} min), one torch thread.
 
+## Known limits
+
+- The VAE was trained on the shapes world only and cannot draw what is outside it: grey comes
+  back orange-ish and 6-pixel stripes come back as a flat fill (outlines survive partly). The
+  UNet/text-encoder adapters of the studio cannot change the VAE, so a stripes or kbot adapter
+  on this base cannot reach its detector until the VAE is retrained wider/longer
+  (`MiniBaseConfig.vae_wild` mixes in `studio.shapes.wild` images; 14 minutes of that was not
+  enough) -- and a new VAE means retraining the UNet (about 20 minutes to these scores).
+- Edges are soft and backgrounds show faint ringing near the shape (VAE blur).
+
 Continue training: `studio make-base sample_data/mini-sd --resume --minutes 60`. The exact
 optimizer state is kept beside the folder in `mini-sd-train-state/` (not shipped); without it
 training resumes from these EMA weights with a fresh optimizer and a short warmup.
