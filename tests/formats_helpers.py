@@ -7,6 +7,7 @@ import copy
 import torch
 
 import studio.adapters as A
+from studio.adapters.layer import is_conv1x1
 from studio.formats.names import canonical_te_path
 
 TARGETS = {"unet": "unet-attn", "te": "te-attn", "te1": "te-attn", "te2": "te-attn", "lm": "lm-attn"}
@@ -48,11 +49,12 @@ def assert_deltas_close(got: dict, want: dict, rtol: float = 1e-5) -> None:
 
 
 def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Live weights of every Linear, by canonical path (AdaptedLinear wrappers see through)."""
+    """Live (out, in) weights of every Linear and 1x1 convolution, by canonical path (AdaptedLinear
+    and PEFT wrappers see through)."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) or is_conv1x1(module):
             path = name[:-len(".base")] if name.endswith(".base") else name
             path = path[:-len(".base_layer")] if path.endswith(".base_layer") else path
-            out[canonical_te_path(path)] = module.weight.detach().clone()
+            out[canonical_te_path(path)] = module.weight.detach().flatten(1).clone()
     return out

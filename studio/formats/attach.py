@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from studio.adapters import METHODS, adapter_config, adapter_names, adapter_state_dict, detach, load_adapter, make_config, set_weight
-from studio.adapters.layer import AdaptedLinear, is_conv1d
+from studio.adapters.layer import AdaptedLinear, is_conv1d, is_conv1x1
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, Part, guess_family, model_family, normalise_models
 from studio.formats.names import FAMILY_NAMES, TEXT_ENCODERS, canonical_te_path, resolve_path
@@ -32,6 +32,8 @@ def _shape(module: nn.Module) -> tuple[int, int] | None:
         return module.out_features, module.in_features
     if is_conv1d(module):
         return module.weight.shape[1], module.weight.shape[0]
+    if is_conv1x1(module):  # SD1.5 proj_in / proj_out: a Linear over the channels
+        return module.out_channels, module.in_channels
     return None
 
 
@@ -67,7 +69,7 @@ def _resolve(af: AdapterFile, models: dict[str, nn.Module], where: str) -> dict[
             shape = _shape(model.get_submodule(name)) if name is not None else None
             if shape is None:
                 raise StudioError(f"{where} does not fit this base ({base}): it adapts '{component}.{path}', which "
-                                  f"is not a Linear layer there; the file seems made for {made_for}")
+                                  f"is not a Linear layer (or 1x1 convolution) there; the file seems made for {made_for}")
             expected = METHODS[part.method].expected_shapes(cfg, *shape)
             for key, want in expected.items():
                 got = tuple(tensors[key].shape) if key in tensors else None

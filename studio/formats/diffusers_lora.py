@@ -138,7 +138,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
         scales = _scales(sub, paths, where) if sub else {}
         for path in paths:
             d = found[(component, path)]
-            check_pair(where, f"{component}.{path}", d["down"], d["up"])
+            d["down"], d["up"] = check_pair(where, f"{component}.{path}", d["down"], d["up"])
             r = d["down"].shape[0]
             if path in scales:
                 alpha, r_config, rslora = scales[path]

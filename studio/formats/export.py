@@ -17,7 +17,7 @@ import torch.nn as nn
 from studio.errors import StudioError
 from studio.formats import diffusers_lora, files, kohya, native
 from studio.formats.adapter_file import AdapterFile, normalise_models
-from studio.formats.lowrank import DTYPES, Factors, Policy, pack, summarise, to_lowrank
+from studio.formats.lowrank import DTYPES, Factors, Policy, conv_kernels, pack, summarise, to_lowrank
 from studio.formats.metadata import export_metadata
 
 FORMATS = ("kohya", "diffusers", "native", "peft")
@@ -48,7 +48,8 @@ def plain_lora(af: AdapterFile, policy: Policy, models: dict[str, nn.Module] | N
 def save(af: AdapterFile, path: str | os.PathLike, format: str = "native", *, rank: int | None = None,
          energy: float | None = None, dtype: str | None = None, models: dict[str, nn.Module] | None = None,
          unet_layout: str | None = None, overwrite: bool = False) -> ExportReport:
-    """Write ``af`` to ``path``. ``models`` (the base) is needed only to turn SVF into a plain LoRA."""
+    """Write ``af`` to ``path``. ``models`` (the base) is needed to turn SVF into a plain LoRA; when given, it
+    also decides which modules are 1x1 convolutions (stored 4-D), else SD1.x proj_in / proj_out are."""
     if format == "peft":
         # hook for the language-model path (issue 7): PEFT adapter_model.safetensors + adapter_config.json
         raise StudioError("--format peft (language-model adapters for PEFT) is not implemented yet: "
@@ -83,7 +84,8 @@ def save(af: AdapterFile, path: str | os.PathLike, format: str = "native", *, ra
         raise StudioError(f"unknown UNet layout {layout!r}: choose sgm or diffusers")
     policy = Policy(rank, energy)
     factors, summary = plain_lora(af, policy, models)
-    packed = pack(factors, DTYPES[dtype])
+    # 1x1 convs (SD1.5 proj_in / proj_out) as 4-D kernels: from the models when given, else by family
+    packed = conv_kernels(pack(factors, DTYPES[dtype]), af.base, normalise_models(models or {}))
     if format == "kohya":
         tensors, extra = kohya.to_tensors(packed, layout), {}
     else:

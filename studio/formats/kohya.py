@@ -79,7 +79,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
         else:
             path = canonical_te_path(path)
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        check_pair(where, name, down, up)
+        down, up = check_pair(where, name, down, up)
         r = down.shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else 0.0
         alpha = alpha if alpha != 0.0 else float(r)

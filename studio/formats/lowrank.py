@@ -11,6 +11,8 @@ Storage (``pack``): one alpha for the whole file (r when every module has rank r
 rank), every other scale folded into the factors: stored = sqrt(r_N / alpha) * balanced factor,
 so that (alpha / r_N) up @ down = dW. Half precision shifts all factors by one power of two (and
 alpha by its square) when that avoids overflow and underflow, and refuses when nothing does.
+Factors of 1x1 convolutions are stored 4-D, (r, in, 1, 1) / (out, r, 1, 1), as kohya and PEFT
+write them (``conv_kernels``); every loader shapes its LoRA layers from the stored tensors.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import torch
 import torch.nn as nn
 
 from studio.adapters import METHODS, make_config, mix
-from studio.adapters.layer import AdaptedLinear, is_conv1d
+from studio.adapters.layer import AdaptedLinear, is_conv1d, is_conv1x1
 from studio.errors import StudioError
 from studio.formats.adapter_file import Part
 from studio.formats.names import resolve_path
+from studio.formats.refuse import refuse_conv_kernel
 
 ZERO = 1e-6  # singular values below ZERO * sigma_max are fp32 round-off of an exact zero
 
@@ -62,7 +65,9 @@ def base_weight(model: nn.Module, path: str) -> torch.Tensor:
         return module.weight.detach()
     if module is not None and is_conv1d(module):
         return module.weight.detach().T
-    raise StudioError(f"the base model has no Linear layer '{path}' for this SVF adapter: "
+    if module is not None and is_conv1x1(module):
+        return module.weight.detach().flatten(1)  # (out, in, 1, 1) -> (out, in), as AdaptedLinear sees it
+    raise StudioError(f"the base model has no Linear layer (or 1x1 convolution) '{path}' for this SVF adapter: "
                       f"give the base it was trained on")
 
 
@@ -221,6 +226,32 @@ def _fit(peaks: list[float], dtype: torch.dtype) -> tuple[int, list[str]]:
                    f"the delta is unchanged"]
 
 
+# SD1.x UNets (use_linear_projection False, diffusers' default, also the embedded mini base) have
+# 1x1-conv proj_in / proj_out; SDXL's are Linear. ResNet conv_shortcut is a 1x1 conv everywhere.
+_CONV_UNLESS_SDXL = ("proj_in", "proj_out")
+_CONV_ALWAYS = ("conv_shortcut",)
+
+
+def is_conv(component: str, path: str, family: str, model: nn.Module | None = None) -> bool:
+    """Whether module ``path`` is a 1x1 convolution: asked of the model when given, else by family rule."""
+    name = resolve_path(model, path) if model is not None else None
+    if name is not None:
+        module = model.get_submodule(name)
+        return module.conv if isinstance(module, AdaptedLinear) else is_conv1x1(module)
+    if component != "unet":
+        return False
+    leaf = path.rpartition(".")[2]
+    return leaf in _CONV_ALWAYS or (leaf in _CONV_UNLESS_SDXL and family != "sdxl")
+
+
+def conv_kernels(packed: Packed, family: str, models: dict[str, nn.Module] | None = None) -> Packed:
+    """``packed`` with the factors of 1x1-conv modules viewed as (r, in, 1, 1) / (out, r, 1, 1)."""
+    models = models or {}
+    modules = {c: {p: (d[:, :, None, None], u[:, :, None, None]) if is_conv(c, p, family, models.get(c)) else (d, u)
+                   for p, (d, u) in mods.items()} for c, mods in packed.modules.items()}
+    return packed._replace(modules=modules)
+
+
 # -- plain LoRA parts from stored factors (imports) ------------------------------------------
 def lora_part(modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> Part:
     """{path: (down, up, alpha)} with dW = (alpha / r) up @ down -> a core LoRA part.
@@ -250,12 +281,12 @@ def lora_part(modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> P
     return Part("lora", {"rank": R, "alpha": float(R), "rslora": False, "dropout": 0.0}, tensors)
 
 
-def check_pair(where: str, name: str, down: torch.Tensor, up: torch.Tensor) -> None:
-    if down.dim() != 2 or up.dim() != 2:
-        raise StudioError(
-            f"{where}: module '{name}' adapts a convolution (factors of shape {tuple(down.shape)}, e.g. SD1.5 "
-            f"proj_in / proj_out or LoCon): the studio adapts Linear layers only; use a LoRA trained on "
-            f"attention / Linear layers")
+def check_pair(where: str, name: str, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canonical (r, in) / (out, r) factors of a stored pair; 1x1-conv kernels are squeezed away."""
+    refuse_conv_kernel(where, name, down, up)
+    if down.dim() == 4:
+        down, up = down.flatten(1), up.flatten(1)  # (r, in, 1, 1) -> (r, in); (out, r, 1, 1) -> (out, r)
     if down.shape[0] != up.shape[1]:
         raise StudioError(f"{where}: module '{name}' has lora_down rank {down.shape[0]} but lora_up rank "
                           f"{up.shape[1]}: the file is damaged")
+    return down, up
