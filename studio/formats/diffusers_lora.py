@@ -7,6 +7,7 @@ ComfyUI do not load its UNet part for SD1.5 / SDXL, so ``--format kohya`` stays 
             ("unet.r", "unet.lora_alpha", "unet.rank_pattern", "unet.target_modules", ...)
 
     dW = (lora_alpha / r) lora_B @ lora_A    (alpha / sqrt(r) with use_rslora; per-module patterns)
+    1x1 convolutions (SD1.5 proj_in / proj_out): lora_A (r, in, 1, 1), lora_B (out, r, 1, 1), as PEFT
     no metadata and no alphas: scale 1 (diffusers' convention)
 
 Reading also accepts the older diffusers layouts: ``.lora.down/.lora.up.weight`` (UNet),

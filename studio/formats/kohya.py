@@ -7,6 +7,10 @@ Per adapted Linear ``N`` (``lora_unet_...``, ``lora_te_...``, SDXL ``lora_te1_``
 
     dW_N = (alpha / r_N) * lora_up @ lora_down        alpha missing or 0 means alpha = r_N
 
+A 1x1 convolution (SD1.5's ``proj_in`` / ``proj_out``) stores ``lora_down (r_N, in, 1, 1)`` and
+``lora_up (out, r_N, 1, 1)``; reading squeezes the kernel dims, writing restores them for the
+modules ``lowrank.conv_kernels`` marks. Larger kernels (LoCon) are refused.
+
 Writing uses one alpha for the file (``lowrank.pack``) and, on SDXL, SGM UNet names by default
 (one layout per file, never mixed). Reading accepts SD1.5 and SDXL in both UNet layouts and turns
 the file into plain-LoRA parts (A = lora_down, B = lora_up, alpha -> the LoRA config's alpha).
