@@ -8,10 +8,11 @@ import torch
 from safetensors.torch import save_file
 
 import studio.formats as F
-from builders import tiny_clip, tiny_unet
+from builders import tiny_clip, tiny_pipeline, tiny_sdxl_text_encoders, tiny_sdxl_unet, tiny_unet
 from formats_helpers import copies, train
 from studio.cli import main
 from studio.formats.commands import parse_spec
+from studio.shapes.tokenizer import load_tokenizer, write_tokenizer
 
 LORA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
@@ -126,19 +127,61 @@ def test_bake_exact_and_at_a_rank(adapters, sd, tmp_path, capsys):
     assert F.read(tmp_path / "mix1.safetensors").source["ranks"]["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == 1
 
 
-def test_svf_export_needs_and_uses_the_base_folder(sd, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def base_folder(sd, tmp_path_factory):
+    """``sd`` saved as a complete diffusers pipeline folder (what studio.models.load_diffusion_base reads)."""
+    folder = tmp_path_factory.mktemp("base")
+    pipe = tiny_pipeline(sd["unet"], sd["te"])
+    pipe.tokenizer = load_tokenizer(write_tokenizer(folder / "tok", 16))
+    pipe.register_modules(tokenizer=pipe.tokenizer)
+    pipe.save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+def test_svf_export_needs_and_uses_the_base_folder(sd, base_folder, tmp_path, capsys):
     models = train(copies(sd), "svf")
     F.save(F.from_models(models, "a"), tmp_path / "svf.safetensors")
     code, _, err = run(capsys, "export", tmp_path / "svf.safetensors", "-o", tmp_path / "k.safetensors")
     assert code == 2
     assert_one_error_line(err, "--base")
-    base = tmp_path / "base"
-    sd["unet"].save_pretrained(base / "unet")
-    sd["te"].save_pretrained(base / "text_encoder")
-    code, stdout, _ = run(capsys, "export", tmp_path / "svf.safetensors", "--base", base, "--rank", "3",
+    code, stdout, _ = run(capsys, "export", tmp_path / "svf.safetensors", "--base", base_folder, "--rank", "3",
                           "-o", tmp_path / "k.safetensors")
     assert code == 0 and "rank 3" in stdout and "lowest per module:" in stdout
     assert 0 < float(F.read(tmp_path / "k.safetensors").source["header"]["studio.energy_retained_total"]) < 1
+    # bake too loads the base through studio.models
+    code, stdout, _ = run(capsys, "bake", f"{tmp_path / 'svf.safetensors'}:0.5", "--base", base_folder,
+                          "-o", tmp_path / "baked.safetensors")
+    assert code == 0 and "baked 1 adapters (exact)" in stdout
+
+
+def test_base_errors_are_one_line(sd, base_folder, tmp_path, capsys):
+    models = train(copies(sd), "svf")
+    F.save(F.from_models(models, "a"), tmp_path / "svf.safetensors")
+    partial = tmp_path / "partial"  # unet/ and text_encoder/ only: not a pipeline folder
+    sd["unet"].save_pretrained(partial / "unet")
+    sd["te"].save_pretrained(partial / "text_encoder")
+    for base, needle in ((partial, "model_index.json"), (tmp_path / "nowhere", "does not exist")):
+        code, _, err = run(capsys, "export", tmp_path / "svf.safetensors", "--base", base, "-o", tmp_path / "k.safetensors")
+        assert code == 2
+        assert_one_error_line(err, needle)
+    # an SDXL adapter on an SD1.5-shaped base
+    te1, te2 = tiny_sdxl_text_encoders()
+    xl = train({"unet": tiny_sdxl_unet(), "te1": te1, "te2": te2}, "lora")
+    F.save(F.from_models(xl, "a"), tmp_path / "xl.safetensors")
+    code, _, err = run(capsys, "export", tmp_path / "xl.safetensors", "--base", base_folder, "-o", tmp_path / "x.safetensors")
+    assert code == 2
+    assert_one_error_line(err, "adapts te1, te2", "give the base the adapter was trained on")
+
+
+def test_export_with_a_base_asks_it_which_modules_are_convs(sd, base_folder, tmp_path, capsys):
+    from safetensors import safe_open
+
+    models = train(copies(sd), "lora", targets={"unet": ["unet-attn", "proj_in", "proj_out"], "te": "te-attn"})
+    F.save(F.from_models(models, "a"), tmp_path / "proj.safetensors")
+    code, _, err = run(capsys, "export", tmp_path / "proj.safetensors", "--base", base_folder, "-o", tmp_path / "k.safetensors")
+    assert code == 0 and err == ""
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        assert f.get_slice("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight").get_shape() == [2, 32, 1, 1]
 
 
 def test_bake_spec_parsing():

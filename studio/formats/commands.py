@@ -1,5 +1,8 @@
 """The ``studio export``, ``studio inspect`` and ``studio bake`` subcommands (registered in cli.py).
 
+This is CLI glue at cli.py's layer, kept beside the formats: it alone in studio/formats may import
+``studio.models`` (to load ``--base``), which the layering test allows for this module only.
+
 Each ``*_arguments`` fills an argparse parser; each ``*_run`` takes the parsed namespace, prints
 what happened and returns the exit code. Errors are StudioErrors (cli.py prints ``error: ...``
 and exits 2). Heavy imports stay inside the run functions.
@@ -11,39 +14,47 @@ import argparse
 from pathlib import Path
 
 from studio.errors import StudioError
+from studio.formats.names import FAMILY_NAMES
 
 FORMAT_CHOICES = ("kohya", "diffusers", "native", "peft")
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 
 
 # -- shared ------------------------------------------------------------------------------------
-def _load_base(folder: str, components: list[str]) -> dict:
-    """Base models for SVF conversion: a diffusers pipeline folder or a transformers LM folder.
+def _load_base(base: str, components: list[str]) -> dict:
+    """The base models an adapter needs (SVF conversion, 1x1-conv detection), as {component: model}.
 
-    (A stop-gap until ``studio.models`` loads every kind of base; only the components the adapter
-    needs are loaded.)
+    Stable Diffusion bases go through ``studio.models.load_diffusion_base`` (diffusers folder, single-file
+    ``.safetensors`` checkpoint or hub id); language-model adapters load a transformers causal-LM folder.
     """
-    path = Path(folder)
-    if not path.is_dir():
-        raise StudioError(f"{folder}: --base must be a diffusers pipeline folder (unet/, text_encoder/) or a "
-                          f"transformers model folder")
+    if "lm" in components:
+        return {"lm": _load_lm(base)}
+    from studio.models import load_diffusion_base
+
     try:
-        if (path / "unet").is_dir():
-            from diffusers import UNet2DConditionModel
-            from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        loaded = load_diffusion_base(base)
+    except ValueError as err:  # diffusers' word for a folder missing pipeline components
+        raise StudioError(f"{base}: cannot load the base model ({str(err).splitlines()[0]}): give the complete "
+                          f"diffusers pipeline folder (or .safetensors checkpoint) the adapter was trained on") from None
+    models = loaded.components
+    missing = [c for c in components if c not in models]
+    if missing:
+        raise StudioError(f"{base} is an {FAMILY_NAMES[loaded.family]} base ({', '.join(models)}) but the adapter "
+                          f"adapts {', '.join(missing)}: give the base the adapter was trained on")
+    return models
 
-            loaders = {"unet": lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-                       "te": lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-                       "te1": lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-                       "te2": lambda: CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")}
-            return {c: loaders[c]() for c in components if c in loaders}
-        if (path / "config.json").exists():
-            from transformers import AutoModelForCausalLM
 
-            return {"lm": AutoModelForCausalLM.from_pretrained(path)}
+def _load_lm(folder: str):
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise StudioError(f"{folder}: a language-model adapter needs --base to be a transformers model folder "
+                          f"(with config.json)")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise StudioError(f"{folder}: cannot load the base model ({err}): give the folder the adapter was trained on") from None
-    raise StudioError(f"{folder} is neither a diffusers pipeline folder nor a transformers model folder")
 
 
 def _policy_arguments(p: argparse.ArgumentParser, exact_flag: bool) -> None:
@@ -62,7 +73,9 @@ def _output_arguments(p: argparse.ArgumentParser, default_format: str) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="tensor dtype (default fp16; native is always fp32)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors file")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--base", help="base model folder; needed only to convert SVF adapters")
+    p.add_argument("--base", help="base model (diffusers folder, .safetensors checkpoint or hub id; a transformers "
+                                  "folder for LM adapters): needed to convert SVF adapters; when given it also "
+                                  "decides which modules are 1x1 convolutions")
     p.add_argument("--unet-layout", choices=("sgm", "diffusers"),
                    help="SDXL kohya UNet names: sgm (input_blocks..., default) or diffusers (down_blocks...)")
 
@@ -83,14 +96,17 @@ def _print_report(report, say=print) -> None:
 
 
 def _models_for(args, files_) -> dict | None:
-    needs_base = any(p.method == "svf" for af in files_ for p in af.parts.values())
-    if not needs_base or args.format == "native":
+    """The base for a kohya / diffusers write: needed for SVF; when given, it also tells which modules
+    are 1x1 convolutions (else the family rule decides, see ``lowrank.conv_kernels``)."""
+    if args.format == "native":
         return None
-    if not args.base:
+    needs_base = any(p.method == "svf" for af in files_ for p in af.parts.values())
+    if needs_base and not args.base:
         raise StudioError("SVF adapters become plain LoRAs on their base model's singular vectors: pass --base "
                           "FOLDER (the base the adapter was trained on), or export --format native")
-    components = sorted({c for af in files_ for c in af.parts})
-    return _load_base(args.base, components)
+    if not args.base:
+        return None
+    return _load_base(args.base, sorted({c for af in files_ for c in af.parts}))
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -164,16 +180,14 @@ def bake_run(args: argparse.Namespace) -> int:
     specs = [parse_spec(s) for s in args.adapters]
     inputs = [(read(path), weight, te_weight) for path, weight, te_weight in specs]
     needs_base = any(p.method == "svf" for af, _, _ in inputs for p in af.parts.values())
-    models = None
-    if needs_base:
-        if not args.base:
-            raise StudioError("baking SVF adapters needs their base model: pass --base FOLDER")
-        models = _load_base(args.base, sorted({c for af, _, _ in inputs for c in af.parts}))
+    if needs_base and not args.base:
+        raise StudioError("baking SVF adapters needs their base model: pass --base FOLDER")
+    models = _load_base(args.base, sorted({c for af, _, _ in inputs for c in af.parts})) if args.base else None
     baked, summary = bake(inputs, rank=args.rank, models=models)
     mode = f"rank {args.rank}" if args.rank else "exact"
     print(f"baked {len(inputs)} adapters ({mode}): retained energy {summary['energy']:.6f}, "
           f"Frobenius error {summary['error']:.4g} (relative {summary['relative_error']:.3g})")
-    report = save(baked, args.out, args.format, dtype=args.dtype, unet_layout=args.unet_layout,
+    report = save(baked, args.out, args.format, dtype=args.dtype, models=models, unet_layout=args.unet_layout,
                   overwrite=args.overwrite)
     _print_report(report)
     return 0
