@@ -78,11 +78,15 @@ def test_resume_after_sigkill_is_bit_identical(data, tmp_path):
 
 
 def _error(capsys, argv):
+    """Exit code 2, no traceback, exactly one `error:` line, and it is the last thing printed
+    (a failure during training follows the progress bar, which is not part of the error)."""
     capsys.readouterr()  # forget what earlier commands printed
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    errors = [line for line in err if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and err[-1] == errors[0], err
+    assert not any("Traceback" in line for line in err)
+    return errors[0]
 
 
 def test_bad_input_gives_one_error_line(data, tmp_path, capsys):
@@ -142,3 +146,15 @@ def test_two_processes_match_one_process_with_twice_the_batch(data, tmp_path):
     change = max((a[k] - 1).abs().max().item() for k in zs)
     difference = max((a[k] - b[k]).abs().max().item() for k in zs)
     assert change > 1e-3 and difference < 1e-3 * change, (change, difference)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    message = _error(capsys, ["train", *_args(data, out, tmp_path / "cache"), "--steps", "6", "--save-every", "1",
+                              "--unet-lr", "1e30", "--set", "max_grad_norm=0"])
+    assert "the loss became" in message and "last good checkpoint is" in message and "--unet-lr" in message
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept and not (out / "stripes.safetensors").exists()
+    from safetensors.torch import load_file as load
+    tensors = load(str(out / "checkpoints" / kept[-1] / "adapter.safetensors"))
+    assert all(torch.isfinite(t).all() for t in tensors.values())

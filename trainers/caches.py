@@ -58,15 +58,26 @@ class TensorCache:
         self.folder = folder
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
 
-    def get(self, key: str, compute) -> dict[str, torch.Tensor]:
-        if key in self.memory:
-            return self.memory[key]
-        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-        path = self.folder / f"{digest}.safetensors" if self.folder else None
-        value = _load(path) if path else None
-        if value is None:
-            value = {k: v.detach().cpu() for k, v in compute().items()}
-            if path:
-                _save(path, value)
+    def _path(self, key: str) -> Path | None:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors" if self.folder else None
+
+    def lookup(self, key: str) -> dict[str, torch.Tensor] | None:
+        if key not in self.memory:
+            path = self._path(key)
+            value = _load(path) if path else None
+            if value is None:
+                return None
+            self.memory[key] = value
+        return self.memory[key]
+
+    def store(self, key: str, value: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        value = {k: v.detach().cpu().contiguous() for k, v in value.items()}
+        path = self._path(key)
+        if path:
+            _save(path, value)
         self.memory[key] = value
         return value
+
+    def get(self, key: str, compute) -> dict[str, torch.Tensor]:
+        found = self.lookup(key)
+        return found if found is not None else self.store(key, compute())

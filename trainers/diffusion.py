@@ -112,17 +112,20 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
                              if cfg.cache_text and not cfg.train_te else None)
     hashes = [data_images.file_hash(i.path) for i in items + reg_items] if cfg.cache_latents else []
 
-    def posterior(index: int, flip: bool) -> torch.Tensor:
-        def compute():
-            image = fitted[index][:, ::-1] if flip else fitted[index]
+    def posteriors(indices: list[int], flips: list[bool]) -> torch.Tensor:
+        """(G, 2C, h, w) VAE posterior mean and std; misses are encoded in one batch."""
+        keys = [f"{hashes[i]}/{buckets_of[i]}/{f}" if cfg.cache_latents else None for i, f in zip(indices, flips)]
+        found = [latent_cache.lookup(k) if k else None for k in keys]
+        missing = [j for j, entry in enumerate(found) if entry is None]
+        if missing:
+            images = [np.ascontiguousarray(fitted[indices[j]][:, ::-1] if flips[j] else fitted[indices[j]])
+                      for j in missing]
             with torch.no_grad():
-                dist = vae.encode(_pixels([np.ascontiguousarray(image)], device)).latent_dist
-            return {"mean": dist.mean[0], "std": dist.std[0]}
-        if not cfg.cache_latents:
-            return torch.cat(list(compute().values()))
-        key = f"{hashes[index]}/{buckets_of[index]}/{flip}"
-        entry = latent_cache.get(key, compute)
-        return torch.cat([entry["mean"], entry["std"]])
+                dist = vae.encode(_pixels(images, device)).latent_dist
+            for row, j in enumerate(missing):
+                entry = {"mean": dist.mean[row], "std": dist.std[row]}
+                found[j] = latent_cache.store(keys[j], entry) if keys[j] else entry
+        return torch.stack([torch.cat([e["mean"], e["std"]]) for e in found]).to(device)
 
     def encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if base.family == "sdxl":
@@ -153,7 +156,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
             captions.append(data_images.augment_caption(caption, rng, cfg.shuffle_captions, cfg.keep_tokens,
                                                         cfg.caption_dropout))
             flips.append(cfg.flip and rng.random() < 0.5)
-        stats = torch.stack([posterior(i, f) for i, f in zip(indices, flips)])  # (G, 2C, h, w)
+        stats = posteriors(indices, flips).cpu()  # (G, 2C, h, w)
         mean, std = stats.chunk(2, dim=1)
         latents = (mean + std * torch.randn(mean.shape, generator=g)) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
