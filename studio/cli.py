@@ -3,7 +3,8 @@
 Every subcommand is ``name -> (help, add_arguments, run)``. ``run`` receives the parsed
 arguments and returns an exit code. Heavy imports (torch, diffusers) happen inside ``run`` so
 ``studio --help`` answers instantly. A :class:`~studio.errors.StudioError` anywhere becomes
-one ``error: ...`` line on stderr and exit code 2 -- never a traceback.
+one ``error: ...`` line on stderr and exit code 2 -- never a traceback. A closed output pipe
+(``studio inspect X | head``) ends the command quietly with exit code 1.
 """
 
 from __future__ import annotations
@@ -108,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time notes about torchvision
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe surfaces here, not as a traceback at interpreter exit
+    except BrokenPipeError:
+        # the reader went away (`studio inspect X | head`): stop quietly. Python's recipe
+        # (docs.python.org/3/library/signal.html#note-on-sigpipe): point stdout at devnull so the
+        # final flush at exit does not raise again, and exit 1 as Python does on EPIPE.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured, replaced)
+            pass
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args._run(args)
