@@ -135,8 +135,9 @@ class AdaptedLinear(nn.Module):
 
         Why not move the channels last and reuse the Linear path: on an (N, C, H, W) input that
         permute makes F.linear copy the activations, and the result is strided; two 1x1 convs run
-        on NCHW as they are. Measured on one core, SD1.5 proj_in at 512 px (C 320, 64x64, r 8):
-        forward ~3x faster, forward + backward ~2x faster (benchmarks/adapter_overhead.py conv1x1).
+        on NCHW as they are. Measured on one shared core, SD1.5 proj_in at 512 px (C 320, 64x64,
+        r 8): forward 1.7-3x faster, forward + backward ~2x faster than the channels-last path
+        (benchmarks/adapter_overhead.py: BENCH conv1x1_forward_vs_channels_last 0.57).
         The factors (down, up) carry every scale, so one path serves every method.
         """
         down, up = self._stacked(live)
