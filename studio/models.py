@@ -95,6 +95,6 @@ def _from_pretrained(family: str, source: str, dtype: torch.dtype):
     extra = {} if family == "sdxl" else NO_SAFETY
     try:
         return cls.from_pretrained(source, dtype=dtype, **extra)
-    except OSError as err:
+    except (OSError, ValueError, TypeError) as err:  # missing files, or a folder missing pipeline parts
         raise StudioError(f"cannot load base {source}: {str(err).splitlines()[0]}: check the path, or download the "
                           f"model where the hub is reachable") from None
