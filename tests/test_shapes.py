@@ -88,12 +88,55 @@ def test_evaluator_rejects_garbage():
 
 
 @pytest.mark.parametrize("name", ["stripes", "outline", "kbot"])
-def test_detectors_find_their_sets_and_not_plain_shapes(name):
+def test_detectors_find_their_sets_and_not_plain_shapes_or_other_sets(name):
     images, captions = styles.sample_images(name, 11, 30)
     trigger = {**styles.STYLE_TRIGGERS, **styles.CHARACTER_TRIGGERS}[name]
     assert all(trigger in c.split() or f"{trigger}," in c for c in captions)
     assert styles.detection_rate(name, images) >= 0.9
     assert styles.detection_rate(name, styles.plain_images(12, 200)) <= 0.1
+    for other in styles.DETECTORS:
+        if other != name:
+            assert styles.detection_rate(other, images) <= 0.1, other
+
+
+def test_sample_sets_use_only_palette_colours():
+    palette = np.array(list(world.COLOURS.values()), np.float32)
+    for name in styles.DETECTORS:
+        images, _ = styles.sample_images(name, 5, 8)
+        px = np.concatenate([im.reshape(-1, 3) for im in images]).astype(np.float32)
+        dist = np.linalg.norm(px[:, None] - palette[None], axis=-1).min(1)
+        assert (dist < 1).mean() >= 0.85, name  # all but anti-aliased edges are exact palette colours
+
+
+@pytest.fixture(scope="module")
+def shipped_vae():
+    import torch
+    from diffusers import AutoencoderKL
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield AutoencoderKL.from_pretrained(str(ROOT / "sample_data" / "mini-sd" / "vae")).eval()
+    torch.set_num_threads(threads)
+
+
+def test_vae_round_trip_keeps_shapes(shipped_vae):
+    images, _, scenes = world.batch(3, 8)
+    back = styles.vae_round_trip(shipped_vae, images)
+    assert len(back) == 8 and back[0].shape == (64, 64, 3) and back[0].dtype == np.uint8
+    assert evaluate.score(back, [s.caption for s in scenes])["both_colours"] >= 0.75
+
+
+@pytest.mark.parametrize("name", ["stripes", "outline", "kbot"])
+def test_sample_sets_survive_the_mini_base_vae(name, shipped_vae):
+    """Adapters cannot change the VAE: what it cannot decode can never be learned."""
+    from trainers.sample_sets import SETS
+
+    seed = dict(SETS.values())[name]
+    images, _ = styles.sample_images(name, seed, 24)
+    back = styles.vae_round_trip(shipped_vae, images)
+    assert styles.detection_rate(name, back) >= 0.8
+    plain = styles.vae_round_trip(shipped_vae, styles.plain_images(12, 48))
+    assert styles.detection_rate(name, plain) <= 0.1
 
 
 def test_committed_sample_sets_match_the_script(tmp_path):

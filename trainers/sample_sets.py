@@ -8,7 +8,7 @@ ROOT/characters/kbot/   24 images, captions "a kbot robot on a green background"
 
 Each image is a 64x64 PNG with a same-name ``.txt`` caption that contains the trigger word.
 The pictures are drawn by :mod:`studio.shapes.styles`, whose detectors judge adapters trained
-on these sets.
+on these sets; ``benchmarks/sample_sets_vae.py`` checks that the mini base's VAE carries them.
 """
 
 from __future__ import annotations

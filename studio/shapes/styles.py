@@ -1,19 +1,28 @@
 """Things the mini base never draws -- two styles and one character -- and a detector for each.
 
-They exist so that adapters have something visible to learn, and so a test can prove they did:
+They exist so that adapters have something visible to learn, and so a test can prove they did.
+Everything is drawn in the six palette colours of the shapes world and coarse enough for the
+mini base's VAE (64x64 -> 16x16x4), which only reproduces the palette and structure of about
+4 px and up: adapters train the UNet / text encoder, so what the VAE cannot decode can never be
+learned. :func:`vae_round_trip` and ``benchmarks/sample_sets_vae.py`` measure that.
 
-- ``stripes`` (trigger ``zxq``): the shape filled with diagonal stripes of its colour and
-  white (black, then yellow, when white is taken), period 6 px.
-- ``outline`` (trigger ``qwo``): only a 3-pixel outline of the shape, the inside left empty.
-- character ``kbot``: a grey robot (head with two cyan eyes, antenna, body, arms) -- grey and
-  cyan are not in the palette of the base.
+- ``stripes`` (trigger ``zxq``): the shape filled with diagonal bands, ``BAND`` = 8 px wide, of
+  its colour and a contrasting palette colour (black in white / yellow shapes, else white, else
+  yellow) -- period 16 px along x + y. 3-6 px stripes came back from the VAE as flat fill.
+- ``outline`` (trigger ``qwo``): only a ``OUTLINE`` = 5 px outline of the shape, inside empty.
+- character ``kbot``: a palette robot with a fixed layout -- antenna with a ball, square head
+  with two black eyes, wider body with arms, two legs; white (yellow on white backgrounds).
 
-Detectors are plain measurements (no learning), with thresholds set halfway between the
-sample sets and clean shapes-world images:
+Detectors are plain measurements (no learning), with thresholds between the sample sets (and
+their VAE round trips) and clean shapes-world images (see ``benchmarks/sample_sets_vae.py``):
 
-- stripes: strong colour edges inside the figure per figure pixel (flat fill ~0, stripes ~0.6);
-- outline: the share of the figure's enclosed area that is background-coloured holes;
-- kbot: grey body pixels >= 5 % of the image and at least 3 cyan eye pixels.
+- stripes: amplitude (RGB units) of the period-16 wave along x + y inside the figure
+  (phase-free least-squares fit of cos and sin), flat fill ~0;
+- outline: the share of a 5x5 window at the centroid of the figure that has the background
+  colour (a filled shape has its own colour there; the VAE leaves gaps in outlines, so an
+  enclosed-hole test missed a quarter of the round trips);
+- kbot: two eyes -- separate, similar dark blobs enclosed by a lighter figure, side by side,
+  above the middle of the figure.
 """
 
 from __future__ import annotations
@@ -25,13 +34,18 @@ from studio.shapes.world import COLOURS, SIZE, Scene, blend, coverage, random_sc
 
 STYLE_TRIGGERS = {"stripes": "zxq", "outline": "qwo"}
 CHARACTER_TRIGGERS = {"kbot": "kbot"}
-GREY = (150, 150, 160)
-CYAN = (60, 220, 230)
+BAND = 8
+"""Stripe width in pixels (period 2 * BAND); 3-6 px stripes came back from the VAE as flat fill."""
+OUTLINE = 5.0
+"""Outline width: the inside is the shape shrunk by this many pixels of radius."""
+KBOT_UNIT = (2.6, 3.4)
+"""Range of kbot's layout unit in pixels (the robot is 14 units tall, 12 wide)."""
 
 
 def _second_colour(scene: Scene) -> tuple[int, int, int]:
-    name = next(c for c in ("white", "black", "yellow") if c not in (scene.colour, scene.background))
-    return COLOURS[name]
+    """The stripes' second colour: a palette colour of high contrast with the shape colour."""
+    order = ("black", "white", "yellow") if scene.colour in ("white", "yellow") else ("white", "yellow", "black")
+    return COLOURS[next(c for c in order if c not in (scene.colour, scene.background))]
 
 
 def render_style(scene: Scene, style: str) -> np.ndarray:
@@ -40,37 +54,46 @@ def render_style(scene: Scene, style: str) -> np.ndarray:
     cov = coverage(scene.shape, scene.cx, scene.cy, scene.radius)
     if style == "stripes":
         yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-        on = ((xx + yy) % 6) < 3
+        on = ((xx + yy) % (2 * BAND)) < BAND
         fill = np.where(on[..., None], np.asarray(fg, np.float32), np.asarray(_second_colour(scene), np.float32))
         img = np.asarray(bg, np.float32) + cov[..., None] * (fill - np.asarray(bg, np.float32))
         return np.clip(np.round(img), 0, 255).astype(np.uint8)
     if style == "outline":
-        inner = coverage(scene.shape, scene.cx, scene.cy, max(scene.radius - 4.0, 2.0))
+        inner = coverage(scene.shape, scene.cx, scene.cy, max(scene.radius - OUTLINE, 2.0))
         return blend(np.clip(cov - inner, 0, 1), fg, bg)
     raise StudioError(f"unknown style {style!r}; use one of {', '.join(STYLE_TRIGGERS)}")
+
+
+def kbot_colours(background: str) -> tuple[str, str, str]:
+    """(body, eyes, antenna ball) palette colour names of kbot on ``background``."""
+    body = "yellow" if background == "white" else "white"
+    ball = "yellow" if background == "red" else "red"
+    return body, "black", ball
 
 
 def render_kbot(rng: np.random.Generator, background: str) -> np.ndarray:
     """The kbot character at a random place and size on a flat background."""
     from PIL import Image, ImageDraw
 
+    body_name, eye_name, ball_name = kbot_colours(background)
+    body, eye, ball = COLOURS[body_name], COLOURS[eye_name], COLOURS[ball_name]
     s = 4  # draw at 4x, box-filter down, like the shapes
     img = Image.new("RGB", (SIZE * s, SIZE * s), COLOURS[background])
     d = ImageDraw.Draw(img)
-    u = float(rng.uniform(2.2, 3.2)) * s  # body unit in pixels (x4)
-    cx = float(rng.uniform(7 * u, SIZE * s - 7 * u))
-    top = float(rng.uniform(1.5 * u, SIZE * s - 14.5 * u))
-    d.line([(cx, top), (cx, top + 2 * u)], fill=GREY, width=int(u * 0.6))        # antenna
-    d.ellipse([cx - 0.8 * u, top - 0.8 * u, cx + 0.8 * u, top + 0.8 * u], fill=CYAN)
-    d.rectangle([cx - 3 * u, top + 2 * u, cx + 3 * u, top + 6 * u], fill=GREY)    # head
-    for ex in (cx - 1.5 * u, cx + 1.5 * u):                                          # eyes
-        d.rectangle([ex - 0.8 * u, top + 3.2 * u, ex + 0.8 * u, top + 4.6 * u], fill=CYAN)
-    d.rectangle([cx - 4 * u, top + 6.6 * u, cx + 4 * u, top + 12 * u], fill=GREY)  # body
-    d.rectangle([cx - 6 * u, top + 7 * u, cx - 4.6 * u, top + 11 * u], fill=GREY)  # arms
-    d.rectangle([cx + 4.6 * u, top + 7 * u, cx + 6 * u, top + 11 * u], fill=GREY)
-    d.rectangle([cx - 3 * u, top + 12 * u, cx - 1.2 * u, top + 14 * u], fill=GREY)  # legs
-    d.rectangle([cx + 1.2 * u, top + 12 * u, cx + 3 * u, top + 14 * u], fill=GREY)
+    u = float(rng.uniform(KBOT_UNIT[0], KBOT_UNIT[1])) * s  # layout unit in pixels (x4)
+    cx = float(rng.uniform(6.2 * u, SIZE * s - 6.2 * u))
+    top = float(rng.uniform(1.2 * u, SIZE * s - 14.2 * u))
+    d.rectangle([cx - 0.5 * u, top, cx + 0.5 * u, top + 2 * u], fill=body)           # antenna
+    d.ellipse([cx - 1.1 * u, top - 1.1 * u, cx + 1.1 * u, top + 1.1 * u], fill=ball)
+    d.rectangle([cx - 4 * u, top + 2 * u, cx + 4 * u, top + 7.5 * u], fill=body)     # head
+    for ex in (cx - 2 * u, cx + 2 * u):                                               # eyes
+        d.rectangle([ex - 0.9 * u, top + 3.7 * u, ex + 0.9 * u, top + 5.5 * u], fill=eye)
+    d.rectangle([cx - 3 * u, top + 7.5 * u, cx + 3 * u, top + 12 * u], fill=body)    # body
+    d.rectangle([cx - 6 * u, top + 9 * u, cx + 6 * u, top + 10.5 * u], fill=body)    # arms
+    d.rectangle([cx - 3 * u, top + 12 * u, cx - 1 * u, top + 14 * u], fill=body)     # legs
+    d.rectangle([cx + 1 * u, top + 12 * u, cx + 3 * u, top + 14 * u], fill=body)
     return np.asarray(img.resize((SIZE, SIZE), Image.BOX))
+
 
 
 def style_caption(scene: Scene, style: str) -> str:
@@ -89,8 +112,25 @@ def _background(a: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
+def _distance(a: np.ndarray, colour) -> np.ndarray:
+    return np.linalg.norm(a - np.asarray(colour, np.float32), axis=-1)
+
+
 def _figure(a: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(a - _background(a), axis=-1) > 80
+    return _distance(a, _background(a)) > 80
+
+
+def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    m = mask.copy()
+    for _ in range(steps):
+        n = m.copy()
+        n[1:] &= m[:-1]
+        n[:-1] &= m[1:]
+        n[:, 1:] &= m[:, :-1]
+        n[:, :-1] &= m[:, 1:]
+        n[0, :] = n[-1, :] = n[:, 0] = n[:, -1] = False
+        m = n
+    return m
 
 
 def _reachable_from_border(free: np.ndarray) -> np.ndarray:
@@ -109,39 +149,97 @@ def _reachable_from_border(free: np.ndarray) -> np.ndarray:
         reach = grown
 
 
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a boolean mask as arrays of (y, x) pixel coordinates."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    out = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        stack, blob = [(y0, x0)], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            blob.append((y, x))
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    stack.append((yy, xx))
+        out.append(np.asarray(blob))
+    return out
+
+
 def stripes_score(image) -> float:
+    """Amplitude (RGB units) of the period-2*BAND wave along x + y inside the figure; 0 when
+    that wave explains less than 15 % of the colour variance there (a kbot's eyes)."""
     a = np.asarray(image, np.float32)[..., :3]
-    fig = _figure(a)
-    if fig.sum() < 12:
+    inside = _erode(_figure(a), 2)
+    if inside.sum() < 30:
         return 0.0
-    dx = np.linalg.norm(a[:, 1:] - a[:, :-1], axis=-1) > 100
-    dy = np.linalg.norm(a[1:] - a[:-1], axis=-1) > 100
-    inside_x = dx & fig[:, 1:] & fig[:, :-1]
-    inside_y = dy & fig[1:] & fig[:-1]
-    return float(inside_x.sum() + inside_y.sum()) / float(fig.sum())
+    yy, xx = np.nonzero(inside)
+    phase = 2 * np.pi * (xx + yy) / (2 * BAND)
+    design = np.stack([np.ones_like(phase), np.cos(phase), np.sin(phase)], 1)
+    values = a[yy, xx]
+    coef, *_ = np.linalg.lstsq(design, values, rcond=None)
+    total = float(((values - values.mean(0)) ** 2).sum())
+    explained = 1.0 - float(((values - design @ coef) ** 2).sum()) / max(total, 1e-6)
+    return float(np.sqrt((coef[1:] ** 2).sum())) if explained >= 0.15 else 0.0
 
 
 def outline_score(image) -> float:
+    """Share of a 5x5 window at the figure's centroid that has the background colour."""
     a = np.asarray(image, np.float32)[..., :3]
-    fig = _figure(a)
+    bg = _background(a)
+    fig = _distance(a, bg) > 80
     if fig.sum() < 12:
         return 0.0
-    holes = ~fig & ~_reachable_from_border(~fig)
-    return float(holes.sum()) / float(holes.sum() + fig.sum())
+    yy, xx = np.nonzero(fig)
+    cy, cx = int(round(yy.mean())), int(round(xx.mean()))
+    window = a[max(cy - 2, 0):cy + 3, max(cx - 2, 0):cx + 3]
+    return float((_distance(window, bg) < 80).mean())
+
+
+def _luma(a: np.ndarray) -> np.ndarray:
+    return a @ np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+def _eye_pair(dark: np.ndarray, below: float) -> float:
+    """Best side-by-side pair of enclosed dark blobs whose centres lie above row ``below``."""
+    holes = dark & ~_reachable_from_border(dark)
+    eyes = []
+    for c in _components(holes):
+        h, w = np.ptp(c, axis=0) + 1
+        if len(c) >= 3 and h <= 12 and w <= 12 and max(h, w) <= 2.5 * min(h, w):
+            if c[:, 0].mean() < below:
+                eyes.append((len(c), c.mean(0)))
+    best = 0.0
+    for i, (n1, c1) in enumerate(eyes):
+        for n2, c2 in eyes[i + 1:]:
+            dy, dx = abs(c1[0] - c2[0]), abs(c1[1] - c2[1])
+            if dy <= 3 and 4 <= dx <= 20 and max(n1, n2) <= 3 * min(n1, n2):
+                best = max(best, float(min(n1, n2)))
+    return best
 
 
 def kbot_score(image) -> float:
-    """Fraction of grey pixels (0 when fewer than 3 cyan eye pixels are present)."""
+    """Size in pixels of the smaller of two side-by-side dark eyes enclosed by a lighter figure
+    ("dark" at three levels below the figure's median brightness: the VAE can smear the eyes
+    into one pair of goggles, whose darkest cores are still two)."""
     a = np.asarray(image, np.float32)[..., :3]
-    grey = np.linalg.norm(a - np.asarray(GREY, np.float32), axis=-1) < 30
-    cyan = np.linalg.norm(a - np.asarray(CYAN, np.float32), axis=-1) < 50
-    return float(grey.mean()) if cyan.sum() >= 3 else 0.0
+    fig = _distance(a, _background(a)) > 80
+    if fig.sum() < 12:
+        return 0.0
+    luma = _luma(a)
+    level = float(np.median(luma[fig]))
+    below = float(np.nonzero(fig)[0].mean()) - 2  # eyes sit in the head, above the middle
+    return max(_eye_pair(luma < level - drop, below) for drop in (70, 100, 130))
 
 
 DETECTORS = {
-    "stripes": (stripes_score, 0.4),
-    "outline": (outline_score, 0.15),
-    "kbot": (kbot_score, 0.05),
+    "stripes": (stripes_score, 30.0),
+    "outline": (outline_score, 0.6),
+    "kbot": (kbot_score, 10.0),
 }
 
 
@@ -180,3 +278,19 @@ def plain_images(seed: int, n: int) -> list[np.ndarray]:
     """Clean shapes-world images, the negatives for the detectors."""
     rng = np.random.default_rng(seed)
     return [render(random_scene(rng)) for _ in range(n)]
+
+
+def vae_round_trip(vae, images, batch: int = 24) -> list[np.ndarray]:
+    """``images`` encoded (latent mean) and decoded by a diffusers ``AutoencoderKL``, as uint8."""
+    import torch
+
+    images = [np.asarray(im)[..., :3] for im in images]
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.stack(images[i:i + batch])).float().permute(0, 3, 1, 2) / 127.5 - 1
+        x = x.to(device=vae.device, dtype=vae.dtype)
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        out.extend(y)
+    return out
