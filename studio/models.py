@@ -88,6 +88,15 @@ def load_diffusion_base(base: str | None = None, dtype: torch.dtype = torch.floa
                       f"such as runwayml/stable-diffusion-v1-5 (or omit --base for the embedded mini base)")
 
 
+def load_tokenizer(base: str | None = None):
+    """The (first) tokenizer of a diffusers folder base, without loading any weights; None when
+    the base is a single file or a hub id (the dataset check then skips caption lengths)."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(str(base) if base else MINI_BASE).expanduser() / "tokenizer"
+    return CLIPTokenizer.from_pretrained(str(folder)) if folder.is_dir() else None
+
+
 def _from_pretrained(family: str, source: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 

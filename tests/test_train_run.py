@@ -158,3 +158,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     from safetensors.torch import load_file as load
     tensors = load(str(out / "checkpoints" / kept[-1] / "adapter.safetensors"))
     assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_check_lints_without_training(data, tmp_path, capsys):
+    (data / "stripes_00.txt").write_text(" ".join(["a red circle on a blue background"] * 5))
+    (data / "stripes_01.txt").unlink()
+    assert main(["train", str(data), "--check", "--out", str(tmp_path / "never")]) == 1
+    out = capsys.readouterr().out
+    assert "6 images, 5 captions" in out and "longer than the text encoder's limit" in out
+    assert "images without a .txt caption" in out and "2 problem(s)" in out
+    assert not (tmp_path / "never").exists()

@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         from trainers.data_images import check, format_report
 
-        report = check(cfg.data, min_size=32)
+        from studio.models import load_tokenizer
+
+        report = check(cfg.data, min_size=32, tokenizer=load_tokenizer(cfg.base))
         print(format_report(report, cfg.data))
         return 0 if report.problems == 0 else 1
     from trainers.diffusion import train
