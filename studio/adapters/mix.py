@@ -57,12 +57,14 @@ def _cutoff(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
     return int(torch.searchsorted(cumulative / total, torch.tensor(energy, dtype=torch.float64) - 1e-12)) + 1
 
 
+def _energy(Sk: torch.Tensor, S: torch.Tensor) -> float:
+    total = float((S.double() ** 2).sum())
+    return 1.0 if total == 0 else float((Sk.double() ** 2).sum()) / total
+
+
 def _split_evenly(Uk: torch.Tensor, Sk: torch.Tensor, Vhk: torch.Tensor, S: torch.Tensor) -> LowRank:
     root = Sk.sqrt()
-    total = float((S.double() ** 2).sum())
-    kept = float((Sk.double() ** 2).sum())
-    energy = 1.0 if total == 0 else kept / total
-    return LowRank(root[:, None] * Vhk, Uk * root[None, :], energy, S)
+    return LowRank(root[:, None] * Vhk, Uk * root[None, :], _energy(Sk, S), S)
 
 
 def compress(down: torch.Tensor, up: torch.Tensor, rank: int | None = None, energy: float | None = None) -> LowRank:
@@ -87,9 +89,13 @@ def compress_svf(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, z: torch.Te
     g_sorted = g[order]
     k = _cutoff(g_sorted.abs(), rank, energy)
     keep = order[:k]
-    sign = torch.sign(g[keep])
-    sign[sign == 0] = 1
-    return _split_evenly(U[:, keep] * sign[None, :], g[keep].abs(), Vh[keep], g_sorted.abs())
+    kept = g[keep].abs()
+    sign = torch.where(g[keep] < 0, -1.0, 1.0)
+    root = kept.sqrt()
+    # one gather and one in-place scale per factor: these are the big tensors of an SVF export
+    up = U.index_select(1, keep).mul_(sign * root)           # (out, k)
+    down = Vh.index_select(0, keep).mul_(root[:, None])      # (k, in)
+    return LowRank(down, up, _energy(kept, g_sorted.abs()), g_sorted.abs())
 
 
 def mix_svf(zs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
