@@ -8,6 +8,8 @@ Each method is one small module of pure functions (``Config``, ``init``, ``facto
 
 from __future__ import annotations
 
+import dataclasses
+
 from studio.adapters import lora, milora, mix, pissa, svf
 from studio.adapters.layer import AdaptedLinear, Adapter
 from studio.adapters.ops import (adapter_config, adapter_state_dict, delta_weights, load_adapter, merge,
@@ -28,7 +30,7 @@ def make_config(method: str, fields: dict | None = None):
     if method not in METHODS:
         raise StudioError(f"unknown adapter method {method!r}: choose one of {', '.join(METHODS)}")
     config_type = METHODS[method].Config
-    known = {f for f in config_type.__dataclass_fields__}
+    known = {f.name for f in dataclasses.fields(config_type)}
     unknown = sorted(set(fields or {}) - known)
     if unknown:
         raise StudioError(f"unknown option(s) {unknown} for method {method!r}: it accepts {sorted(known) or 'none'}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -22,6 +23,32 @@ def lowrank_scale(rank: int, alpha: float | None, rslora: bool) -> float:
     """s = alpha / r, or alpha / sqrt(r) with rsLoRA; alpha None means alpha = r."""
     alpha = rank if alpha is None else alpha
     return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """The fields every low-rank method shares (LoRA, PiSSA, MiLoRA)."""
+
+    rank: int = 4
+    """r: the number of rows of A and columns of B."""
+    alpha: float | None = None
+    """Scale numerator; None means alpha = rank (scale 1, the diffusers default)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while training (0 disables it)."""
+
+    label: ClassVar[str] = "LoRA"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise StudioError(f"{self.label} rank must be a positive integer, got {self.rank!r}: pass --rank 4 or more")
+        if not 0.0 <= self.dropout < 1.0:
+            raise StudioError(f"{self.label} dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        return lowrank_scale(self.rank, self.alpha, self.rslora)
 
 
 def check_rank(rank: int, shape: tuple[int, int] | torch.Size, module: str) -> None:

@@ -16,33 +16,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from studio.adapters.common import check_rank, lowrank_scale
-from studio.errors import StudioError
+from studio.adapters.common import LowRankConfig, check_rank
 
 TRAINABLE = ("A", "B")
 SAVED = ("A", "B")
 
 
 @dataclass(frozen=True)
-class Config:
-    rank: int = 4
-    """r: the number of rows of A and columns of B."""
-    alpha: float | None = None
-    """Scale numerator; None means alpha = rank (scale 1, the diffusers default)."""
-    rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
-    dropout: float = 0.0
-    """Dropout on the adapter's input while training (0 disables it)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise StudioError(f"LoRA rank must be a positive integer, got {self.rank!r}: pass --rank 4 or more")
-        if not 0.0 <= self.dropout < 1.0:
-            raise StudioError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def scale(self) -> float:
-        return lowrank_scale(self.rank, self.alpha, self.rslora)
+class Config(LowRankConfig):
+    """rank, alpha, rslora, dropout (see ``common.LowRankConfig``)."""
 
 
 def init(cfg: Config, W0: torch.Tensor, module: str = "", generator: torch.Generator | None = None) -> dict:

@@ -12,12 +12,12 @@ Everything after the init (factors, forward, shapes) is PiSSA's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from studio.adapters import pissa
-from studio.adapters.common import cached_svd, check_rank, lowrank_scale
-from studio.errors import StudioError
+from studio.adapters.common import LowRankConfig, cached_svd, check_rank
 
 TRAINABLE = pissa.TRAINABLE
 SAVED = pissa.SAVED
@@ -29,25 +29,11 @@ from_saved = pissa.from_saved
 
 
 @dataclass(frozen=True)
-class Config:
-    rank: int = 4
-    """r: number of minor singular triplets used as the initial factors."""
-    alpha: float | None = None
-    """Scale numerator; None means alpha = rank (the MiLoRA authors' choice, scale 1)."""
-    rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r)."""
-    dropout: float = 0.0
-    """Input dropout while training."""
+class Config(LowRankConfig):
+    """rank (the r minor triplets), alpha (None: alpha = rank, the MiLoRA authors' choice),
+    rslora, dropout."""
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise StudioError(f"MiLoRA rank must be a positive integer, got {self.rank!r}: pass --rank 4 or more")
-        if not 0.0 <= self.dropout < 1.0:
-            raise StudioError(f"MiLoRA dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def scale(self) -> float:
-        return lowrank_scale(self.rank, self.alpha, self.rslora)
+    label: ClassVar[str] = "MiLoRA"
 
 
 def init(cfg: Config, W0: torch.Tensor, module: str = "", generator: torch.Generator | None = None) -> dict:

@@ -16,11 +16,12 @@ price is a rank-2r instead of rank-r adapter matmul, small next to the base laye
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from studio.adapters.common import check_rank, lowrank_scale
+from studio.adapters.common import LowRankConfig, check_rank
 from studio.errors import StudioError
 
 TRAINABLE = ("A", "B")
@@ -29,33 +30,23 @@ SVD_KINDS = ("fast", "exact")
 
 
 @dataclass(frozen=True)
-class Config:
-    rank: int = 4
-    """r: number of principal singular triplets used as the initial factors."""
-    alpha: float | None = None
-    """Scale numerator; None means alpha = rank (the PiSSA authors' choice, scale 1)."""
-    rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r)."""
-    dropout: float = 0.0
-    """Input dropout while training; the PiSSA authors recommend 0."""
+class Config(LowRankConfig):
+    """rank, alpha (None: alpha = rank, the PiSSA authors' choice), rslora, dropout (the
+    authors recommend 0), plus the SVD of the init."""
+
     svd: str = "fast"
     """'fast': torch.svd_lowrank (randomized, top-r only); 'exact': torch.linalg.svd."""
     niter: int = 4
     """Power iterations of the fast SVD (PEFT's pissa_niter_N); 4 or more is close to exact."""
 
+    label: ClassVar[str] = "PiSSA"
+
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise StudioError(f"PiSSA rank must be a positive integer, got {self.rank!r}: pass --rank 4 or more")
+        super().__post_init__()
         if self.svd not in SVD_KINDS:
             raise StudioError(f"PiSSA svd must be one of {SVD_KINDS}, got {self.svd!r}")
         if self.niter < 0:
             raise StudioError(f"PiSSA niter must be >= 0, got {self.niter}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise StudioError(f"PiSSA dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def scale(self) -> float:
-        return lowrank_scale(self.rank, self.alpha, self.rslora)
 
 
 def state_from_triplets(scale: float, U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor) -> dict:
