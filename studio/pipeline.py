@@ -7,8 +7,7 @@ PNGs carry an AUTOMATIC1111-style ``parameters`` text chunk that other tools rea
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from studio.errors import StudioError
+from studio.formats.files import write_atomic
 
 # user-facing sampler names -> (diffusers scheduler class name, extra config, A1111 label)
 SAMPLERS = {
@@ -88,7 +88,7 @@ def parameters_text(s: Settings, width: int, height: int) -> str:
 
 
 def save_png(image: np.ndarray, path: str | Path, parameters: str | None = None) -> Path:
-    """Write a PNG atomically (temp file, fsync, rename), with a ``parameters`` text chunk."""
+    """Write a PNG atomically (``formats.files.write_atomic``), with a ``parameters`` text chunk."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -97,16 +97,9 @@ def save_png(image: np.ndarray, path: str | Path, parameters: str | None = None)
     info = PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+    write_atomic(path, [buffer.getvalue()])
     return path
 
 

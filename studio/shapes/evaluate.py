@@ -48,11 +48,11 @@ def _as_array(image) -> np.ndarray:
     return a[..., :3].astype(np.float32)
 
 
-def _largest_blob(mask: np.ndarray) -> np.ndarray:
-    """Largest 4-connected component of a boolean mask (iterative flood fill)."""
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a boolean mask as arrays of (y, x) pixel coordinates."""
     h, w = mask.shape
     seen = np.zeros_like(mask)
-    best: list[tuple[int, int]] = []
+    out = []
     for y0, x0 in zip(*np.nonzero(mask)):
         if seen[y0, x0]:
             continue
@@ -65,12 +65,17 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
                 if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
                     seen[yy, xx] = True
                     stack.append((yy, xx))
-        if len(blob) > len(best):
-            best = blob
+        out.append(np.asarray(blob))
+    return out
+
+
+def _largest_blob(mask: np.ndarray) -> np.ndarray:
+    """Largest 4-connected component of a boolean mask."""
     out = np.zeros_like(mask)
-    if best:
-        ys, xs = zip(*best)
-        out[list(ys), list(xs)] = True
+    blobs = components(mask)
+    if blobs:
+        best = max(blobs, key=len)
+        out[best[:, 0], best[:, 1]] = True
     return out
 
 

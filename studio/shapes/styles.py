@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from studio.errors import StudioError
+from studio.shapes.evaluate import components
 from studio.shapes.world import COLOURS, SIZE, Scene, blend, coverage, random_scene, render
 
 STYLE_TRIGGERS = {"stripes": "zxq", "outline": "qwo"}
@@ -149,27 +150,6 @@ def _reachable_from_border(free: np.ndarray) -> np.ndarray:
         reach = grown
 
 
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a boolean mask as arrays of (y, x) pixel coordinates."""
-    h, w = mask.shape
-    seen = np.zeros_like(mask)
-    out = []
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        stack, blob = [(y0, x0)], []
-        seen[y0, x0] = True
-        while stack:
-            y, x = stack.pop()
-            blob.append((y, x))
-            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
-                    seen[yy, xx] = True
-                    stack.append((yy, xx))
-        out.append(np.asarray(blob))
-    return out
-
-
 def stripes_score(image) -> float:
     """Amplitude (RGB units) of the period-2*BAND wave along x + y inside the figure; 0 when
     that wave explains less than 15 % of the colour variance there (a kbot's eyes)."""
@@ -208,7 +188,7 @@ def _eye_pair(dark: np.ndarray, below: float) -> float:
     """Best side-by-side pair of enclosed dark blobs whose centres lie above row ``below``."""
     holes = dark & ~_reachable_from_border(dark)
     eyes = []
-    for c in _components(holes):
+    for c in components(holes):
         h, w = np.ptp(c, axis=0) + 1
         if len(c) >= 3 and h <= 12 and w <= 12 and max(h, w) <= 2.5 * min(h, w):
             if c[:, 0].mean() < below:
