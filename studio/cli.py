@@ -81,6 +81,14 @@ def _train_run(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _module(module: str, name: str) -> Callable:
+    """``studio.<module>.<name>``, imported only when the subcommand runs."""
+    def call(arg):
+        import importlib
+        return getattr(importlib.import_module(f"studio.{module}"), name)(arg)
+    return call
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a style or character adapter on a folder of captioned images",
                      _train_arguments, _train_run),
@@ -94,6 +102,10 @@ COMMANDS: dict[str, Command] = {
                        _formats("inspect_arguments"), _formats("inspect_run")),
     "bake": Command("bake weighted adapters into one LoRA file (exact, or at a rank with the error reported)",
                     _formats("bake_arguments"), _formats("bake_run")),
+    "generate": Command("generate images from a base and a weighted mix of adapters (--task lm: text)",
+                        _module("generate_command", "add_arguments"), _module("generate_command", "run")),
+    "ui": Command("the web UI: mix adapters with sliders, bake, train, inspect (binds 127.0.0.1)",
+                  _module("ui.launch", "add_arguments"), _module("ui.launch", "run")),
 }
 
 

@@ -7,6 +7,7 @@ PNGs carry an AUTOMATIC1111-style ``parameters`` text chunk that other tools rea
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,42 @@ def default_size(pipe) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
+MAX_STEPS = 150
+MAX_SIZE = 2048
+MAX_CFG = 30.0
+
+
+def size_multiple(pipe) -> int:
+    """Pixel sizes must be a multiple of this: VAE factor times the UNet's total downsampling."""
+    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def within_limits(pipe, s: Settings) -> tuple[Settings, list[str]]:
+    """``s`` with steps, CFG and size brought into sane ranges, and one note per change (for the
+    user: a CLI ``note:`` line, a UI warning). Sizes round down to the pipeline's size multiple."""
+    notes: list[str] = []
+    changes: dict = {}
+    steps = min(max(int(s.steps), 1), MAX_STEPS)
+    if steps != s.steps:
+        notes.append(f"steps {s.steps} capped to {steps} (allowed 1..{MAX_STEPS})")
+        changes["steps"] = steps
+    cfg = min(max(float(s.cfg), 0.0), MAX_CFG)
+    if cfg != s.cfg:
+        notes.append(f"CFG {s.cfg:g} capped to {cfg:g} (allowed 0..{MAX_CFG:g})")
+        changes["cfg"] = cfg
+    step, native = size_multiple(pipe), default_size(pipe)
+    for key in ("width", "height"):
+        value = getattr(s, key)
+        if value is None:
+            continue
+        fixed = min(max(int(value) // step * step, step), MAX_SIZE // step * step)
+        if fixed != value:
+            notes.append(f"{key} {value} set to {fixed} (a multiple of {step} from {step} to {MAX_SIZE}; "
+                         f"this base's native size is {native})")
+            changes[key] = fixed
+    return dataclasses.replace(s, **changes) if changes else s, notes
+
+
 def generate(pipe, settings: list[Settings] | Settings) -> list[np.ndarray]:
     """RGB uint8 images, one per Settings; image i is seeded by its own generator."""
     settings = [settings] if isinstance(settings, Settings) else list(settings)
@@ -81,7 +118,9 @@ def parameters_text(s: Settings, width: int, height: int) -> str:
     if s.model:
         pairs.append(f"Model: {s.model}")
     if s.adapters:
-        pairs.append("Lora weights: \"" + ", ".join(f"{n}: {w:g}" for n, w, _ in s.adapters) + "\"")
+        # a weight is a number, or "W:TE_W" text when the text encoder has its own weight
+        pairs.append("Lora weights: \"" + ", ".join(f"{n}: {w if isinstance(w, str) else format(w, 'g')}"
+                                                     for n, w, _ in s.adapters) + "\"")
         pairs.append("Lora hashes: \"" + ", ".join(f"{n}: {h}" for n, _, h in s.adapters) + "\"")
     lines.append(", ".join(pairs))
     return "\n".join(lines)
@@ -112,3 +151,30 @@ def grid(images: list[np.ndarray], cols: int) -> np.ndarray:
         r, c = divmod(i, cols)
         canvas[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = image
     return canvas
+
+
+def labelled_grid(cells: list[list[np.ndarray]], col_labels: list[str], row_labels: list[str],
+                  min_cell: int = 128) -> np.ndarray:
+    """An X/Y grid as one image: cells[row][col], column labels on top, row labels on the left.
+    Small cells are enlarged (nearest neighbour, pixels stay sharp) to ``min_cell`` so labels fit."""
+    from PIL import Image, ImageDraw
+
+    h, w = cells[0][0].shape[:2]
+    zoom = max(1, -(-min_cell // min(h, w)))
+    ch, cw = h * zoom, w * zoom
+    font_px, gap = 12, 4
+    left = max([len(label) for label in row_labels] + [0]) * 7 + 2 * gap if any(row_labels) else 0
+    top = font_px + 2 * gap
+    rows, cols = len(cells), len(cells[0])
+    canvas = Image.new("RGB", (left + cols * (cw + gap), top + rows * (ch + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(col_labels):
+        draw.text((left + c * (cw + gap) + gap, gap), label, fill="black")
+    for r, row in enumerate(cells):
+        y = top + r * (ch + gap)
+        if row_labels[r]:
+            draw.text((gap, y + ch // 2 - font_px // 2), row_labels[r], fill="black")
+        for c, cell in enumerate(row):
+            tile = Image.fromarray(cell).resize((cw, ch), Image.NEAREST)
+            canvas.paste(tile, (left + c * (cw + gap), y))
+    return np.asarray(canvas)

@@ -1,0 +1,106 @@
+"""``studio generate``: images from a base plus a weighted mix of adapter files (``--task image``),
+or text from a language model (``--task lm``, provided by ``studio.text``).
+
+    studio generate --prompt "stripes, a red circle" --adapter out/stripes.safetensors:0.8 \\
+        --adapter out/outline.safetensors:0.5:0 --seed 3 --count 4 --out renders/
+
+Each image is written as ``DIR/NNNNN-SEED.png`` with an A1111-style ``parameters`` chunk. The
+mix goes through :class:`studio.mixing.MixSession`, the same code the web UI runs, so the UI and
+this command give identical pixels for identical settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import re
+from pathlib import Path
+
+from studio.errors import StudioError
+
+DEFAULTS = dict(steps=20, cfg=4.0, sampler="dpmpp_2m", seed=0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=("image", "lm"), default="image", help="image (default) or lm (text)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--adapter", action="append", default=[], metavar="FILE[:W[:TE_W]]",
+                   help="adapter file with UNet weight and optional text-encoder weight; repeat to mix")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the first image (then +1 each)")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--cfg", type=float, default=DEFAULTS["cfg"], help="classifier-free guidance scale")
+    p.add_argument("--size", help="WxH or N pixels (default: the base's native size)")
+    p.add_argument("--sampler", default=DEFAULTS["sampler"], help="ddim, euler, euler_a or dpmpp_2m")
+    p.add_argument("--count", type=int, default=1, help="images, seeds SEED..SEED+N-1")
+    p.add_argument("--merge", action="store_true", help="merge the mix into the weights once (faster batches)")
+    p.add_argument("--base", help="diffusers folder, .safetensors checkpoint or hub id (default: the mini base)")
+    p.add_argument("--out", default="outputs/generate", help="output folder")
+    # language-model options, read by studio.text when --task lm
+    p.add_argument("--max-new-tokens", type=int, default=64, help="(lm) tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="(lm) 0 = greedy")
+
+
+def parse_size(text: str | None) -> tuple[int | None, int | None]:
+    if not text:
+        return None, None
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not match:
+        raise StudioError(f"bad --size {text!r}: use WxH (e.g. 512x768) or one number for a square")
+    width = int(match.group(1))
+    return width, int(match.group(2) or width)
+
+
+def next_index(out: Path) -> int:
+    """A1111-style running number: one past the highest NNNNN- prefix in ``out``."""
+    numbers = [int(m.group(1)) for f in out.glob("*.png") if (m := re.match(r"(\d{5})-", f.name))]
+    return max(numbers, default=-1) + 1
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.task == "lm":
+        return _run_text(args)
+    from studio.formats.commands import parse_spec
+    from studio.mixing import MixEntry, MixSession
+    from studio.models import load_diffusion_base
+    from studio.pipeline import parameters_text, save_png, within_limits
+
+    if not 1 <= args.count <= 1000:
+        raise StudioError(f"--count {args.count} is out of range: give 1 to 1000")
+    width, height = parse_size(args.size)
+    entries = [MixEntry(*parse_spec(spec)) for spec in args.adapter]
+    base = load_diffusion_base(args.base)
+    base.pipe.set_progress_bar_config(disable=True)
+    session = MixSession(base)
+    session.sync(entries)
+    settings = []
+    for i in range(args.count):
+        s = session.settings(prompt=args.prompt, negative=args.negative, seed=args.seed + i, steps=args.steps,
+                             cfg=args.cfg, width=width, height=height, sampler=args.sampler)
+        s, notes = within_limits(base.pipe, s)
+        if i == 0:
+            for note in notes:
+                print(f"note: {note}")
+        settings.append(s)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    index = next_index(out)
+    with session.merged() if args.merge else contextlib.nullcontext():
+        for i, s in enumerate(tqdm(settings, desc="generate", unit="image", disable=len(settings) == 1)):
+            image = session.render([s])[0]
+            path = out / f"{index + i:05d}-{s.seed}.png"
+            save_png(image, path, parameters_text(s, image.shape[1], image.shape[0]))
+            print(f"wrote {path}")
+    return 0
+
+
+def _run_text(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("studio.text") is None:
+        raise StudioError("--task lm: the language-model path (studio.text) is not available in this version: "
+                          "use --task image")
+    from studio import text
+
+    return text.run_text_generate(args)

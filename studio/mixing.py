@@ -1,0 +1,151 @@
+"""A mixing session: which adapter files are attached to a loaded base, at which weights.
+
+One plain class shared by ``studio generate`` and the web UI, so both produce the same pixels
+for the same settings. Adapters stay *unmerged* while mixing: ``sync`` with new weights only
+moves the weights (``formats.set_file_weight`` -> ``adapters.ops.set_weight``), no re-attach,
+no re-merge. ``render(..., merge=True)`` folds the mix into the base weights once for a batch
+and restores the pristine weights afterwards (bit-exactly, the core's backup rule).
+
+Each file is attached under a session name derived from its path, so the same file given twice
+is refused with a message instead of being silently doubled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from studio import adapters as A
+from studio import formats
+from studio.errors import StudioError
+from studio.formats.files import data_hash
+from studio.formats.metadata import trigger_words
+from studio.pipeline import Settings, generate
+
+
+@dataclass(frozen=True)
+class MixEntry:
+    """One adapter file in the mix, as the user asked for it."""
+
+    path: str
+    """The adapter .safetensors file."""
+    weight: float = 1.0
+    """UNet weight (and text-encoder weight unless ``te_weight`` is given)."""
+    te_weight: float | None = None
+    """Separate text-encoder weight; None = same as ``weight``."""
+
+
+@dataclass
+class _Attached:
+    entry: MixEntry
+    af: object
+    label: str        # the name written into PNG parameters (file stem)
+    hash12: str       # A1111 short tensor hash
+    stamp: tuple      # (mtime_ns, size) of the file when it was read
+    triggers: list[str] = field(default_factory=list)
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+def _session_name(path: Path) -> str:
+    """A module-name-safe, path-unique adapter name (two files with one stem do not collide)."""
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    stem = "".join(c if c.isalnum() else "_" for c in path.stem)[:40]
+    return f"{stem}_{digest}"
+
+
+class MixSession:
+    """Adapters attached to one base. ``base`` is a ``studio.models.DiffusionBase``."""
+
+    def __init__(self, base):
+        self.base = base
+        self._attached: dict[str, _Attached] = {}   # session name -> record, in mix order
+
+    # -- the mix ------------------------------------------------------------------------------
+    @property
+    def entries(self) -> list[MixEntry]:
+        return [a.entry for a in self._attached.values()]
+
+    def labels(self) -> list[tuple[str, float, str]]:
+        """(name, weight, hash12) per adapter, for the PNG ``parameters`` chunk."""
+        def weight(e: MixEntry):
+            return e.weight if e.te_weight is None else f"{e.weight:g}:{e.te_weight:g}"
+        return [(a.label, weight(a.entry), a.hash12) for a in self._attached.values()]
+
+    def triggers(self, path: str | os.PathLike) -> list[str]:
+        record = self._attached.get(_session_name(Path(path).resolve()))
+        return list(record.triggers) if record else []
+
+    def sync(self, entries: list[MixEntry]) -> None:
+        """Make the attached set exactly ``entries``: detach what left, attach what is new (or changed
+        on disk), and set every weight. A weight change alone costs nothing."""
+        wanted: dict[str, MixEntry] = {}
+        for entry in entries:
+            path = Path(entry.path).resolve()
+            name = _session_name(path)
+            if name in wanted:
+                raise StudioError(f"adapter {path.name} is in the mix twice: remove one of them, or give it a "
+                                  f"larger weight")
+            wanted[name] = MixEntry(str(path), float(entry.weight), None if entry.te_weight is None
+                                    else float(entry.te_weight))
+        components = self.base.components
+        for name in list(self._attached):
+            record = self._attached[name]
+            path = Path(record.entry.path)
+            if name not in wanted or not path.is_file() or _stamp(path) != record.stamp:
+                formats.detach_file(components, name)
+                del self._attached[name]
+        for name, entry in wanted.items():
+            if name not in self._attached:
+                self._attach(name, entry)
+            else:
+                formats.set_file_weight(components, name, entry.weight, entry.te_weight)
+                self._attached[name].entry = entry
+        # keep the requested order (PNG parameters list adapters as the user did)
+        self._attached = {name: self._attached[name] for name in wanted}
+
+    def _attach(self, name: str, entry: MixEntry) -> None:
+        path = Path(entry.path)
+        if not path.is_file():
+            raise StudioError(f"adapter file {path} does not exist: check the path")
+        stamp = _stamp(path)
+        af = formats.read(path)
+        formats.attach_file(af, self.base.components, name, entry.weight, entry.te_weight)
+        self._attached[name] = _Attached(entry, af, path.stem, data_hash(path)[:12], stamp,
+                                         trigger_words(af.metadata))
+
+    def clear(self) -> None:
+        self.sync([])
+
+    # -- rendering ----------------------------------------------------------------------------
+    def settings(self, **fields) -> Settings:
+        """A Settings carrying this mix's adapter labels and the base name."""
+        return Settings(adapters=tuple(self.labels()), model=Path(self.base.source).name, **fields)
+
+    @contextlib.contextmanager
+    def merged(self):
+        """Fold the mix into the base weights once (fp32 math, cast back) for a batch of renders;
+        the pristine weights come back bit-exactly on exit, whatever happened inside."""
+        models = list(self.base.components.values())
+        try:
+            for model in models:
+                A.merge(model)
+            yield self
+        finally:
+            for model in models:
+                A.unmerge(model)
+
+    def render(self, settings: list[Settings], merge: bool = False) -> list[np.ndarray]:
+        """Images for ``settings`` with the current mix (unmerged, or merged once for the call)."""
+        if not merge or not self._attached:
+            return generate(self.base.pipe, settings)
+        with self.merged():
+            return generate(self.base.pipe, settings)
