@@ -107,3 +107,35 @@ def _from_pretrained(family: str, source: str, dtype: torch.dtype):
     except (OSError, ValueError, TypeError) as err:  # missing files, or a folder missing pipeline parts
         raise StudioError(f"cannot load base {source}: {str(err).splitlines()[0]}: check the path, or download the "
                           f"model where the hub is reachable") from None
+
+
+# -- causal language models ----------------------------------------------------------------------
+MINI_LM = Path(__file__).resolve().parents[1] / "sample_data" / "mini-lm"
+
+
+def load_causal_lm(base: str | None = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a transformers causal-LM folder (or hub id); the embedded mini LM when None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    source = str(base) if base else str(MINI_LM)
+    path = Path(source).expanduser()
+    is_hub_id = not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise StudioError(f"base folder {path} has no config.json: give a transformers causal-LM folder")
+    if path.is_dir() and (path / "model_index.json").is_file():
+        raise StudioError(f"base {path} is a diffusion pipeline: language-model training needs a causal LM "
+                          f"(a transformers folder), or drop --task lm to train an image adapter")
+    if not path.is_dir() and not is_hub_id:
+        raise StudioError(f"base {source} does not exist: give a transformers causal-LM folder or a hub id "
+                          f"(or omit --base for the embedded mini LM)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise StudioError(f"cannot load language model {source}: {str(err).splitlines()[0]}: check the folder, or "
+                          f"download the model where the hub is reachable") from None
+    if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers: pad with EOS, masked out of every loss
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

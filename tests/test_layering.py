@@ -11,6 +11,9 @@ ALLOWED = {
     "studio.adapters": {"studio.adapters", "studio.errors"},
     "studio.shapes": {"studio.shapes", "studio.errors"},
     "studio.models": {"studio.errors"},
+    "studio.text_world": {"studio.errors"},
+    "studio.text": {"studio.text", "studio.adapters", "studio.formats", "studio.models", "studio.text_world",
+                    "studio.errors"},
     "studio.config": {"studio.errors"},
     "studio.formats": {"studio.formats", "studio.adapters", "studio.errors"},
     # the CLI glue of export / inspect / bake (cli.py's layer, kept beside the formats) loads bases
@@ -18,7 +21,7 @@ ALLOWED = {
     "studio.pipeline": {"studio.pipeline", "studio.adapters", "studio.formats", "studio.models", "studio.shapes",
                         "studio.errors"},
     "trainers": {"trainers", "studio.adapters", "studio.formats", "studio.models", "studio.config",
-                 "studio.pipeline", "studio.shapes", "studio.errors"},
+                 "studio.pipeline", "studio.shapes", "studio.text_world", "studio.text", "studio.errors"},
     "studio.ui": {"studio"},  # anything but tensor code; checked below for trainers only through the CLI
     "studio.cli": {"studio", "trainers"},
     "studio.demo": {"studio.adapters", "studio.errors"},

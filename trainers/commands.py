@@ -37,13 +37,16 @@ FLAGS = [  # (flag, config field, type, help)
     ("--save-every", "save_every", int, "checkpoint every N steps"),
     ("--sample-every", "sample_every", int, "sample grid every N steps (0: end only)"),
     ("--mixed-precision", "mixed_precision", str, "no | fp16 | bf16"),
+    ("--lr", "lr", float, "(--task lm) adapter learning rate (default per method)"),
+    ("--block-size", "block_size", int, "(--task lm) tokens per packed block of plain text (default: the context)"),
 ]
 SWITCHES = [("--flip", "flip", "random horizontal flips"), ("--shuffle-captions", "shuffle_captions", "shuffle tags"),
             ("--no-cache", None, "do not cache latents or text-encoder outputs")]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", nargs="?", help="folder of images with same-name .txt captions")
+    p.add_argument("data", nargs="?", help="folder of images with same-name .txt captions (--task lm: a .txt or "
+                                           ".jsonl file, default the sample task)")
     for flag, field, kind, help_text in FLAGS:
         p.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS, help=help_text)
     for flag, field, help_text in SWITCHES:
@@ -52,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     p.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR exactly")
     p.add_argument("--check", action="store_true", help="lint the dataset and exit")
-    p.add_argument("--task", default="image", choices=["image"], help="image (lm: coming)")
+    p.add_argument("--task", default="image", choices=["image", "lm"], help="image (default) or lm (causal language model)")
 
 
 def build_config(args: argparse.Namespace):
@@ -80,6 +83,10 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "lm":
+        from trainers import language_commands
+
+        return language_commands.run(args, FLAGS, SWITCHES)
     cfg = build_config(args)
     if args.check:
         from trainers.data_images import check, format_report

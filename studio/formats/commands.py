@@ -71,7 +71,7 @@ def _output_arguments(p: argparse.ArgumentParser, default_format: str) -> None:
     p.add_argument("--format", choices=FORMAT_CHOICES, default=default_format,
                    help="kohya (loads everywhere, default), diffusers (diffusers only), native (studio, exact)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="tensor dtype (default fp16; native is always fp32)")
-    p.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors file (--format peft: an output folder)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--base", help="base model (diffusers folder, .safetensors checkpoint or hub id; a transformers "
                                   "folder for LM adapters): needed to convert SVF adapters; when given it also "
@@ -121,7 +121,7 @@ def export_run(args: argparse.Namespace) -> int:
 
     af = read(args.adapter)
     energy = args.energy
-    if args.format in ("kohya", "diffusers") and af.method == "svf" and args.rank is None and energy is None:
+    if args.format in ("kohya", "diffusers", "peft") and af.method == "svf" and args.rank is None and energy is None:
         energy = 0.99
         print("SVF: no --rank or --energy given, keeping 99% of each module's energy "
               "(--energy 1 writes the exact full-rank file)")
@@ -131,6 +131,8 @@ def export_run(args: argparse.Namespace) -> int:
     _print_report(report)
     if args.format == "diffusers":
         print("note: the diffusers layout loads in diffusers only; use --format kohya for A1111, Forge, ComfyUI")
+    if args.format == "peft":
+        print(f"load it with peft.PeftModel.from_pretrained(model, {args.out!r}) on the base it was trained on")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``save(adapter_file, path, format)``: write an AdapterFile as native, kohya or diffusers.
+"""``save(adapter_file, path, format)``: write an AdapterFile as native, kohya, diffusers or (LM) peft.
 
 kohya and diffusers files are plain LoRAs (``lowrank``): exact for LoRA and PiSSA / MiLoRA
 (rank <= 2r), exact for SVF at full rank, otherwise truncated to ``rank`` or an ``energy``
@@ -50,10 +50,16 @@ def save(af: AdapterFile, path: str | os.PathLike, format: str = "native", *, ra
          unet_layout: str | None = None, overwrite: bool = False) -> ExportReport:
     """Write ``af`` to ``path``. ``models`` (the base) is needed to turn SVF into a plain LoRA; when given, it
     also decides which modules are 1x1 convolutions (stored 4-D), else SD1.x proj_in / proj_out are."""
-    if format == "peft":
-        # hook for the language-model path (issue 7): PEFT adapter_model.safetensors + adapter_config.json
-        raise StudioError("--format peft (language-model adapters for PEFT) is not implemented yet: "
-                          "use --format native for now")
+    if format == "peft":  # language models: a folder of adapter_model.safetensors + adapter_config.json
+        from studio.formats.peft_lm import save_peft
+
+        if rank is not None and energy is not None:
+            raise StudioError("give --rank or --energy, not both")
+        modules, alpha, summary, digest, notes = save_peft(af, path, plain_lora, rank=rank, energy=energy,
+                                                           dtype=dtype, models=models, overwrite=overwrite)
+        ranks = sorted({int(d.shape[0]) for d, _ in modules.values()})
+        return ExportReport(str(path), format, dtype or "fp32", alpha, ranks, af.module_counts(), summary["energy"],
+                            summary["relative_error"], summary["per_module"], notes, digest)
     if format not in FORMATS:
         raise StudioError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
     if rank is not None and energy is not None:
@@ -75,7 +81,7 @@ def save(af: AdapterFile, path: str | os.PathLike, format: str = "native", *, ra
 
     if af.base == "lm":
         raise StudioError(f"{format} files hold Stable Diffusion adapters; language-model adapters export with "
-                          f"--format peft (not yet available) or native")
+                          f"--format peft or native")
     dtype = dtype or "fp16"
     if dtype not in DTYPES:
         raise StudioError(f"unknown --dtype {dtype!r}: choose fp16, bf16 or fp32")

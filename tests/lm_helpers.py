@@ -1,0 +1,31 @@
+"""A tiny causal-LM folder for the language-model tests: a byte-level BPE tokenizer of the text world
+and a 2-layer Llama (or GPT-2) built from a config dict, saved like any transformers model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from studio import text_world
+from trainers.mini_lm import SPECIALS, train_tokenizer
+
+
+def tiny_lm_folder(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """``folder`` holding a tiny random ``arch`` (llama | gpt2) causal LM with the text-world tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer("\n\n".join(text_world.corpus_documents(200)), vocab_size=300)
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in SPECIALS.items()}
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=64, bos_token_id=ids["bos_token"],
+                                             eos_token_id=ids["eos_token"], pad_token_id=ids["pad_token"]))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                           bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"]))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

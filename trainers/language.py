@@ -1,0 +1,184 @@
+"""``studio train --task lm``: an adapter on a causal language model, top to bottom.
+
+    text file -> packed blocks | .jsonl -> prompt + response examples (loss on the response)
+    causal LM with adapters (lm-attn / lm-mlp) -> cross-entropy -> AdamW
+    every N steps: atomic checkpoint, TensorBoard scalars; at the end greedy text samples
+
+The same adapter core, loop helpers and resume rule as the diffusion trainer: the data order is
+a function of (seed, epoch) and the only other randomness (adapter / GPT-2 dropout) is seeded by
+(seed, step), so ``--resume`` after a kill continues bit-identically, and P processes
+(``accelerate launch``) each take their slice of the same global batch.
+
+The result, ``DIR/<name>.safetensors``, is the studio's native file with base family ``lm``;
+the formats refuse it on a diffusion base (and a diffusion adapter on a language model).
+``studio export --format peft`` turns it into a PEFT adapter folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+import studio.adapters as A
+from studio import formats
+from studio.config import to_toml
+from studio.models import load_causal_lm
+from studio.text import complete
+from trainers import batches, data_text, loop
+from trainers.language_config import LMTrainConfig
+from trainers.output import prepare_output, write_text_atomic
+
+COMPONENT = "lm"
+"""The component name of a language model in adapter files (``lm.<module path>.<tensor>``)."""
+
+
+def context_length(model) -> int:
+    config = model.config
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
+
+
+def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
+    from accelerate import Accelerator
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    # 1. everything that can fail on user input fails here, before anything is written
+    data_text.read_text(cfg.data)
+    out = cfg.out_dir
+    identity = {"method": cfg.method, "base": cfg.base or "mini-lm", "targets": cfg.targets, "rank": cfg.rank}
+    start_checkpoint = prepare_output(out, resume, identity)
+    model, tokenizer = load_causal_lm(cfg.base)
+    context = context_length(model)
+    examples = data_text.load_examples(cfg.data, tokenizer, cfg.block_size or context, context)
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available())
+    device, world, rank_index = accelerator.device, accelerator.num_processes, accelerator.process_index
+    model.to(device)
+
+    # 2. the adapter; the base stays frozen
+    torch.manual_seed(cfg.seed)
+    name = cfg.adapter_name
+    for p in model.parameters():
+        p.requires_grad_(False)
+    A.attach(model, name, cfg.method, cfg.method_config(), cfg.target_list)
+    params = A.trainable_parameters(model, name)
+    optimizer = loop.make_optimizer([(params, cfg.learning_rate)])
+
+    # 3. the schedule of global batches and the number of steps
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    order = batches.BatchOrder([0] * len(examples), [1] * len(examples), per_step, cfg.seed)
+    total = cfg.steps or (cfg.epochs * order.steps_per_epoch if cfg.epochs else 200)
+    schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total)
+    optimizer = accelerator.prepare(optimizer)  # gradients are averaged across processes by hand below
+    start = 0
+    if start_checkpoint is not None:
+        start, tensors, states, saved_identity = loop.load_checkpoint(start_checkpoint)
+        loop.check_identity(saved_identity, identity, start_checkpoint)
+        _restore(model, name, tensors)
+        optimizer.load_state_dict(states["optimizer"])
+        schedule.load_state_dict(states["schedule"])
+        say(f"resumed from {start_checkpoint} at step {start}")
+    if accelerator.is_main_process:
+        write_text_atomic(out / "config.toml", to_toml(cfg))
+
+    def micro_loss(indices: list[int]) -> torch.Tensor:
+        """Mean token loss of this process's share of one micro-batch."""
+        size = len(indices) // world
+        mine = indices[rank_index * size:(rank_index + 1) * size]
+        batch = {k: v.to(device) for k, v in data_text.collate([examples[i] for i in mine], tokenizer.pad_token_id).items()}
+        return model(**batch).loss
+
+    # 4. the loop
+    writer = SummaryWriter(str(out / "logs")) if accelerator.is_main_process else None
+    last_checkpoint = start_checkpoint
+    model.train()
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not accelerator.is_main_process,
+               desc=f"{name} ({cfg.method})", unit="step")
+    began = time.perf_counter()
+    for step in bar:
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 97 + rank_index)  # dropout only
+        global_batch = order.batch(step)
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            share = global_batch[micro * cfg.batch_size * world:(micro + 1) * cfg.batch_size * world]
+            with accelerator.autocast():
+                loss = micro_loss(share)
+            loop.guard_finite(loss.detach(), step, last_checkpoint)
+            accelerator.backward(loss / cfg.grad_accum)
+            step_loss += loss.item() / cfg.grad_accum
+        if world > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        done = step + 1
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}", refresh=False)
+        if writer:
+            writer.add_scalar("loss", step_loss, done)
+            writer.add_scalar("lr", schedule.get_last_lr()[0], done)
+        if done % cfg.save_every == 0 or done == total:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(model, name),
+                                                       optimizer, schedule, identity)
+        if accelerator.is_main_process and ((cfg.sample_every and done % cfg.sample_every == 0) or done == total):
+            _write_samples(model, tokenizer, cfg, writer, out / "samples.txt", done)
+    if writer:
+        writer.close()
+    accelerator.wait_for_everyone()
+    path = out / f"{name}.safetensors"
+    if accelerator.is_main_process:
+        _save_adapter(cfg, model, name, path, len(examples), total, time.perf_counter() - began)
+        say(f"adapter: {path} (native; `studio export {path} --format peft -o DIR` for PEFT)")
+    return path
+
+
+def _adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
+    return {f"{COMPONENT}.{k}": v for k, v in A.adapter_state_dict(model, name).items()}
+
+
+def _restore(model, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for path, layer in A.targets.adapted_layers(model).items():
+        adapter = layer.adapters[name]
+        with torch.no_grad():
+            for key in adapter.method.SAVED:
+                getattr(adapter, key).copy_(tensors[f"{COMPONENT}.{path}.{key}"])
+
+
+def sample_prompts(cfg: LMTrainConfig) -> list[str]:
+    if cfg.sample_prompts:
+        return list(cfg.sample_prompts)
+    if data_text.is_instruction_file(cfg.data):
+        return [r["prompt"] for _, r in data_text.read_records(cfg.data)[:2]]
+    return [data_text.read_text(cfg.data).strip().splitlines()[0][:80]]
+
+
+def _write_samples(model, tokenizer, cfg: LMTrainConfig, writer, path: Path, step: int) -> None:
+    model.eval()
+    try:
+        prompts = sample_prompts(cfg)
+        texts = complete(model, tokenizer, prompts, max_new_tokens=cfg.sample_tokens, stop=None)
+    finally:
+        model.train()
+    block = "\n\n".join(f"{p}{t}" for p, t in zip(prompts, texts))
+    previous = path.read_text(encoding="utf-8") if path.is_file() else ""
+    write_text_atomic(path, previous + f"== step {step}\n{block}\n\n")
+    if writer:
+        writer.add_text("samples", block.replace("\n", "  \n"), step)
+
+
+def _save_adapter(cfg: LMTrainConfig, model, name: str, path: Path, examples: int, steps: int, seconds: float) -> None:
+    metadata = formats.training_metadata(
+        title=name, output_name=name, steps=steps, seed=cfg.seed, learning_rate=cfg.learning_rate,
+        optimizer="AdamW", base_model_name=cfg.base or "mini-lm", training_comment=f"studio train --task lm, "
+        f"{seconds:.0f} s", lm_architecture=model.config.model_type, lm_examples=examples,
+        lm_data=Path(cfg.data).name)
+    af = formats.from_models({COMPONENT: model}, name, base="lm", metadata=metadata)
+    formats.save(af, path, "native", overwrite=True)
