@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench  # noqa: E402
 
 
-def score(adapter: Path, style: str, n: int, weight: float = 1.0) -> tuple[float, float]:
+def score(adapter: Path, style: str, n: int, weight: float = 1.0, baseline: bool = True) -> tuple[float, float]:
+    """Detector rates (with the adapter at ``weight``, without it; NaN when not ``baseline``)."""
     from studio import formats
     from studio.models import load_diffusion_base
     from studio.pipeline import Settings, generate
@@ -33,7 +34,7 @@ def score(adapter: Path, style: str, n: int, weight: float = 1.0) -> tuple[float
     trigger = styles.STYLE_TRIGGERS.get(style) or styles.CHARACTER_TRIGGERS.get(style)
     prompts = [f"{p}, {trigger} style" for p in evaluate.eval_prompts(n, seed=123)]
     settings = [Settings(prompt=p, seed=i, steps=20, cfg=4.0) for i, p in enumerate(prompts)]
-    without = styles.detection_rate(style, generate(base.pipe, settings))
+    without = styles.detection_rate(style, generate(base.pipe, settings)) if baseline else float("nan")
     formats.attach_file(formats.read(adapter), base.components, "style", weight)
     with_adapter = styles.detection_rate(style, generate(base.pipe, settings))
     return with_adapter, without

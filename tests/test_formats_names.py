@@ -21,14 +21,14 @@ O = ("to_q", "to_k", "to_v", "to_out_0")
 P = ("q", "k", "v", "out")
 
 
-def shape_adapter(models: dict, base: str) -> F.AdapterFile:
+def shape_adapter(models: dict, base: str, unet_targets: str = "unet-attn") -> F.AdapterFile:
     """A rank-1 LoRA with small random factors on every attention Linear, from shapes alone."""
     g = torch.Generator().manual_seed(0)
     parts = {}
     for component, model in models.items():
         tensors = {}
-        for path, module in A.find_targets(model, TARGETS[component]).items():
-            out, inp = module.weight.shape
+        for path, module in A.find_targets(model, unet_targets if component == "unet" else TARGETS[component]).items():
+            out, inp = module.weight.shape[:2]
             tensors[f"{canonical_te_path(path)}.A"] = 0.1 * torch.randn(1, inp, generator=g)
             tensors[f"{canonical_te_path(path)}.B"] = 0.1 * torch.randn(out, 1, generator=g)
         parts[component] = F.Part("lora", {"rank": 1, "alpha": 1.0, "rslora": False, "dropout": 0.0}, tensors)
@@ -98,6 +98,21 @@ def test_sd15_kohya_names(sd15, tmp_path):
     assert keys["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"] == ()
     assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.implementation"] == "diffusers"
     _check_round_trip(af, F.read(tmp_path / "sd15.safetensors"), sd15)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_kohyas_transformer_set_feed_forward_and_projections_round_trip(family, sd15, sdxl, tmp_path):
+    models = {"sd15": sd15, "sdxl": sdxl}[family]
+    af = shape_adapter({"unet": models["unet"]}, family, "unet-transformer")
+    F.save(af, tmp_path / "t.safetensors", "kohya")
+    keys, _ = file_keys(tmp_path / "t.safetensors")
+    prefix = {"sd15": "lora_unet_down_blocks_1_attentions_0", "sdxl": "lora_unet_input_blocks_4_1"}[family]
+    width = {"sd15": 640, "sdxl": 640}[family]
+    assert keys[f"{prefix}_transformer_blocks_0_ff_net_0_proj.lora_up.weight"] == (2 * 4 * width, 1)  # GEGLU
+    assert keys[f"{prefix}_transformer_blocks_0_ff_net_2.lora_down.weight"] == (1, 4 * width)
+    assert keys[f"{prefix}_proj_in.lora_down.weight"][:2] == (1, width)
+    assert len(keys) == 3 * (192 if family == "sd15" else 722)
+    _check_round_trip(af, F.read(tmp_path / "t.safetensors"), {"unet": models["unet"]})
 
 
 def test_sd15_diffusers_names(sd15, tmp_path):

@@ -14,6 +14,17 @@ def test_unet_attn_counts(config, count):
     assert all(n.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0"} for n in found)
 
 
+@pytest.mark.parametrize("config, blocks, transformers", [(SD15_UNET, 16, 16), (SDXL_UNET, 70, 11)], ids=["sd15", "sdxl"])
+def test_unet_transformer_is_kohyas_default_set(config, blocks, transformers):
+    """kohya's LoRA targets every Linear / 1x1 conv in a Transformer2DModel: per transformer block
+    8 attention projections + 2 feed-forward layers, per Transformer2DModel proj_in and proj_out."""
+    found = A.find_targets(meta_unet(config), "unet-transformer")
+    assert len(found) == 10 * blocks + 2 * transformers
+    assert set(A.find_targets(meta_unet(config), "unet-attn")) < set(found)
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj" in found
+    assert "up_blocks.1.attentions.2.proj_out" in found
+
+
 def test_te_attn_count_on_clip_l():
     found = A.find_targets(meta_clip(), "te-attn")
     assert len(found) == 48

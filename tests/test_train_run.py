@@ -35,10 +35,12 @@ def _args(data, out, cache, *extra):
 
 def test_train_writes_adapter_config_samples_checkpoints_logs(data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *_args(data, out, tmp_path / "cache"), "--method", "svf", "--trigger", "zxq"]) == 0
+    assert main(["train", *_args(data, out, tmp_path / "cache"), "--method", "svf", "--trigger", "zxq",
+                 "--save-adapter-every", "2"]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"stripes.safetensors", "stripes.kohya.safetensors", "config.toml", "samples", "checkpoints",
-            "logs"} <= names
+            "logs", "stripes-step0000002.safetensors"} <= names
+    assert not any("step0000004" in n for n in names)  # the last step is the final adapter itself
     assert "method = \"svf\"" in (out / "config.toml").read_text()
     assert (out / "samples" / "step-0000004.png").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
@@ -47,6 +49,9 @@ def test_train_writes_adapter_config_samples_checkpoints_logs(data, tmp_path, ca
     assert af.method == "svf" and "unet" in af.parts
     z = [v for k, v in af.parts["unet"].tensors.items() if k.endswith(".z")]
     assert len(z) > 0 and any((t - 1).abs().max() > 0 for t in z)  # it trained
+    early = formats.read(out / "stripes-step0000002.safetensors").parts["unet"].tensors
+    assert early.keys() == af.parts["unet"].tensors.keys()
+    assert any(not torch.equal(early[k], v) for k, v in af.parts["unet"].tensors.items())  # 2 more steps moved it
     from PIL import Image
     assert "zxq" in Image.open(out / "samples" / "step-0000004.png").text["parameters"]
 

@@ -75,7 +75,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         p.requires_grad_(False)
     groups = []
     if cfg.train_unet:
-        A.attach(unet, name, cfg.method, method_cfg, "unet-attn")
+        A.attach(unet, name, cfg.method, method_cfg, cfg.unet_targets)
         groups.append((A.trainable_parameters(unet, name), cfg.lr_unet))
     if cfg.train_te:
         for te in base.text_encoders:
@@ -223,6 +223,9 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
             if accelerator.is_main_process:
                 last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(base, name),
                                                        optimizer, schedule, identity)
+        if accelerator.is_main_process and cfg.save_adapter_every and done % cfg.save_adapter_every == 0 and done < total:
+            _save_adapter(cfg, base, name, out / f"{name}-step{done:07d}.safetensors", items, done,
+                          time.perf_counter() - began, say=None)
         if accelerator.is_main_process and ((cfg.sample_every and done % cfg.sample_every == 0) or done == total):
             _render_samples(pipe, samples, out / "samples" / f"step-{done:07d}.png")
     if writer:
@@ -283,6 +286,7 @@ def _render_samples(pipe, settings: list[Settings], path: Path) -> None:
 
 
 def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: float, say) -> None:
+    """The adapter in the studio's exact layout at ``path``; with ``say``, also the kohya file beside it."""
     tags: dict[str, int] = {}
     for item in items:
         for tag in (t.strip() for t in data_images.with_trigger(item.caption, cfg.trigger).split(",")):
@@ -295,6 +299,8 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
         tag_frequency={cfg.dataset_name: tags}, training_comment=f"studio train, {seconds:.0f} s")
     af = formats.from_models(base.components, name, metadata=metadata)
     formats.save(af, path, "native", overwrite=True)
+    if say is None:
+        return
     kohya = path.with_name(f"{name}.kohya.safetensors")
     report = formats.save(af, kohya, "kohya", dtype="fp16", energy=0.99 if cfg.method == "svf" else None,
                           models=base.components, overwrite=True)

@@ -10,6 +10,9 @@ from studio.errors import StudioError
 METHOD_LR = {"lora": 1e-3, "pissa": 1e-3, "milora": 1e-3, "svf": 2e-2}
 """Default UNet learning rate per method (SVF's gains need larger steps)."""
 
+UNET_TARGETS = ("unet-attn", "unet-transformer")
+"""The UNet target presets of ``studio.adapters.targets``."""
+
 
 @dataclass(frozen=True)
 class DiffusionTrainConfig:
@@ -34,7 +37,7 @@ class DiffusionTrainConfig:
     svd: str = "fast"
     """PiSSA init SVD: fast (randomized) or exact."""
     targets: str = "unet-attn"
-    """unet-attn, te-attn or both: unet-attn,te-attn."""
+    """unet-attn (attention), unet-transformer (kohya's set: + feed-forward, proj_in/out), te-attn; comma-joined."""
     unet_lr: float | None = None
     """UNet adapter learning rate; None = the method's default."""
     te_lr: float | None = None
@@ -89,6 +92,8 @@ class DiffusionTrainConfig:
     """no | fp16 | bf16 (accelerate); fp32 on CPU."""
     save_every: int = 100
     """Checkpoint every N steps (and at the end)."""
+    save_adapter_every: int = 0
+    """Also write DIR/<name>-step<N>.safetensors every N steps (kohya's save_every_n_steps); 0 = off."""
     sample_every: int = 100
     """Render the sample grid every N steps (and at the end); 0 = only at the end."""
     sample_prompts: list[str] = field(default_factory=list)
@@ -112,15 +117,17 @@ class DiffusionTrainConfig:
                   (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
                   (0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
                   (self.save_every > 0, f"save_every must be positive, got {self.save_every}"),
+                  (self.save_adapter_every >= 0, f"save_adapter_every must be >= 0, got {self.save_adapter_every}"),
                   (self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no, fp16 or bf16"),
                   (self.prediction_type in (None, "epsilon", "v_prediction"),
                    f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")]
         for ok, message in checks:
             if not ok:
                 raise StudioError(message)
-        parts = {t.strip() for t in self.targets.split(",")}
-        if not parts <= {"unet-attn", "te-attn"}:
-            raise StudioError(f"--targets {self.targets!r}: use unet-attn, te-attn or unet-attn,te-attn")
+        parts = [t.strip() for t in self.targets.split(",")]
+        if not set(parts) <= {*UNET_TARGETS, "te-attn"} or len(set(parts) & set(UNET_TARGETS)) > 1:
+            raise StudioError(f"--targets {self.targets!r}: use unet-attn or unet-transformer, te-attn, "
+                              "or one UNet set plus te-attn, e.g. unet-attn,te-attn")
 
     @property
     def dataset_name(self) -> str:
@@ -147,8 +154,13 @@ class DiffusionTrainConfig:
         return "te-attn" in self.targets
 
     @property
+    def unet_targets(self) -> str | None:
+        """The UNet preset to adapt, or None when only the text encoder trains."""
+        return next((t.strip() for t in self.targets.split(",") if t.strip() in UNET_TARGETS), None)
+
+    @property
     def train_unet(self) -> bool:
-        return "unet-attn" in self.targets
+        return self.unet_targets is not None
 
     def method_config(self):
         from studio.adapters import make_config

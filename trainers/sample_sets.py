@@ -5,6 +5,8 @@
 ROOT/styles/stripes/    24 images, captions "a red circle on a blue background, zxq style"
 ROOT/styles/outline/    24 images, captions "..., qwo style"
 ROOT/characters/kbot/   24 images, captions "a kbot robot on a green background"
+ROOT/regularization/shapes/  24 plain shapes-world images, captions "a red circle on a blue background"
+                        (class images for prior preservation: ``studio train ... --reg-data``)
 
 Each image is a 64x64 PNG with a same-name ``.txt`` caption that contains the trigger word.
 The pictures are drawn by :mod:`studio.shapes.styles`, whose detectors judge adapters trained
@@ -24,7 +26,7 @@ from PIL import Image
 from studio.shapes.styles import sample_images
 
 SETS = {"styles/stripes": ("stripes", 101), "styles/outline": ("outline", 102),
-        "characters/kbot": ("kbot", 103)}
+        "characters/kbot": ("kbot", 103), "regularization/shapes": ("plain", 104)}
 COUNT = 24
 
 

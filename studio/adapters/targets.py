@@ -21,6 +21,9 @@ from studio.errors import StudioError
 PRESETS: dict[str, str] = {
     # every attention block of a diffusers UNet2DConditionModel: 128 layers on SD1.5, 560 on SDXL
     "unet-attn": r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+    # kohya's default LoRA targets: every Linear / 1x1 conv of the UNet's transformer blocks --
+    # the attention above plus the feed-forward and proj_in / proj_out (192 layers on SD1.5)
+    "unet-transformer": r".*(\.attn[12]\.(to_q|to_k|to_v|to_out\.0)|\.ff\.net\.(0\.proj|2)|attentions\.\d+\.(proj_in|proj_out))",
     # CLIPTextModel / CLIPTextModelWithProjection self-attention
     "te-attn": r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)",
     # Llama / Qwen / Mistral attention, GPT-2 attention (Conv1D c_attn, c_proj)

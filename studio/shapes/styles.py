@@ -237,11 +237,15 @@ def detection_rate(name: str, images) -> float:
 
 
 def sample_images(name: str, seed: int, n: int) -> tuple[list[np.ndarray], list[str]]:
-    """``n`` deterministic training images with captions for a style or the character."""
+    """``n`` deterministic training images with captions for a style, the character or "plain"."""
     rng = np.random.default_rng(seed)
     images, captions = [], []
     for _ in range(n):
-        if name in STYLE_TRIGGERS:
+        if name == "plain":
+            scene = random_scene(rng)
+            images.append(render(scene))
+            captions.append(scene.caption)
+        elif name in STYLE_TRIGGERS:
             scene = random_scene(rng)
             images.append(render_style(scene, name))
             captions.append(style_caption(scene, name))
