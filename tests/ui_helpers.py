@@ -33,3 +33,82 @@ def make_adapter(path: Path, method: str, seed: int, trigger: str, base=None) ->
         A.detach(model, name)
     formats.save(af, path, "native", overwrite=True)
     return path
+
+
+def make_sd15_adapter(path: Path) -> Path:
+    """A small LoRA shaped for SD1.5 (768-wide cross-attention): the mini base must refuse it."""
+    from studio.formats import AdapterFile, Part
+
+    g = torch.Generator().manual_seed(7)
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    tensors = {f"{module}.A": torch.randn(4, 768, generator=g), f"{module}.B": torch.randn(640, 4, generator=g)}
+    af = AdapterFile("sd15", {"unet": Part("lora", {"rank": 4, "alpha": 4.0}, tensors)},
+                     metadata={"modelspec.title": path.stem})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    formats.save(af, path, "native", overwrite=True)
+    return path
+
+
+def make_library(root: Path) -> dict[str, Path]:
+    """adapters/: a LoRA and an SVF adapter (different methods, with trigger words), a broken file
+    and an SD1.5 adapter; returns their paths by role."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = load_diffusion_base()
+    paths = {"lora": make_adapter(root / "stripy.safetensors", "lora", 1, "stripy", base),
+             "svf": make_adapter(root / "glow.safetensors", "svf", 2, "glowing", base),
+             "sd15": make_sd15_adapter(root / "other" / "sd15-style.safetensors")}
+    broken = root / "broken.safetensors"
+    broken.write_bytes(b"this is not a safetensors file")
+    paths["broken"] = broken
+    return paths
+
+
+# -- shared fixtures of the UI / generate tests (imported by the test modules) -----------------
+import pytest  # noqa: E402
+
+MINI = "mini-sd (embedded)"
+PROMPT = "a red circle on a blue background"
+EMPTY_SLOT = [None, 1.0, False, 1.0]
+
+
+@pytest.fixture(scope="session")
+def ui_library(tmp_path_factory) -> dict[str, Path]:
+    return make_library(tmp_path_factory.mktemp("ui") / "adapters")
+
+
+@pytest.fixture(scope="session")
+def ui_app(ui_library, tmp_path_factory):
+    """The studio UI launched on a free port (prevent_thread_lock), with its gradio_client."""
+    from gradio_client import Client
+
+    from studio.ui.launch import start
+
+    root = ui_library["lora"].parent
+    demo, url = start(root, tmp_path_factory.mktemp("ui") / "outputs", port=None, prevent_thread_lock=True)
+    try:
+        yield demo, url, Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+    finally:
+        demo.close()
+
+
+def slots(*rows) -> list:
+    """Flat slot values for /generate: rows of (key, weight) or (key, weight, te_weight)."""
+    flat = []
+    for row in rows:
+        key, weight, *te = row
+        flat += [key, weight, bool(te), te[0] if te else 1.0]
+    for _ in range(4 - len(rows)):
+        flat += EMPTY_SLOT
+    return flat
+
+
+def ui_generate(client, *rows, steps=6, seed=3, prompt=PROMPT, **extra):
+    """One /generate call; returns (uint8 image, parameters text)."""
+    import numpy as np
+    from PIL import Image
+
+    args = dict(width=0, height=0, count=1, cfg=4.0, sampler="dpmpp_2m") | extra
+    gallery, parameters, _ = client.predict(MINI, prompt, "", seed, False, steps, args["cfg"], args["width"],
+                                            args["height"], args["sampler"], args["count"], *slots(*rows),
+                                            api_name="/generate")
+    return np.asarray(Image.open(gallery[0]["image"]).convert("RGB")), parameters

@@ -62,5 +62,5 @@ def build_app(studio: Studio, datasets: dict[str, Path], runner: TrainRun | None
                     importlib.import_module("studio.text").build_text_tab(user_errors)
         demo.load(user_errors(generate["refresh"]), None, generate["refresh_outputs"], api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=64)
-    demo.studio_runner = runner  # for shutdown: stop a training run with the app
+    demo.studio_service, demo.studio_runner = studio, runner  # for tests and shutdown
     return demo

@@ -198,6 +198,7 @@ class Studio:
             raise StudioError(f"unknown format {fmt!r}: choose kohya, native or diffusers")
         inputs = [(formats.read(self.library.usable(r.key).path), r.weight, r.te_weight) for r in request.mix if r.key]
         target = self.library.root / "baked" / safe_filename(name, ".safetensors")
+        target.parent.mkdir(exist_ok=True)
         with self.lock:
             session = self._mixed(request)  # the live mix refuses adapters of another base first
             baked, summary = formats.bake(inputs, rank=int(rank) if rank else None, models=session.base.components)
@@ -213,7 +214,8 @@ class Studio:
         card = self.library.get(key)
         if card.error:
             raise StudioError(f"adapter {card.key} cannot be read: {card.error}")
-        return inspect_file(card.path)
+        # the library key, never the server's absolute path, goes back to the client
+        return inspect_file(card.path) | {"path": f"{card.key}.safetensors"}
 
     def add_adapter(self, upload: str | Path) -> str:
         """Copy an uploaded .safetensors into ``uploads/`` after it reads as an adapter."""

@@ -97,7 +97,8 @@ def inspect_tab(studio: Studio, run, generate: dict) -> None:
         if not key_:
             raise gr.Error("pick an adapter from the list")
         info = studio.inspect(key_)
-        return render_text(info), info
+        # a JSON object with a "path" key reads as a file reference to Gradio's client: rename it
+        return render_text(info), {"file" if k == "path" else k: v for k, v in info.items()}
 
     go.click(run(on_inspect), key, [text, raw], api_name="inspect")
     generate["pick"].change(lambda k: gr.update(value=k), generate["pick"], key, api_visibility="private")
