@@ -122,11 +122,11 @@ def load_causal_lm(base: str | None = None, dtype: torch.dtype = torch.float32):
     source = str(base) if base else str(MINI_LM)
     path = Path(source).expanduser()
     is_hub_id = not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~"))
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise StudioError(f"base folder {path} has no config.json: give a transformers causal-LM folder")
     if path.is_dir() and (path / "model_index.json").is_file():
         raise StudioError(f"base {path} is a diffusion pipeline: language-model training needs a causal LM "
                           f"(a transformers folder), or drop --task lm to train an image adapter")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise StudioError(f"base folder {path} has no config.json: give a transformers causal-LM folder")
     if not path.is_dir() and not is_hub_id:
         raise StudioError(f"base {source} does not exist: give a transformers causal-LM folder or a hub id "
                           f"(or omit --base for the embedded mini LM)")
