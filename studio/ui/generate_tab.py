@@ -9,11 +9,11 @@ Events that touch the model share the ``model`` concurrency slot (one at a time,
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+from pathlib import Path
 
 import gradio as gr
-import numpy as np
-
 from studio.ui.library import Card
 from studio.ui.service import MixRow, Request, Studio
 
@@ -21,24 +21,32 @@ SLOTS = 4
 SAMPLER_CHOICES = [("DPM++ 2M", "dpmpp_2m"), ("Euler", "euler"), ("Euler a", "euler_a"), ("DDIM", "ddim")]
 
 
-def placeholder(card: Card) -> np.ndarray:
-    """A card image for an adapter without a preview: a tile coloured by its method (red for errors)."""
+def placeholder(card: Card, folder: Path) -> Path:
+    """A card image for an adapter without a preview: a tile coloured by its method (red for errors),
+    written once per kind. A fixed file (not an array Gradio re-encodes on every refresh) is never
+    rewritten while a browser is still downloading it."""
     from PIL import Image, ImageDraw
 
-    if card.error:
-        colour = (190, 60, 60)
-    else:
-        digest = hashlib.sha1(card.method.encode()).digest()
-        colour = tuple(90 + b % 120 for b in digest[:3])
+    label = ("broken file", "see caption") if card.error else (card.method.upper(), card.family)
+    path = folder / f"card-{hashlib.sha1('|'.join(label).encode()).hexdigest()[:12]}.png"
+    if path.is_file():
+        return path
+    colour = (190, 60, 60) if card.error else tuple(90 + b % 120 for b in hashlib.sha1(card.method.encode()).digest()[:3])
     tile = Image.new("RGB", (128, 128), colour)
     draw = ImageDraw.Draw(tile)
-    draw.text((10, 52), "broken file" if card.error else card.method.upper(), fill="white")
-    draw.text((10, 70), card.family if not card.error else "see caption", fill="white")
-    return np.asarray(tile)
+    draw.text((10, 52), label[0], fill="white")
+    draw.text((10, 70), label[1], fill="white")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tile.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
 
 
 def gallery_items(studio: Studio) -> list:
-    return [(str(c.preview) if c.preview and not c.error else placeholder(c), c.caption) for c in studio.library.scan()]
+    cards = studio.outputs / "cards"
+    return [(str(c.preview if c.preview and not c.error else placeholder(c, cards)), c.caption)
+            for c in studio.library.scan()]
 
 
 def card_markdown(card: Card) -> str:
@@ -107,24 +115,25 @@ def build(studio: Studio, run) -> dict:
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
         with gr.Column(scale=4, min_width=360):
-            gallery = gr.Gallery(label="images", format="png", columns=2, height=300, elem_id="output_gallery",
-                                 object_fit="contain")
+            gallery = gr.Gallery(label="images", format="png", columns=3, height="auto", elem_id="output_gallery",
+                                 object_fit="contain", allow_preview=False)
             parameters = gr.Textbox(label="parameters (also in each PNG)", lines=4, elem_id="parameters",
                                     buttons=["copy"])
             with gr.Accordion("Library", open=True):
                 cards = gr.Gallery(gallery_items(studio), label="adapters (click a card, then Add)", columns=4,
-                                   height=220, allow_preview=False, elem_id="library", format="png")
+                                   height="auto", allow_preview=False, elem_id="library", format="png")
                 with gr.Row():
                     pick = gr.Dropdown(studio.library.keys, value=None, label="adapter", allow_custom_value=True,
                                        elem_id="pick", scale=3)
                     add = gr.Button("Add to mix", elem_id="add", scale=1)
                     refresh = gr.Button("↻", size="sm", min_width=40, scale=0, elem_id="refresh")
                 details = gr.Markdown("", elem_id="card_details")
+            with gr.Accordion("Upload an adapter or a card preview", open=False):
                 with gr.Row():
-                    upload = gr.File(label="add an adapter (.safetensors)", file_types=[".safetensors"],
-                                     elem_id="upload_adapter", height=90)
+                    upload = gr.File(label="adapter (.safetensors)", file_types=[".safetensors"],
+                                     elem_id="upload_adapter")
                     preview_upload = gr.File(label="preview for the picked adapter (.png/.jpg)",
-                                             file_types=[".png", ".jpg", ".jpeg"], elem_id="upload_preview", height=90)
+                                             file_types=[".png", ".jpg", ".jpeg"], elem_id="upload_preview")
             with gr.Accordion("X/Y grid over adapter weights (fixed seed)", open=False):
                 with gr.Row():
                     x_slot = gr.Dropdown([1, 2, 3, 4], value=1, label="X: slot", elem_id="x_slot")

@@ -63,8 +63,8 @@ def read_card(root: Path, path: Path) -> Card:
     key = path.relative_to(root).with_suffix("").as_posix()
     try:
         info = inspect_file(path)
-    except StudioError as err:
-        return Card(key, path, preview=_preview(path), error=str(err))
+    except StudioError as err:  # the card shows the library name, not the server's absolute path
+        return Card(key, path, preview=_preview(path), error=str(err).replace(str(path), f"{key}.safetensors"))
     except Exception as err:  # a damaged file may fail anywhere in a reader: still one card, one line
         return Card(key, path, preview=_preview(path), error=f"cannot read the file ({type(err).__name__}: {err})")
     methods = sorted(set(info["methods"].values()))
