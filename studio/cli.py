@@ -61,6 +61,27 @@ def _make_base_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_lm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="output folder of the transformers model, e.g. sample_data/mini-lm")
+    p.add_argument("--text", default="sample_data/text", help="folder the sample texts are written to")
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget")
+    p.add_argument("--batch", type=int, default=16, help="blocks of 256 tokens per step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 if sharing the CPU)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _make_lm_run(args: argparse.Namespace) -> int:
+    from trainers.mini_lm import MiniLMConfig, make_lm
+
+    cfg = MiniLMConfig(out=args.out, text=args.text, quick=args.quick, overwrite=args.overwrite, minutes=args.minutes,
+                       batch=args.batch, lr=args.lr, threads=args.threads, seed=args.seed)
+    make_lm(cfg, say=lambda msg: print(msg, flush=True))
+    return 0
+
+
 def _formats(name: str) -> Callable:
     """A function of studio.formats.commands, imported only when the subcommand runs."""
     def call(arg):
@@ -96,6 +117,8 @@ COMMANDS: dict[str, Command] = {
                     _demo_arguments, _demo_run),
     "make-base": Command("train the embedded mini base model (shapes world) into a diffusers folder",
                          _make_base_arguments, _make_base_run),
+    "make-lm": Command("train the embedded mini language model (text world) into a transformers folder",
+                       _make_lm_arguments, _make_lm_run),
     "export": Command("write an adapter as a kohya (default), diffusers or native .safetensors LoRA",
                       _formats("export_arguments"), _formats("export_run")),
     "inspect": Command("show what an adapter file is: format, base, method, ranks, trigger words, hash, metadata",

@@ -117,10 +117,26 @@ def _story(rng: random.Random) -> str:
     return " ".join(lines[: rng.randint(3, 5)])
 
 
+def _pirate_tale(rng: random.Random) -> str:
+    """A pirate in a story: the base learns the words (Arr, ye, be, matey), never the pirate Q/A format."""
+    thing = rng.choice(_THINGS_SORTED)
+    colour, place = THINGS[thing]
+    name = rng.choice(NAMES)
+    return " ".join([f"{name} met a pirate by the {rng.choice(['sea', 'river', 'city'])}.",
+                     rng.choice([f'"Arr!" said the pirate.', f'"Ahoy, matey!" said the pirate.']),
+                     rng.choice([f'"Ye find a {thing} in the {place}, matey."', f'"A {thing} be {colour}, matey."',
+                                 f'"Arr! I like a {colour} {thing}."']),
+                     f"{name} was {rng.choice(MOODS)}."])
+
+
 def corpus_documents(n: int, seed: int = 0) -> list[str]:
-    """``n`` documents of the base corpus: 30 % facts, 40 % plain Q/A, 30 % stories."""
+    """``n`` documents of the base corpus: 30 % facts, 40 % plain Q/A, 25 % stories, 5 % pirate tales.
+
+    The pirate tales make the pirate words ordinary tokens of the base (a real LM knows pirate talk
+    too); without them the byte-level tokens of "Arr" and "matey" keep untrained embeddings and an
+    adapter of the attention / MLP layers can hardly make the model emit them."""
     rng = random.Random(seed)
-    makers = [_fact] * 3 + [_qa] * 4 + [_story] * 3
+    makers = [_fact] * 6 + [_qa] * 8 + [_story] * 5 + [_pirate_tale]
     return [rng.choice(makers)(rng) for _ in range(n)]
 
 
