@@ -50,7 +50,8 @@ def user_errors(fn):
     return wrapper
 
 
-def build_app(studio: Studio, datasets: dict[str, Path], runner: TrainRun | None = None) -> gr.Blocks:
+def build_app(studio: Studio, datasets: dict[str, Path], runner: TrainRun | None = None,
+              lm_bases: dict[str, str] | None = None) -> gr.Blocks:
     runner = runner or TrainRun(studio.library.root)
     with gr.Blocks(title="adapter studio") as demo:
         gr.Markdown("## adapter studio — mix LoRA / PiSSA / MiLoRA / SVF adapters")
@@ -63,10 +64,12 @@ def build_app(studio: Studio, datasets: dict[str, Path], runner: TrainRun | None
                 tabs.train_tab(studio, runner, datasets, user_errors, generate)
             with gr.Tab("Inspect", elem_id="tab_inspect"):
                 tabs.inspect_tab(studio, user_errors, generate)
-            if importlib.util.find_spec("studio.text") is not None and hasattr(
-                    importlib.import_module("studio.text"), "build_text_tab"):
+            if importlib.util.find_spec("studio.text") is not None:  # the language-model path is installed
+                from studio.ui import text_tab
+                from studio.ui.text_service import TextStudio
+
                 with gr.Tab("Text", elem_id="tab_text"):
-                    importlib.import_module("studio.text").build_text_tab(user_errors)
+                    text_tab.build(TextStudio(studio.library, lm_bases, lock=studio.lock), user_errors)
         demo.load(user_errors(generate["refresh"]), None, generate["refresh_outputs"], api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=64)
     demo.studio_service, demo.studio_runner = studio, runner  # for tests and shutdown

@@ -28,15 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth", help=f"USER:PASS required to open the app (or set {AUTH_ENV})")
     p.add_argument("--base", action="append", default=[], metavar="NAME=PATH",
                    help="an extra base for the picker: diffusers folder, .safetensors checkpoint or hub id")
+    p.add_argument("--lm-base", action="append", default=[], metavar="NAME=PATH",
+                   help="an extra language model for the Text tab: transformers folder or hub id")
     p.add_argument("--datasets", help="folder whose sub-folders are training datasets (besides the samples)")
 
 
-def parse_bases(specs: list[str]) -> dict[str, str]:
+def parse_bases(specs: list[str], flag: str = "--base") -> dict[str, str]:
     bases = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise StudioError(f"bad --base {spec!r} in studio ui: use NAME=PATH, e.g. sd15=/models/sd15")
+            raise StudioError(f"bad {flag} {spec!r} in studio ui: use NAME=PATH, e.g. sd15=/models/sd15")
         bases[name] = path
     return bases
 
@@ -55,7 +57,7 @@ def find_datasets(extra: str | None) -> dict[str, Path]:
 
 def start(adapters: str | Path, outputs: str | Path, host: str = "127.0.0.1", port: int | None = 7860,
           auth: str | None = None, bases: dict[str, str] | None = None, datasets: str | None = None,
-          prevent_thread_lock: bool = False, environ: dict | None = None):
+          prevent_thread_lock: bool = False, environ: dict | None = None, lm_bases: dict[str, str] | None = None):
     """Check, build and launch; returns (demo, local_url). Tests call this with prevent_thread_lock."""
     credentials = check_bind(host, auth, environ)  # before anything heavy is imported or loaded
     found = find_datasets(datasets)
@@ -66,8 +68,9 @@ def start(adapters: str | Path, outputs: str | Path, host: str = "127.0.0.1", po
     allowed, blocked = file_access(
         [studio.library.root, studio.outputs] + [p for p in SAMPLE_DATASETS if p.is_dir()],
         [REPO / ".git", REPO / "sample_data" / "mini-sd", REPO / "sample_data" / "mini-sd-train-state",
-         *(Path(b) for b in (bases or {}).values() if Path(b).exists())])
-    demo = build_app(studio, found)
+         REPO / "sample_data" / "mini-lm",
+         *(Path(b) for b in {**(bases or {}), **(lm_bases or {})}.values() if Path(b).exists())])
+    demo = build_app(studio, found, lm_bases=lm_bases)
     import gradio as gr
 
     _, local_url, _ = demo.launch(
@@ -85,5 +88,6 @@ def generate_css() -> str:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    start(args.adapters, args.outputs, args.host, args.port, args.auth, parse_bases(args.base), args.datasets)
+    start(args.adapters, args.outputs, args.host, args.port, args.auth, parse_bases(args.base), args.datasets,
+          lm_bases=parse_bases(args.lm_base, "--lm-base"))
     return 0

@@ -31,6 +31,8 @@ class Card:
     method: str = ""
     ranks: str = ""
     family: str = ""
+    base: str = ""
+    """Family code: 'sd15', 'sdxl', 'sd-custom' or 'lm' (language-model adapters go to the Text tab)."""
     triggers: tuple[str, ...] = ()
     hash12: str = ""
     preview: Path | None = None
@@ -68,7 +70,7 @@ def read_card(root: Path, path: Path) -> Card:
     except Exception as err:  # a damaged file may fail anywhere in a reader: still one card, one line
         return Card(key, path, preview=_preview(path), error=f"cannot read the file ({type(err).__name__}: {err})")
     methods = sorted(set(info["methods"].values()))
-    return Card(key, path, method="+".join(methods), ranks=_ranks(info), family=info["base_name"],
+    return Card(key, path, method="+".join(methods), ranks=_ranks(info), family=info["base_name"], base=info["base"],
                 triggers=tuple(info["trigger_words"]), hash12=info["hash"]["short"], preview=_preview(path))
 
 
