@@ -22,14 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench  # noqa: E402
 
 
-def score(adapter: Path, style: str, n: int, weight: float = 1.0, baseline: bool = True) -> tuple[float, float]:
+def score(adapter: Path, style: str, n: int, weight: float = 1.0, baseline: bool = True,
+          base_model: str | None = None) -> tuple[float, float]:
     """Detector rates (with the adapter at ``weight``, without it; NaN when not ``baseline``)."""
     from studio import formats
     from studio.models import load_diffusion_base
     from studio.pipeline import Settings, generate
     from studio.shapes import evaluate, styles
 
-    base = load_diffusion_base()
+    base = load_diffusion_base(base_model)
     base.pipe.set_progress_bar_config(disable=True)
     trigger = styles.STYLE_TRIGGERS.get(style) or styles.CHARACTER_TRIGGERS.get(style)
     prompts = [f"{p}, {trigger} style" for p in evaluate.eval_prompts(n, seed=123)]

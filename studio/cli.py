@@ -46,6 +46,7 @@ def _make_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-minutes", type=float, default=8.0, help="wall-clock budget of the VAE stage")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--wild", type=float, default=0.0, help="fraction of uncaptioned texture images per batch")
     p.add_argument("--save-minutes", type=float, default=10.0, help="save improving weights this often")
     p.add_argument("--seed", type=int, default=0)
 
@@ -56,7 +57,7 @@ def _make_base_run(args: argparse.Namespace) -> int:
     cfg = MiniBaseConfig(out=args.out, quick=args.quick, overwrite=args.overwrite,
                          resume=args.resume, threads=args.threads, minutes=args.minutes,
                          steps=args.steps, vae_minutes=args.vae_minutes, batch=args.batch,
-                         lr=args.lr, save_minutes=args.save_minutes, seed=args.seed)
+                         lr=args.lr, wild=args.wild, save_minutes=args.save_minutes, seed=args.seed)
     make_base(cfg, say=lambda msg: print(msg, flush=True))
     return 0
 

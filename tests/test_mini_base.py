@@ -122,3 +122,39 @@ def test_shipped_mini_base_follows_prompts():
                "a black circle on a white background", "a green star on a red background"]
     s = score(render_prompts(pipe, prompts, seed=0, steps=12), prompts)
     assert s["both_colours"] >= 0.5 and s["shape"] >= 0.5, s
+
+
+def test_resume_grows_an_older_unet_layout_without_changing_its_output(quick_base, tmp_path):
+    """The first shipped base had no 16x16 attention; --resume adds it as identity, then trains it."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from trainers.mini_base import MiniBaseConfig, make_base
+    from trainers.mini_base_models import grow_unet
+
+    current = UNet2DConditionModel.from_pretrained(str(quick_base / "unet"))
+    assert current.config.down_block_types[0] == "CrossAttnDownBlock2D" and grow_unet(current) is None
+    old_layout = {k: v for k, v in current.config.items() if not k.startswith("_")}
+    old_layout.update(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                      up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=8)
+    torch.manual_seed(0)
+    old = UNet2DConditionModel.from_config(old_layout)
+    grown = grow_unet(old)
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 24, 64)
+    with torch.no_grad():
+        assert torch.equal(old(x, t, encoder_hidden_states=text).sample, grown(x, t, encoder_hidden_states=text).sample)
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in old.parameters())
+
+    out = tmp_path / "old"
+    shutil.copytree(quick_base, out)
+    shutil.rmtree(out / "unet")
+    old.save_pretrained(str(out / "unet"))
+    messages = []
+    make_base(MiniBaseConfig(out=str(out), resume=True, steps=2, batch=4, wild=0.5), say=messages.append)
+    assert any(m.startswith("grew the UNet") for m in messages)
+    unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+    assert grow_unet(unet) is None  # saved in the current layout
+    assert unet.down_blocks[0].attentions[0].proj_out.weight.abs().sum() > 0  # and trained
+    assert json.loads((out / "training.json").read_text())["grown"][0]["at_step"] > 0

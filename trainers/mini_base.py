@@ -20,6 +20,8 @@ Recipe (measured on a 2-core CPU, see the model card for the numbers of the ship
    objective hardly learns), EMA 0.999 of the weights that are shipped.
 
 Resumable: ``--resume`` loads the weights already in OUT and continues the diffusion stage.
+A pipeline of an older UNet layout is grown to the current one first (``grow_unet``: the new
+attention levels start as identity), which is how the shipped base gained its 16x16 attention.
 The exact optimizer + raw-weight state lives beside OUT in ``OUT-train-state/`` (not shipped);
 when it is missing (fresh checkout) training resumes from the shipped EMA weights with a
 fresh optimizer and a short warmup, which costs a few hundred steps of re-warming, no more.
@@ -41,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from studio.errors import StudioError
-from trainers.mini_base_models import (build_text_encoder, build_unet, build_vae, images_to_tensor,
+from trainers.mini_base_models import (build_text_encoder, build_unet, build_vae, grow_unet, images_to_tensor,
                                      inference_scheduler, train_scheduler)
 
 STATE_FILE = "state.pt"
@@ -76,6 +78,10 @@ class MiniBaseConfig:
     warmup: int = 200
     ema: float = 0.999
     caption_dropout: float = 0.1
+    wild: float = 0.0
+    """Fraction of each diffusion batch drawn from studio.shapes.wild with the empty caption: the
+    base learns to draw textures no prompt names (as SD knows more than its captions say), and a
+    style adapter then only has to bind its trigger word to one of them."""
     offset_noise: float = 0.1
     min_snr: float = 5.0
     max_length: int = 24
@@ -215,7 +221,7 @@ def train_diffusion(vae, unet, text_encoder, tokenizer, ema_unet, ema_te, cfg: M
                     log: dict, say, save, state_path: Path | None) -> None:
     import torch
     import torch.nn.functional as F
-    from studio.shapes import world
+    from studio.shapes import wild, world
 
     sched = train_scheduler()
     alphas = sched.alphas_cumprod  # (1000,)
@@ -262,6 +268,10 @@ def train_diffusion(vae, unet, text_encoder, tokenizer, ema_unet, ema_te, cfg: M
         idx = torch.tensor([captions.index(c) for c in caps])
         drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
         idx[drop] = empty
+        n_wild = int(round(cfg.batch * cfg.wild))
+        if n_wild:
+            images[-n_wild:] = wild.wild_batch(cfg.seed * 1_000_003 + 104729 * step + 23, n_wild)
+            idx[-n_wild:] = empty
         with torch.no_grad():
             z = vae.encode(images_to_tensor(images)).latent_dist.sample(generator=gen)
             z = z * vae.config.scaling_factor  # (B, 4, 16, 16)
@@ -345,6 +355,14 @@ def _make_base(cfg: MiniBaseConfig, say) -> Path:
             unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
             text_encoder = CLIPTextModel.from_pretrained(str(out / "text_encoder"))
             log = json.loads((out / LOG_FILE).read_text()) if (out / LOG_FILE).exists() else {}
+            grown = grow_unet(unet)
+            if grown is not None:  # an older layout: add the missing attention levels, keep the rest
+                unet = grown
+                at = log.get("diffusion", {}).get("steps", 0)
+                log.setdefault("grown", []).append({"at_step": at, "down_block_types": list(unet.config.down_block_types)})
+                if state_path is not None and state_path.exists():
+                    state_path.unlink()  # the old optimizer state has the old shapes
+                say(f"grew the UNet to the current layout at step {at}: new attention starts as identity")
             vae.requires_grad_(False)
             vae.eval()
         else:
