@@ -9,5 +9,7 @@ the CLI (``studio.mixing``, ``studio.pipeline``, ``studio.formats``) and runs tr
     train_runner.py  a training subprocess: start, poll (progress, loss, samples), stop
     generate_tab.py  the Generate tab's layout and events
     tabs.py          the Bake, Train and Inspect tabs
+    text_service.py  ``TextStudio``: a causal LM with a mix of LM adapters (the Text tab's work)
+    text_tab.py      the Text tab (shown when the language-model path, ``studio.text``, exists)
     app.py           the Blocks app: tabs, queue, the shared model slot
 """

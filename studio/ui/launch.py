@@ -73,17 +73,13 @@ def start(adapters: str | Path, outputs: str | Path, host: str = "127.0.0.1", po
     demo = build_app(studio, found, lm_bases=lm_bases)
     import gradio as gr
 
+    from studio.ui.app import CSS
+
     _, local_url, _ = demo.launch(
         server_name=host, server_port=port, auth=credentials, allowed_paths=allowed, blocked_paths=blocked,
         max_file_size=MAX_UPLOAD_BYTES, prevent_thread_lock=prevent_thread_lock, share=False, quiet=True,
-        show_error=False, footer_links=[], css=generate_css(), theme=gr.themes.Soft())
+        show_error=False, footer_links=[], css=CSS, theme=gr.themes.Soft())
     return demo, local_url
-
-
-def generate_css() -> str:
-    from studio.ui.app import CSS
-
-    return CSS
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,17 +48,25 @@ class Card:
 
 
 def _preview(path: Path) -> Path | None:
+    """``NAME.preview.png`` (or .png / .jpg) beside the file; else, for a ``studio train`` output,
+    its newest sample grid."""
     stem = path.with_suffix("")
     for suffix in PREVIEW_SUFFIXES:
         candidate = stem.with_name(stem.name + suffix)
         if candidate.is_file():
             return candidate
-    return None
+    samples = sorted((path.parent / "samples").glob("step-*.png"))
+    return samples[-1] if samples else None
 
 
 def _ranks(info: dict) -> str:
-    values = sorted({str(r) for ranks in info["ranks"].values() for r in ranks})
-    return "/".join(v if len(v) < 12 else "full" for v in values) or "-"
+    """'8', '4/8', '32-44' (a file truncated per module by energy), or 'full' (SVF)."""
+    values = {r for ranks in info["ranks"].values() for r in ranks}
+    numbers = sorted(v for v in values if isinstance(v, int))
+    words = ["full"] if len(numbers) < len(values) else []
+    if len(numbers) > 2:
+        numbers = [f"{numbers[0]}-{numbers[-1]}"]
+    return "/".join([str(n) for n in numbers] + words) or "-"
 
 
 def read_card(root: Path, path: Path) -> Card:

@@ -52,13 +52,13 @@ def train_tab(studio: Studio, runner: TrainRun, datasets: dict[str, Path], run, 
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="train_start")
         stop = gr.Button("Stop", variant="stop", elem_id="train_stop")
-    status = gr.Markdown("idle", elem_id="train_status")
+    status = gr.Markdown("idle: pick a dataset, a method and press Start", elem_id="train_status")
     with gr.Row():
         plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="training loss", elem_id="train_loss",
                            height=260)
         sample = gr.Image(label="latest samples", format="png", type="filepath", elem_id="train_sample", height=260)
     timer = gr.Timer(1.0)
-    seen = {"state": None}
+    last = gr.State(None)  # per browser: what it shows, so an unchanged tick sends nothing
 
     def on_start(data_, method_, rank_, steps_):
         if data_ not in datasets:
@@ -67,22 +67,26 @@ def train_tab(studio: Studio, runner: TrainRun, datasets: dict[str, Path], run, 
         return f"started: {out.name} ({method_}, rank {int(rank_ or 8)}, {int(steps_ or 1)} steps)"
 
     def describe(s) -> str:
+        if s.state == "idle":
+            return "idle: pick a dataset, a method and press Start"
         share = f" ({100 * s.step / s.total:.0f} %)" if s.total else ""
         loss = f" · loss {s.losses[-1][1]:.4f}" if s.losses else ""
         return f"**{s.state}** · step {s.step}/{s.total}{share}{loss}" + (f"  \n{s.message}" if s.message else "")
 
-    def on_tick():
+    def on_tick(shown):
         s = runner.poll()
+        now = (s.state, s.step, len(s.losses), str(s.sample), s.message)
+        if now == shown:
+            return [gr.skip()] * (4 + len(generate["refresh_outputs"]))
         library = [gr.skip()] * len(generate["refresh_outputs"])
-        if s.state != seen["state"] and s.state in ("finished", "failed", "stopped"):
-            library = generate["refresh"]()  # the new adapter shows up once, not on every tick
-        seen["state"] = s.state
-        return [describe(s), _loss_frame(s.losses), str(s.sample) if s.sample else None] + library
+        if shown is not None and shown[0] == "running" and s.state != "running":
+            library = generate["refresh"]()  # the finished adapter shows up in the library
+        return [now, describe(s), _loss_frame(s.losses), str(s.sample) if s.sample else None] + library
 
     start.click(run(on_start), [data, method, rank, steps], status, api_name="train_start")
     stop.click(run(lambda: describe(runner.stop())), None, status, api_name="train_stop")
-    timer.tick(run(on_tick), None, [status, plot, sample] + generate["refresh_outputs"], api_visibility="private",
-               show_progress="hidden")
+    timer.tick(run(on_tick), last, [last, status, plot, sample] + generate["refresh_outputs"],
+               api_visibility="private", show_progress="hidden")
 
 
 def inspect_tab(studio: Studio, run, generate: dict) -> None:
