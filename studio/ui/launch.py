@@ -75,10 +75,16 @@ def start(adapters: str | Path, outputs: str | Path, host: str = "127.0.0.1", po
 
     from studio.ui.app import CSS
 
+    if not prevent_thread_lock:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"studio ui on http://{shown}:{port or 7860}  (adapters {studio.library.root}, outputs {studio.outputs}; "
+              f"{'password required' if credentials else 'this machine only'}; Ctrl+C stops)", flush=True)
     _, local_url, _ = demo.launch(
         server_name=host, server_port=port, auth=credentials, allowed_paths=allowed, blocked_paths=blocked,
         max_file_size=MAX_UPLOAD_BYTES, prevent_thread_lock=prevent_thread_lock, share=False, quiet=True,
         show_error=False, footer_links=[], css=CSS, theme=gr.themes.Soft())
+    if not prevent_thread_lock:  # launch blocked until Ctrl+C: a training run does not outlive the app
+        demo.studio_runner.stop()
     return demo, local_url
 
 
