@@ -51,9 +51,8 @@ def test_add_two_adapters_move_a_slider_generate(page):
     expect(page.locator("#slot1_key input")).to_have_value("glow")
     # trigger words went into the prompt, each once
     expect(page.locator("#prompt textarea")).to_have_value(f"glowing, stripy, {PROMPT}")
-    weight = page.locator("#slot1_weight input[type=number]")
-    weight.fill("0.35")
-    weight.press("Enter")
+    page.locator("#slot1_weight input[type=range]").fill("0.35")  # move the slider itself
+    expect(page.locator("#slot1_weight input[type=number]")).to_have_value("0.35")
     steps = page.locator("#steps input[type=number]")
     steps.fill("6")
     steps.press("Enter")
