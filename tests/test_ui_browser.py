@@ -17,11 +17,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def page(ui_app):
+def page(request):
     if CHROMIUM is None:
         pytest.skip("no chromium binary on PATH (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    _, url, _ = ui_app
+    _, url, _ = request.getfixturevalue("ui_app")  # only now: a skip costs no app launch
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
