@@ -45,9 +45,10 @@ def test_mix_rules_weight_zero_is_the_base_and_merge_matches(tmp_path, capsys, u
 
 
 def test_size_is_rounded_with_a_note(tmp_path, capsys):
-    (image,), _, out = _generate(tmp_path, capsys, "--size", "70x40")
+    # 70 x 36 rounds down to 64 x 32 for any size multiple of 8, 16 or 32
+    (image,), _, out = _generate(tmp_path, capsys, "--size", "70x36")
     assert image.shape[:2] == (32, 64)
-    assert "note: width 70 set to 64" in out and "note: height 40 set to 32" in out
+    assert "note: width 70 set to 64" in out and "note: height 36 set to 32" in out
 
 
 @pytest.mark.parametrize("argv, message", [

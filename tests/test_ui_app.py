@@ -96,9 +96,12 @@ def test_out_of_range_settings_are_capped_with_a_message(ui_app):
     from studio.ui.service import Request
 
     studio = demo.studio_service
-    result = studio.generate(Request(PROMPT, steps=0, width=8, height=20, count=99, base=MINI))
+    result = studio.generate(Request(PROMPT, steps=0, width=8, height=8, count=99, base=MINI))
     assert len(result.paths) == 8
     assert result.notes[0] == "image count 99 capped to 8 (allowed 1..8)"
     assert "steps 0 capped to 1 (allowed 1..150)" in result.notes
-    assert any(n.startswith("width 8 set to 16 (a multiple of 16") for n in result.notes)
-    assert Image.open(result.paths[0]).size == (16, 16)
+    from studio.pipeline import size_multiple
+
+    m = size_multiple(studio.session.base.pipe)  # the smallest size the base renders
+    assert f"width 8 set to {m} (a multiple of {m} from {m} to 2048; this base's native size is 64)" in result.notes
+    assert Image.open(result.paths[0]).size == (m, m)
