@@ -47,7 +47,7 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
         return None, None
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
     if not match:
-        raise StudioError(f"bad --size {text!r}: use WxH (e.g. 512x768) or one number for a square")
+        raise StudioError(f"bad size {text!r} in --size: use WxH (e.g. 512x768) or one number for a square")
     width = int(match.group(1))
     return width, int(match.group(2) or width)
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from studio.pipeline import parameters_text, save_png, within_limits
 
     if not 1 <= args.count <= 1000:
-        raise StudioError(f"--count {args.count} is out of range: give 1 to 1000")
+        raise StudioError(f"count {args.count} out of range in --count: give 1 to 1000")
     width, height = parse_size(args.size)
     entries = [MixEntry(*parse_spec(spec)) for spec in args.adapter]
     base = load_diffusion_base(args.base)
@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_text(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("studio.text") is None:
-        raise StudioError("--task lm: the language-model path (studio.text) is not available in this version: "
-                          "use --task image")
+        raise StudioError("the language-model path (studio.text) is not installed in --task lm: "
+                          "use --task image, or install the version with studio/text.py")
     from studio import text
 
     return text.run_text_generate(args)

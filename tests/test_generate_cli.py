@@ -52,10 +52,10 @@ def test_size_is_rounded_with_a_note(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--size", "big"], "error: bad --size 'big': use WxH"),
+    (["--size", "big"], "error: bad size 'big' in --size: use WxH"),
     (["--adapter", "/nowhere/x.safetensors:1"], "error: adapter file /nowhere/x.safetensors does not exist"),
     (["--sampler", "plms"], "error: unknown sampler 'plms'"),
-    (["--count", "0"], "error: --count 0 is out of range"),
+    (["--count", "0"], "error: count 0 out of range in --count: give 1 to 1000"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
     code = main(["generate", "--prompt", "x", "--steps", "2", "--out", str(tmp_path), *argv])
@@ -85,4 +85,4 @@ def test_lm_task_without_the_lm_path_is_one_error_line(tmp_path, capsys, monkeyp
     monkeypatch.setattr(command.importlib.util, "find_spec", lambda name: None)
     code = main(["generate", "--task", "lm", "--prompt", "x", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: --task lm: the language-model path") and "\n" not in err
+    assert code == 2 and err.startswith("error: the language-model path (studio.text) is not installed in --task lm: use") and "\n" not in err
