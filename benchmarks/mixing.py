@@ -75,7 +75,8 @@ def lora_files(models: dict, folder: Path) -> list[Path]:
 def step_fn(unet):
     """One CFG denoising step: the UNet on a batch of 2 latents of 32x32 (256 px) with 77 context tokens."""
     g = torch.Generator().manual_seed(2)
-    x, t, context = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([500, 500]), torch.randn(2, 77, 768, generator=g)
+    x, context = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([500, 500])
 
     def step():
         with torch.no_grad():
@@ -117,8 +118,9 @@ def main() -> None:
     theirs.set_adapters(NAMES, list(WEIGHT_SETS[0]))
     step, peft_step = step_fn(ours.unet), step_fn(theirs.unet)
     difference = ((step() - peft_step()).norm() / peft_step().norm()).item()
-    print(f"built two SD1.5-sized UNet + TE copies and three rank-16 LoRA files in {time.perf_counter() - began:.0f} s; "
-          f"studio vs PEFT UNet outputs differ by {difference:.1e} (relative): the same computation", flush=True)
+    print(f"built two SD1.5-sized UNet + TE copies and three rank-16 LoRA files in "
+          f"{time.perf_counter() - began:.0f} s; studio vs PEFT UNet outputs differ by {difference:.1e} "
+          f"(relative): the same computation", flush=True)
 
     state = {"i": 0}
 

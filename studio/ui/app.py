@@ -24,8 +24,8 @@ CSS = """
 #library .caption-label { position: static !important; transform: none !important; max-width: 100% !important;
   white-space: normal !important; overflow: visible !important; font-size: 0.72em; line-height: 1.25;
   background: none !important; border: none !important; padding: 2px 0 0 0 !important; text-align: left; }
-#library .thumbnail-item { display: flex; flex-direction: column; height: auto !important; aspect-ratio: auto !important;
-  padding: 4px; }
+#library .thumbnail-item { display: flex; flex-direction: column; height: auto !important;
+  aspect-ratio: auto !important; padding: 4px; }
 #library .thumbnail-item img { aspect-ratio: 1; height: 96px; object-fit: cover; }
 #library .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 420px; }
 #output_gallery img, #grid_image img, #train_sample img { image-rendering: pixelated; }

@@ -31,7 +31,8 @@ def placeholder(card: Card, folder: Path) -> Path:
     path = folder / f"card-{hashlib.sha1('|'.join(label).encode()).hexdigest()[:12]}.png"
     if path.is_file():
         return path
-    colour = (190, 60, 60) if card.error else tuple(90 + b % 120 for b in hashlib.sha1(card.method.encode()).digest()[:3])
+    digest = hashlib.sha1(card.method.encode()).digest()
+    colour = (190, 60, 60) if card.error else tuple(90 + b % 120 for b in digest[:3])
     tile = Image.new("RGB", (128, 128), colour)
     draw = ImageDraw.Draw(tile)
     draw.text((10, 52), label[0], fill="white")

@@ -162,8 +162,11 @@ class Studio:
         if len(xs) * len(ys) > MAX_GRID_CELLS:
             raise StudioError(f"an X/Y grid of {len(xs)}x{len(ys)} is over {MAX_GRID_CELLS} images: give fewer values")
 
+        def name(slot):
+            return Path(rows[slot - 1].key).name
+
         def label(slot, value):
-            return f"{Path(rows[slot - 1].key).name}: {value:g}"
+            return f"{name(slot)}: {value:g}"
 
         cells, notes = [], []
         with self.lock:
@@ -185,8 +188,8 @@ class Studio:
                                   [label(y_slot, y) if y_slot else "" for y in ys])
             out = self.outputs / "grids"
             out.mkdir(parents=True, exist_ok=True)
-            text = f"X/Y grid, seed {request.seed}: X = {label(x_slot, 0).split(':')[0]} {xs}" + (
-                f", Y = {label(y_slot, 0).split(':')[0]} {ys}" if y_slot else "")
+            text = f"X/Y grid, seed {request.seed}: X = {name(x_slot)} {xs}"
+            text += f", Y = {name(y_slot)} {ys}" if y_slot else ""
             path = save_png(image, out / f"{next_index(out):05d}-{request.seed}.png", text)
         return Result([path], [text], notes)
 

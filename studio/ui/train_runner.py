@@ -109,7 +109,8 @@ class TrainRun:
                 status.sample = samples[-1] if samples else None
             if self.process is not None and status.state == "running" and self.process.poll() is not None:
                 code = self.process.returncode
-                adapters = sorted(p for p in self.out.glob("*.safetensors") if not p.name.endswith(".kohya.safetensors"))
+                adapters = sorted(p for p in self.out.glob("*.safetensors")
+                                  if not p.name.endswith(".kohya.safetensors"))
                 if code == 0 and adapters:
                     status.state, status.adapter = "finished", adapters[0]
                     status.message = f"finished: {adapters[0].relative_to(self.adapters)} is in the library"
