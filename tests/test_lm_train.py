@@ -32,12 +32,14 @@ def _mean_loss(model, tokenizer, data: Path) -> float:
         return model(**data_text.collate(examples, tokenizer.pad_token_id)).loss.item()
 
 
-def test_instruction_training_lowers_the_response_loss_and_writes_everything(tiny_lm, tmp_path):
+def test_instruction_training_lowers_the_response_loss_and_writes_everything(tiny_lm, tmp_path, capsys):
     from studio.models import load_causal_lm
     from studio.text import load_with_adapters
 
     data = pirate_jsonl(tmp_path, 16)
     out = tmp_path / "run"
+    assert main(_args(data, tiny_lm, out, "--check")) == 0 and not out.exists()
+    assert "16 instruction records" in capsys.readouterr().out
     assert main(_args(data, tiny_lm, out, "--steps", "24", "--lr", "1e-2", "--rank", "4")) == 0
     assert {"pirate.safetensors", "config.toml", "checkpoints", "logs", "samples.txt"} <= {p.name for p in out.iterdir()}
     assert 'targets = "lm-attn,lm-mlp"' in (out / "config.toml").read_text()

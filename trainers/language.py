@@ -161,9 +161,14 @@ def sample_prompts(cfg: LMTrainConfig) -> list[str]:
 
 
 def _write_samples(model, tokenizer, cfg: LMTrainConfig, writer, path: Path, step: int) -> None:
+    """Greedy answers to the sample prompts; prompts with no room left in the context are skipped
+    (a sample must never stop a finished run from saving its adapter)."""
+    room = context_length(model) - cfg.sample_tokens
+    prompts = [p for p in sample_prompts(cfg) if len(tokenizer(p)["input_ids"]) <= room]
+    if not prompts:
+        return
     model.eval()
     try:
-        prompts = sample_prompts(cfg)
         texts = complete(model, tokenizer, prompts, max_new_tokens=cfg.sample_tokens, stop=None)
     finally:
         model.train()
