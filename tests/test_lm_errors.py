@@ -65,7 +65,8 @@ def _lm_adapter(base_folder: Path, path: Path) -> Path:
 
     model, _ = load_causal_lm(str(base_folder))
     A.attach(model, "pirate", "lora", A.make_config("lora", {"rank": 2}), ["lm-attn"])
-    formats.save(formats.from_models({"lm": model}, "pirate"), path, "native")
+    metadata = formats.training_metadata(base_model_name=base_folder.name, lm_architecture=model.config.model_type)
+    formats.save(formats.from_models({"lm": model}, "pirate", metadata=metadata), path, "native")
     return path
 
 
@@ -78,7 +79,7 @@ def test_adapter_of_another_language_model_names_the_module(tiny_lm, tiny_gpt2_l
     adapter = _lm_adapter(tiny_lm, tmp_path / "llama.safetensors")
     line = _error(capsys, _generate_lm(tiny_gpt2_lm, adapter))
     assert re.search(r"does not fit this base .* it adapts 'lm\.model\.layers\.\d\.self_attn\.[qkvo]_proj', which is "
-                     r"not a Linear layer", line), line
+                     r"not a Linear layer", line) and line.endswith(f"seems made for a language model (llama, {tiny_lm.name})"), line
     wider = tiny_lm_folder(tmp_path / "wide", width=48)
     line = _error(capsys, _generate_lm(wider, adapter))
     assert re.search(r"module 'lm\.model\.layers\.0\.self_attn\.[qkvo]_proj' needs A of shape \(2, 48\) but the "

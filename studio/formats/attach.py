@@ -59,6 +59,9 @@ def _resolve(af: AdapterFile, models: dict[str, nn.Module], where: str) -> dict[
     """{component: {canonical path: model path}}, checking modules and shapes first."""
     base = FAMILY_NAMES[model_family(models)]
     made_for = FAMILY_NAMES[guess_family(af.parts)]
+    if af.base == "lm":  # every LM is "a language model": name the one it was trained on when the file says
+        trained_on = [af.metadata.get(k) for k in ("studio.lm_architecture", "ss_sd_model_name") if af.metadata.get(k)]
+        made_for = f"{made_for} ({', '.join(trained_on)})" if trained_on else made_for
     resolved = {}
     for component, part in af.parts.items():
         model = models[component]
