@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_helpers import pirate_jsonl, tiny_lm  # noqa: F401  (tiny_lm is a fixture)
+from lm_helpers import pirate_jsonl, tiny_gpt2_lm, tiny_lm  # noqa: F401  (fixtures)
 from studio import formats, text_world
 from studio.cli import main
 from studio.errors import StudioError
@@ -105,3 +105,22 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tiny_lm, tmp_path, 
     with pytest.raises(StudioError, match=r"loss became nan at step 5 \(the last good checkpoint is .*step-0000004\)"):
         language.train(cfg, say=lambda _: None)
     assert not (tmp_path / "run" / "pirate.safetensors").exists()
+
+
+def test_gpt2_trains_and_its_cli_peft_export_loads_in_peft(tiny_gpt2_lm, tmp_path):
+    from peft import PeftModel
+
+    from studio.models import load_causal_lm
+    from studio.text import load_with_adapters
+
+    out = tmp_path / "run"
+    assert main(_args(pirate_jsonl(tmp_path, 8), tiny_gpt2_lm, out, "--steps", "4", "--lr", "1e-2")) == 0
+    assert main(["export", str(out / "pirate.safetensors"), "--format", "peft", "-o", str(tmp_path / "peft")]) == 0
+    ours, tokenizer = load_with_adapters(str(tiny_gpt2_lm), [(str(out / "pirate.safetensors"), 1.0)])
+    base, _ = load_causal_lm(str(tiny_gpt2_lm))
+    ids = tokenizer(["Q: What colour is a frog?\nA:"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected, plain = ours(input_ids=ids).logits, base(input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(base.eval(), str(tmp_path / "peft")).eval()(input_ids=ids).logits
+    assert (expected - plain).abs().max() > 1e-3
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=0)
