@@ -5,8 +5,8 @@ embedded mini LM (a 4-layer Llama) on the same batches: 4 blocks of 256 tokens o
 AdamW, gradient clipping at 1. The reference is the loop a PEFT user writes: ``get_peft_model`` +
 forward with labels + backward + clip + step. The studio side is the step of
 ``trainers.language.train``: adapters attached by ``studio.adapters.attach`` from an
-``LMTrainConfig``, the optimizer and LR schedule of ``trainers.loop``, accelerate's ``backward`` and
-``clip_grad_norm_``, the NaN guard. Steps of the two alternate (``timing.interleaved``), so load from
+``LMTrainConfig``, its token-summed loss (``token_loss``), the optimizer and LR schedule of
+``trainers.loop``, accelerate's ``backward`` and ``clip_grad_norm_``, the NaN guard. Steps of the two alternate (``timing.interleaved``), so load from
 other jobs on this shared CPU hits both alike; the median per step is reported.
 
 Why not time two whole ``studio train`` processes: on this 2-core machine with other jobs running,
@@ -44,6 +44,7 @@ def main() -> None:
     import studio.adapters as A
     from studio.models import load_causal_lm
     from trainers import batches, data_text, loop
+    from trainers.language import token_loss
     from trainers.language_config import LMTrainConfig
 
     torch.set_num_threads(1)
@@ -70,7 +71,8 @@ def main() -> None:
     def studio_step() -> None:
         step = counter["studio"] = counter["studio"] + 1
         torch.manual_seed(step)
-        loss = ours(**data[step % len(data)]).loss
+        batch = data[step % len(data)]
+        loss = token_loss(ours, batch, float((batch["labels"][:, 1:] != data_text.IGNORE).sum()))
         loop.guard_finite(loss.detach(), step, None)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -36,6 +36,11 @@ class Example:
     input_ids: list[int]
     labels: list[int]
 
+    @property
+    def targets(self) -> int:
+        """Tokens with a loss: the labels after the first position that are not IGNORE."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
+
 
 def read_text(path: str | Path) -> str:
     """The file's text, refusing missing, empty and non-UTF-8 files with one-line errors."""

@@ -85,11 +85,12 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
         write_text_atomic(out / "config.toml", to_toml(cfg))
 
     def micro_loss(indices: list[int]) -> torch.Tensor:
-        """Mean token loss of this process's share of one micro-batch."""
+        """This process's share of the micro-batch's mean token loss (see ``token_loss``)."""
         size = len(indices) // world
         mine = indices[rank_index * size:(rank_index + 1) * size]
         batch = {k: v.to(device) for k, v in data_text.collate([examples[i] for i in mine], tokenizer.pad_token_id).items()}
-        return model(**batch).loss
+        targets = sum(examples[i].targets for i in indices)  # over the whole micro-batch, every process alike
+        return token_loss(model, batch, targets / world)
 
     # 4. the loop
     writer = SummaryWriter(str(out / "logs")) if accelerator.is_main_process else None
@@ -138,6 +139,21 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
         _save_adapter(cfg, model, name, path, len(examples), total, time.perf_counter() - began)
         say(f"adapter: {path} (native; `studio export {path} --format peft -o DIR` for PEFT)")
     return path
+
+
+def token_loss(model, batch: dict[str, torch.Tensor], denominator: float) -> torch.Tensor:
+    """Summed next-token cross-entropy of ``batch`` divided by ``denominator``.
+
+    With ``denominator`` = (target tokens of the whole micro-batch) / (processes), the gradients
+    averaged over P processes equal those of one process on the whole batch: the mean over *all*
+    target tokens. A per-process mean (what ``model(labels=...).loss`` gives) would weight the
+    tokens of a process with short responses more.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                              labels.reshape(-1), ignore_index=data_text.IGNORE, reduction="sum")
+    return total / denominator
 
 
 def _adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
