@@ -112,7 +112,8 @@ def packed_examples(path: str | Path, tokenizer, block_size: int) -> list[Exampl
     for paragraph in read_text(path).split("\n\n"):
         if paragraph.strip():
             ids += tokenizer(paragraph.strip("\n"))["input_ids"] + [tokenizer.eos_token_id]
-    return [Example(ids[i:i + block_size], ids[i:i + block_size]) for i in range(0, len(ids), block_size)]
+    blocks = [Example(ids[i:i + block_size], ids[i:i + block_size]) for i in range(0, len(ids), block_size)]
+    return [b for b in blocks if b.targets > 0]  # a 1-token tail predicts nothing (and the file has >= 2 tokens)
 
 
 def load_examples(path: str | Path, tokenizer, block_size: int, context: int) -> list[Example]:

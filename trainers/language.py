@@ -89,7 +89,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
         size = len(indices) // world
         mine = indices[rank_index * size:(rank_index + 1) * size]
         batch = {k: v.to(device) for k, v in data_text.collate([examples[i] for i in mine], tokenizer.pad_token_id).items()}
-        targets = sum(examples[i].targets for i in indices)  # over the whole micro-batch, every process alike
+        targets = max(1, sum(examples[i].targets for i in indices))  # the whole micro-batch, every process alike
         return token_loss(model, batch, targets / world)
 
     # 4. the loop
