@@ -18,7 +18,7 @@ FLAGS = [  # (flag, config field, type, help)
     ("--method", "method", str, "lora | pissa | milora | svf"),
     ("--rank", "rank", int, "rank of lora / pissa / milora"),
     ("--alpha", "alpha", float, "LoRA alpha (default = rank)"),
-    ("--targets", "targets", str, "unet-attn (default), unet-transformer (kohya's set), te-attn; comma-joined"),
+    ("--targets", "targets", str, "unet-transformer (default, kohya's set) or unet-attn; te-attn; comma-joined"),
     ("--unet-lr", "unet_lr", float, "UNet learning rate (default per method)"),
     ("--te-lr", "te_lr", float, "text-encoder learning rate"),
     ("--steps", "steps", int, "optimizer steps"),

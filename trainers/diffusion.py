@@ -28,7 +28,7 @@ from studio.models import load_diffusion_base
 from studio.pipeline import Settings, generate, grid, save_png
 from trainers import batches, data_images, loop
 from trainers.caches import TensorCache, default_cache_dir, fingerprint
-from trainers.diffusion_config import DiffusionTrainConfig
+from trainers.diffusion_config import DEFAULT_STEPS, DiffusionTrainConfig
 from trainers.output import prepare_output, write_text_atomic
 
 
@@ -89,7 +89,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     order = batches.BatchOrder([bucket_list.index(b) for b in buckets_of[:n]], [i.repeats for i in items], per_step, cfg.seed)
     reg_order = (batches.BatchOrder([bucket_list.index(b) for b in buckets_of[n:]], [1] * len(reg_items), per_step,
                                     cfg.seed + 1) if reg_items else None)
-    total = cfg.steps or (cfg.epochs * order.steps_per_epoch if cfg.epochs else 300)
+    total = cfg.steps or (cfg.epochs * order.steps_per_epoch if cfg.epochs else DEFAULT_STEPS)
     schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total)
     optimizer = accelerator.prepare(optimizer)  # gradients are averaged across processes by hand below
     params = [p for group, _ in groups for p in group]

@@ -11,7 +11,10 @@ METHOD_LR = {"lora": 1e-3, "pissa": 1e-3, "milora": 1e-3, "svf": 2e-2}
 """Default UNet learning rate per method (SVF's gains need larger steps)."""
 
 UNET_TARGETS = ("unet-attn", "unet-transformer")
-"""The UNet target presets of ``studio.adapters.targets``."""
+"""The UNet target presets of ``studio.adapters.targets``; the default is kohya's (unet-transformer)."""
+
+DEFAULT_STEPS = 600
+"""Steps when neither --steps nor --epochs is given: the stripes style plateaus by then (benchmarks/methods.py)."""
 
 
 @dataclass(frozen=True)
@@ -36,14 +39,14 @@ class DiffusionTrainConfig:
     """Adapter input dropout."""
     svd: str = "fast"
     """PiSSA init SVD: fast (randomized) or exact."""
-    targets: str = "unet-attn"
+    targets: str = "unet-transformer"
     """unet-attn (attention), unet-transformer (kohya's set: + feed-forward, proj_in/out), te-attn; comma-joined."""
     unet_lr: float | None = None
     """UNet adapter learning rate; None = the method's default."""
     te_lr: float | None = None
     """Text-encoder adapter learning rate; None = unet_lr / 2."""
     steps: int | None = None
-    """Optimizer steps; None = from epochs, or 300 when neither is given."""
+    """Optimizer steps; None = from epochs, or DEFAULT_STEPS when neither is given."""
     epochs: int | None = None
     """Passes over the data (with repeats), when steps is not given."""
     batch_size: int = 4

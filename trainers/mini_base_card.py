@@ -59,6 +59,13 @@ def write_card(out: str | os.PathLike, m: dict) -> Path:
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     s = m["scores"]
     fp = ", ".join(f"{k} {v:.2f}" for k, v in m["detector_false_positives"].items())
+    wild_text = ("" if not st.get("wild") else
+                 f"In its last sitting {st['wild']:.0%} of every batch were uncaptioned texture images\n"
+                 "(`studio.shapes.wild`: stripes, dots, checkers, outlines in any colour), so, like SD, it can\n"
+                 "draw more than its captions name, and a style adapter only has to bind a trigger word to it.\n")
+    grown_text = "".join(f"\n  At step {g['at_step']} the UNet was grown to 16x16 attention (`grow_unet`: the new\n"
+                         "  blocks start as identity, every earlier weight kept) and training continued."
+                         for g in log.get("grown", []))
     text = f"""# mini-sd: the embedded shapes-world base model
 
 A complete diffusers `StableDiffusionPipeline` (UNet2DConditionModel, AutoencoderKL,
@@ -67,8 +74,9 @@ cores, trained from scratch by `studio make-base` (`trainers/mini_base.py`) on t
 shapes world of `studio/shapes/`: 64x64 images of a circle, square, triangle or star in one of
 six colours on a background of another, captioned `a {{colour}} {{shape}} on a {{colour}} background`.
 It is the default base of the studio, the fixture of the tests, and the stage on which
-adapters show that they work. It knows nothing else: it has never seen stripes, outlines or
-the kbot robot of `sample_data/styles/` and `sample_data/characters/`.
+adapters show that they work. Its captions name nothing else: it has never been asked for
+stripes, outlines or the kbot robot of `sample_data/styles/` and `sample_data/characters/`.
+{wild_text}
 
 Load it offline: `StableDiffusionPipeline.from_pretrained("sample_data/mini-sd")`
 (no safety checker entry in `model_index.json`). 64x64 output; captions are padded to
@@ -102,12 +110,13 @@ Seeds 1000.. for the grid, two rows of the same eight prompts.
 - VAE 64x64x3 -> 16x16x4, channels (16, 32, 32), no mid-block attention:
   {vae.get("steps", "?")} steps at batch 16, final reconstruction MSE {vae.get("final_mse", "?")} (images in [-1, 1]),
   scaling factor {vae.get("scaling_factor", 0):.3f}.
-- UNet channels {tuple(st.get("unet_channels", ()))} (cross-attention at 8x8 and 4x4 only) + 2-layer CLIP text
+- UNet channels {tuple(st.get("unet_channels", ()))} (cross-attention at 16x16, 8x8 and 4x4, as SD1.5 has it at
+  all levels but its lowest) + 2-layer CLIP text
   encoder (width 64), trained jointly: AdamW lr {st.get("lr")} with {st.get("warmup")} warmup steps, batch {st.get("batch")},
   caption dropout {st.get("caption_dropout")}, min-SNR-{st.get("min_snr")} weighting, offset noise {st.get("offset_noise")}, EMA {st.get("ema")}
   (the EMA weights are shipped), 1000-step scaled-linear DDPM schedule.
 - Diffusion: {diff.get("steps", "?")} steps in {diff.get("sittings", "?")} sitting(s), final loss (EMA of the
-  per-batch epsilon MSE) {diff.get("final_loss", "?")}.
+  per-batch epsilon MSE) {diff.get("final_loss", "?")}.{grown_text}
 - Total CPU time: {cpu_total / 60:.0f} min (VAE {vae.get("cpu_seconds", 0) / 60:.0f} min, diffusion
   {diff.get("cpu_seconds", 0) / 60:.0f} min), one torch thread.
 
@@ -119,8 +128,6 @@ Seeds 1000.. for the grid, two rows of the same eight prompts.
   bands, 5-px outlines, a palette-coloured kbot): `benchmarks/sample_sets_vae.py` shows each
   detector still firing on >= 0.88 of its set's VAE round trips. Adapters of the studio train
   the UNet / text-encoder attention only, so anything the VAE cannot decode stays out of reach.
-- Attention sits only at the 8x8 and 4x4 levels (16x16 attention took 55 % of a step), so
-  attention-only adapters steer coarse structure more easily than pixel-level texture.
 - Edges are soft and backgrounds show faint ringing near the shape (VAE blur).
 
 Continue training: `studio make-base sample_data/mini-sd --resume --minutes 60`. The exact
