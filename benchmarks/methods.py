@@ -60,7 +60,7 @@ def main() -> None:
         rows.append((method, trained, adapter.stat().st_size / 1e6, seconds, rates))
     print(f"\n| method | trained values | native file MB | seconds ({counts[-1]} steps + save) | "
           + " | ".join(f"{args.style} detector, {c} steps" for c in counts)
-          + "\n|---|---|---|---|" + "---|" * len(counts))
+          + " |\n|---|---|---|---|" + "---|" * len(counts))
     for method, trained, mb, seconds, rates in rows:
         print(f"| {method} | {trained:,} | {mb:.2f} | {seconds:.0f} | " + " | ".join(f"{r:.2f}" for r in rates) + " |")
 
