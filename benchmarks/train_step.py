@@ -72,6 +72,7 @@ def studio(steps: int, batch: int, rank: int, cached: bool) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DiffusionTrainConfig(data=str(DATA), out=f"{tmp}/run", steps=steps, batch_size=batch, rank=rank,
+                                   targets="unet-attn",  # the reference's layers
                                    sample_every=0, save_every=10 ** 9, sample_steps=1, cache_latents=cached,
                                    cache_text=cached, cache_dir=f"{tmp}/cache" if not cached else None,
                                    min_snr_gamma=None)
