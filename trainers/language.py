@@ -110,20 +110,9 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
             loop.guard_finite(loss.detach(), step, last_checkpoint)
             accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.item() / cfg.grad_accum
-        if world > 1:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+        loop.apply_step(accelerator, params, optimizer, schedule, cfg.max_grad_norm, world)
         done = step + 1
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}", refresh=False)
-        if writer:
-            writer.add_scalar("loss", step_loss, done)
-            writer.add_scalar("lr", schedule.get_last_lr()[0], done)
+        loop.report_step(bar, writer, step_loss, schedule.get_last_lr()[0], done)
         if done % cfg.save_every == 0 or done == total:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:

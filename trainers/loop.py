@@ -99,3 +99,26 @@ def guard_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) ->
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         raise StudioError(f"the loss became {loss.item()} at step {step} ({kept}): lower --unet-lr / --te-lr, or "
                           f"use a smaller --alpha, then --resume")
+
+
+def apply_step(accelerator, params: list[torch.nn.Parameter], optimizer, schedule, max_grad_norm: float,
+               world: int) -> None:
+    """Average the gradients across processes (by hand, so every trainer does it the same way),
+    clip them, then step the optimizer and the LR schedule."""
+    if world > 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    schedule.step()
+
+
+def report_step(bar, writer, loss: float, lr: float, done: int) -> None:
+    """Loss and LR on the progress bar and, on the main process, to TensorBoard."""
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+    if writer:
+        writer.add_scalar("loss", loss, done)
+        writer.add_scalar("lr", lr, done)
