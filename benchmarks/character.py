@@ -1,7 +1,8 @@
 """Character training with a trigger word, with and without prior preservation, on the mini base.
 
 Trains ``sample_data/characters/kbot`` (captions "a kbot robot on a <colour> background") twice
-with the trainer's defaults: once plain, once with ``--reg-data sample_data/regularization/shapes``
+with the character recipe below (``--defaults``: the trainer's style defaults): once plain,
+once with ``--reg-data sample_data/regularization/shapes``
 (plain shapes-world images with their captions, i.e. the base's own classes). Then, for the
 base model alone and for each adapter at weight 1.0, it renders
 
@@ -11,7 +12,7 @@ base model alone and for each adapter at weight 1.0, it renders
   with the evaluator (colour, background and shape must all match the prompt): does the base
   still render its own classes? The kbot detector's rate on these is the character's leakage.
 
-Prints a Markdown table for the README and BENCH lines. Run: python benchmarks/character.py [--n 32]
+Prints a Markdown table for the README and BENCH lines. Run: python benchmarks/character.py [--n 64]
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench  # noqa: E402
 
+RECIPE = ["--targets", "unet-transformer,te-attn", "--rank", "16"]
+"""The usual character recipe (kohya practice): text encoder trained too, so the trigger gets a
+meaning of its own, and twice the style rank. On kbot, 1200 steps, 64 prompts: 0.58 of the
+triggered images show the robot's two eyes with it, 0.34 with the style defaults at 900 steps."""
 RUNS = {"plain": [], "prior": ["--reg-data", "sample_data/regularization/shapes"]}
 
 
@@ -53,8 +58,9 @@ def measure(base, adapter: Path | None, n: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--out", default="/tmp/studio-character")
+    parser.add_argument("--defaults", action="store_true", help="the trainer's style defaults instead of RECIPE")
     parser.add_argument("--reuse", action="store_true", help="score the runs already in --out")
     args = parser.parse_args()
     from studio.models import load_diffusion_base
@@ -65,8 +71,9 @@ def main() -> None:
         if not args.reuse:
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
+            recipe = [] if args.defaults else RECIPE
             subprocess.run([sys.executable, "-m", "studio", "train", "sample_data/characters/kbot", "--out", str(out),
-                            "--sample-every", "0", *extra], cwd=ROOT, check=True, capture_output=True)
+                            "--sample-every", "0", *recipe, *extra], cwd=ROOT, check=True, capture_output=True)
             print(f"trained {label} in {time.perf_counter() - start:.0f} s", flush=True)
         adapters[label] = out / "kbot.safetensors"
     base = load_diffusion_base()

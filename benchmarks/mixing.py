@@ -13,14 +13,14 @@ Three rank-16 LoRA files on UNet and text-encoder attention (128 + 48 modules), 
 (b) One denoising step (UNet forward, CFG batch 2, 256 px = 32x32 latents, 77 tokens) with the
     three adapters unmerged: studio vs diffusers + PEFT unfused (goal <= 1.0) and vs the same
     mix merged into the weights (goal <= 1.15). All three run on ONE model copy -- the same
-    weight tensors -- with the adapters swapped between rounds (studio attach -> PEFT
-    ``load_lora_weights`` -> studio merged, and again), so no copy-to-copy difference in memory
+    weight tensors -- with the adapters swapped within each round (studio attached, the same
+    merged, detached; PEFT ``load_lora_weights``, unloaded), so no copy-to-copy difference in memory
     layout enters the ratio; each ratio is taken inside a round (the fastest of a few steps,
     since load only ever adds time) and the median over rounds is reported.
 
 Prints BENCH weight_change_vs_remerge, weight_change_vs_set_adapters, unmerged3_step_vs_peft,
 unmerged3_step_vs_merged. Run: OMP_NUM_THREADS=1 python benchmarks/mixing.py [--threads N]
-(~5 GiB; about 12 minutes on one core).
+(two copies for (a), ~8 GiB; about 8 minutes on one core).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--style", default="stripes")
     parser.add_argument("--method", default=None, help="default: the trainer's default")
-    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--out", default="/tmp/studio-style-demo")
     parser.add_argument("--reuse", action="store_true", help="score an existing run in --out")
     args = parser.parse_args()
