@@ -15,7 +15,7 @@ UNET_TARGETS = ("unet-attn", "unet-transformer")
 
 DEFAULT_STEPS = 1200
 """Steps when neither --steps nor --epochs is given (kohya users train 1000-2000): with min-SNR
-gamma 1 the stripes style is still gaining at 600 and 900 steps (0.77, 0.81 of 64 generations)
+gamma 1 the stripes style is still gaining at 600 and 900 steps (0.75, 0.81 of 64 generations)
 and reaches 0.84 at 1200, in about 5 minutes on 2 CPU cores (benchmarks/methods.py, style_demo.py)."""
 
 
@@ -86,7 +86,8 @@ class DiffusionTrainConfig:
     min_snr_gamma: float | None = 1.0
     """Min-SNR loss weighting gamma; None disables it. 1, not the paper's 5: weighting the noisy
     timesteps, where a style's layout is decided, more learns the stripes style on the mini base
-    faster (64 generations after 600 steps: 0.61 without min-SNR, 0.72 at 5, 0.77 at 1 and 0.5)."""
+    faster (64 generations after 600 steps: 0.61 without min-SNR, 0.72 at 5, 0.77 at 1 and 0.5;
+    benchmarks/style_demo.py's detector with its earlier 3-pixel closing)."""
     prediction_type: str | None = None
     """epsilon or v_prediction; None = the base scheduler's."""
     lr_schedule: str = "constant"
