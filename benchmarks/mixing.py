@@ -15,8 +15,8 @@ Three rank-16 LoRA files on UNet and text-encoder attention (128 + 48 modules), 
     mix merged into the weights (goal <= 1.15). All three run on ONE model copy -- the same
     weight tensors -- with the adapters swapped within each round (studio attached, the same
     merged, detached; PEFT ``load_lora_weights``, unloaded), so no copy-to-copy difference in memory
-    layout enters the ratio; each ratio is taken inside a round (the fastest of a few steps,
-    since load only ever adds time) and the median over rounds is reported.
+    layout enters the ratio; each ratio is taken inside a round (the fastest of 4 steps after 2
+    untimed ones, since load only ever adds time) and the median over rounds is reported.
 
 Prints BENCH weight_change_vs_remerge, weight_change_vs_set_adapters, unmerged3_step_vs_peft,
 unmerged3_step_vs_merged. Run: OMP_NUM_THREADS=1 python benchmarks/mixing.py [--threads N]
@@ -124,7 +124,7 @@ def fastest(fn, n: int) -> float:
     return min(times)
 
 
-def step_rounds(pipe, models: dict, paths: list[Path], rounds: int, steps: int) -> dict[str, list[float]]:
+def step_rounds(pipe, models: dict, paths: list[Path], rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
     """Per round: fastest step with studio unmerged, with diffusers + PEFT unfused, with studio
     merged -- the same UNet object each time, adapters swapped in between."""
     step = step_fn(pipe.unet)
@@ -132,16 +132,17 @@ def step_rounds(pipe, models: dict, paths: list[Path], rounds: int, steps: int) 
     outputs = {}
     for r in range(rounds):
         studio_attached(models, paths, WEIGHT_SETS[0])
-        step()  # warm: the layers stack their factors once
+        fastest(step, warmup)  # the layers stack their factors once; the allocator settles
         t_studio = fastest(step, steps)
         outputs["studio"] = step()
         for model in models.values():
             A.merge(model)
+        fastest(step, warmup)
         t_merged = fastest(step, steps)
         for name in NAMES:
             F.detach_file(models, name)
         peft_loaded(pipe, paths, WEIGHT_SETS[0])
-        step()
+        fastest(step, warmup)
         t_peft = fastest(step, steps)
         outputs["peft"] = step()
         pipe.unload_lora_weights()
@@ -160,7 +161,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeat", type=int, default=5, help="weight changes: rounds x 4")
     parser.add_argument("--rounds", type=int, default=4, help="denoising steps: adapter swaps")
-    parser.add_argument("--steps", type=int, default=3, help="denoising steps timed per mode and round")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps timed per mode and round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after each swap")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -193,7 +195,7 @@ def main() -> None:
     del theirs
 
     print(f"(b) one CFG denoising step at 256 px, 3 adapters, one UNet with the adapters swapped:", flush=True)
-    ratios = step_rounds(ours, models, paths, args.rounds, args.steps)
+    ratios = step_rounds(ours, models, paths, args.rounds, args.steps, args.warmup)
     print(f"total {time.perf_counter() - began:.0f} s")
     bench("weight_change_vs_remerge", changes["studio"] / remerge, "<= 0.1")
     bench("weight_change_vs_set_adapters", changes["studio"] / changes["diffusers"])
