@@ -84,9 +84,9 @@ class DiffusionTrainConfig:
     noise_offset: float = 0.0
     """Offset noise strength (darker darks / brighter brights)."""
     min_snr_gamma: float | None = 1.0
-    """Min-SNR loss weighting gamma; None disables it. 1, not the paper's 5: weighting the noisy
-    timesteps, where a style's layout is decided, more learns the stripes style on the mini base
-    faster (64 generations after 600 steps: 0.61 without min-SNR, 0.72 at 5, 0.77 at 1 and 0.5;
+    """Min-SNR loss weighting gamma; None disables it. 1, not the paper's 5: it gives more weight
+    to the noisy timesteps, where a style's layout is decided, and the stripes style on the mini
+    base is learned faster (64 generations after 600 steps: 0.61 without min-SNR, 0.72 at 5, 0.77 at 1 and 0.5;
     benchmarks/style_demo.py's detector with its earlier 3-pixel closing)."""
     prediction_type: str | None = None
     """epsilon or v_prediction; None = the base scheduler's."""

@@ -135,32 +135,31 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
     return m
 
 
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """One step of 4-neighbour dilation."""
+    n = mask.copy()
+    n[1:] |= mask[:-1]
+    n[:-1] |= mask[1:]
+    n[:, 1:] |= mask[:, :-1]
+    n[:, :-1] |= mask[:, 1:]
+    return n
+
+
 def _reachable_from_border(free: np.ndarray) -> np.ndarray:
     """Pixels of ``free`` connected to the image border (iterative dilation)."""
     reach = np.zeros_like(free)
     reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = free[0, :], free[-1, :], free[:, 0], free[:, -1]
     while True:
-        grown = reach.copy()
-        grown[1:] |= reach[:-1]
-        grown[:-1] |= reach[1:]
-        grown[:, 1:] |= reach[:, :-1]
-        grown[:, :-1] |= reach[:, 1:]
-        grown &= free
+        grown = _grow(reach) & free
         if (grown == reach).all():
             return reach
         reach = grown
 
 
 def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
-    m = mask.copy()
     for _ in range(steps):
-        n = m.copy()
-        n[1:] |= m[:-1]
-        n[:-1] |= m[1:]
-        n[:, 1:] |= m[:, :-1]
-        n[:, :-1] |= m[:, 1:]
-        m = n
-    return m
+        mask = _grow(mask)
+    return mask
 
 
 STRIPES_CLOSING = 4
