@@ -10,22 +10,26 @@ Three rank-16 LoRA files on UNet and text-encoder attention (128 + 48 modules), 
     re-merge      the A1111 / ComfyUI way: every patched weight restored from its backup and
                   W0 + sum_i w_i dW_i recomputed (the core's merged mode does exactly this)
     goal: studio <= 0.1x the re-merge
-(b) One denoising step (UNet forward, CFG batch 2, 256 px = 32x32 latents, 77 tokens) with the
-    three adapters unmerged: studio vs diffusers + PEFT unfused (goal <= 1.0) and vs the same
-    mix merged into the weights (goal <= 1.15). All three run on ONE model copy -- the same
-    weight tensors -- with the adapters swapped within each round (studio attached, the same
-    merged, detached; PEFT ``load_lora_weights``, unloaded), so no copy-to-copy difference in memory
-    layout enters the ratio; each ratio is taken inside a round (the fastest of 4 steps after 2
-    untimed ones, since load only ever adds time) and the median over rounds is reported.
+(b) One denoising step (UNet forward, CFG batch 2, 77 tokens; 256 px = 32x32 latents unless
+    --size) with the three adapters unmerged: studio vs diffusers + PEFT unfused (goal <= 1.0)
+    and vs the same mix merged into the weights (goal <= 1.15). The UNets are module copies over
+    the SAME weight tensors (the merged one has its own copies of the 128 merged attention
+    weights only), so no difference in memory placement enters the ratio; a fourth, plain copy
+    without adapters shows what each way of applying the adapters adds to a step. Steps
+    alternate between the copies (order rotated every round), each round's ratios are taken
+    between neighbouring steps, and the median over rounds is reported: load on this shared
+    machine drifts over seconds to minutes, and a round spans four steps.
 
 Prints BENCH weight_change_vs_remerge, weight_change_vs_set_adapters, unmerged3_step_vs_peft,
 unmerged3_step_vs_merged. Run: OMP_NUM_THREADS=1 python benchmarks/mixing.py [--threads N]
-(two copies for (a), ~8 GiB; about 8 minutes on one core).
+(one copy of the weights, ~5 GiB; about 10 minutes on one core at 256 px).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import os
 import statistics
 import sys
@@ -77,10 +81,10 @@ def lora_files(models: dict, folder: Path) -> list[Path]:
     return paths
 
 
-def step_fn(unet):
-    """One CFG denoising step: the UNet on a batch of 2 latents of 32x32 (256 px) with 77 context tokens."""
+def step_fn(unet, size: int = 256):
+    """One CFG denoising step: the UNet on a batch of 2 latents of size/8 (32x32 at 256 px) with 77 context tokens."""
     g = torch.Generator().manual_seed(2)
-    x, context = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 768, generator=g)
+    x, context = torch.randn(2, 4, size // 8, size // 8, generator=g), torch.randn(2, 77, 768, generator=g)
     t = torch.tensor([500, 500])
 
     def step():
@@ -115,44 +119,53 @@ def studio_attached(models: dict, paths: list[Path], weights) -> None:
         F.attach_file(F.read(path), models, name, w)
 
 
-def fastest(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree over the same parameter and buffer tensors: no weight memory copied."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
-def step_rounds(pipe, models: dict, paths: list[Path], rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Per round: fastest step with studio unmerged, with diffusers + PEFT unfused, with studio
-    merged -- the same UNet object each time, adapters swapped in between."""
-    step = step_fn(pipe.unet)
-    ratios: dict[str, list[float]] = {"vs_peft": [], "vs_merged": [], "studio": [], "peft": [], "merged": []}
-    outputs = {}
+def merged_copy(plain_unet, models: dict) -> torch.nn.Module:
+    """``plain_unet`` (a shared copy of the pristine UNet) with studio's merge of the current mix
+    written into its own copies of the adapted weights; the studio model is unmerged again."""
+    A.merge(models["unet"])
+    for path, layer in A.targets.adapted_layers(models["unet"]).items():
+        plain_unet.get_submodule(path).weight = torch.nn.Parameter(layer.base.weight.detach().clone(), requires_grad=False)
+    A.unmerge(models["unet"])
+    return plain_unet
+
+
+def step_rounds(unets: dict, rounds: int, warmup: int, size: int) -> dict[str, list[float]]:
+    """Alternate one step of each UNet, ``warmup`` untimed rounds first; per-round ratios."""
+    steps = {name: step_fn(unet, size) for name, unet in unets.items()}
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    ratios: dict[str, list[float]] = {"vs_peft": [], "vs_merged": []}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        studio_attached(models, paths, WEIGHT_SETS[0])
-        fastest(step, warmup)  # the layers stack their factors once; the allocator settles
-        t_studio = fastest(step, steps)
-        outputs["studio"] = step()
-        for model in models.values():
-            A.merge(model)
-        fastest(step, warmup)
-        t_merged = fastest(step, steps)
-        for name in NAMES:
-            F.detach_file(models, name)
-        peft_loaded(pipe, paths, WEIGHT_SETS[0])
-        fastest(step, warmup)
-        t_peft = fastest(step, steps)
-        outputs["peft"] = step()
-        pipe.unload_lora_weights()
-        for key, value in (("studio", t_studio), ("peft", t_peft), ("merged", t_merged),
-                           ("vs_peft", t_studio / t_peft), ("vs_merged", t_studio / t_merged)):
-            ratios[key].append(value)
-        print(f"  round {r + 1}: studio {t_studio:.2f} s, PEFT {t_peft:.2f} s, merged {t_merged:.2f} s "
-              f"-> {t_studio / t_peft:.3f} of PEFT, {t_studio / t_merged:.3f} of merged", flush=True)
-    difference = ((outputs["studio"] - outputs["peft"]).norm() / outputs["peft"].norm()).item()
-    print(f"  studio vs PEFT UNet outputs differ by {difference:.1e} (relative): the same computation")
+        order = names[r % len(names):] + names[:r % len(names)]
+        took = {}
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            took[name] = time.perf_counter() - start
+            seconds[name].append(took[name])
+        ratios["vs_peft"].append(took["studio"] / took["peft"])
+        ratios["vs_merged"].append(took["studio"] / took["merged"])
+        print(f"  round {r + 1}: studio {took['studio']:.2f} s, PEFT {took['peft']:.2f} s, merged "
+              f"{took['merged']:.2f} s -> {ratios['vs_peft'][-1]:.3f} of PEFT, {ratios['vs_merged'][-1]:.3f} of merged",
+              flush=True)
+    outputs = {name: step() for name, step in steps.items()}
+    if "plain" in seconds:  # what the adapters add to a step, each way
+        plain = statistics.median(seconds["plain"])
+        print("  added to the plain UNet's step: " + ", ".join(
+            f"{n} {statistics.median(seconds[n]) - plain:+.3f} s" for n in ("studio", "peft", "merged")))
+    for other in ("peft", "merged"):
+        difference = ((outputs["studio"] - outputs[other]).norm() / outputs[other].norm()).item()
+        print(f"  studio vs {other} UNet outputs differ by {difference:.1e} (relative): the same computation")
+    print("  median step: " + ", ".join(f"{n} {statistics.median(v):.2f} s" for n, v in seconds.items()))
     return ratios
 
 
@@ -160,23 +173,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeat", type=int, default=5, help="weight changes: rounds x 4")
-    parser.add_argument("--rounds", type=int, default=4, help="denoising steps: adapter swaps")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps timed per mode and round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after each swap")
+    parser.add_argument("--rounds", type=int, default=20, help="denoising steps timed per UNet")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--size", type=int, default=256, help="image size of the denoising step, in pixels")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     # (a) on two identical copies (same seed): studio's adapters on one, diffusers + PEFT on the
     # other, timed round-robin so load on the machine hits both alike
-    ours, theirs = build(), build()
+    ours = build()
+    plain_unet, bare_unet = shared_copy(ours.unet), shared_copy(ours.unet)
+    theirs = tiny_pipeline(shared_copy(ours.unet), shared_copy(ours.text_encoder))
     models = {"unet": ours.unet, "te": ours.text_encoder}
     folder = Path(tempfile.mkdtemp(prefix="mixing-bench-"))
     paths = lora_files(models, folder)
     studio_attached(models, paths, WEIGHT_SETS[0])
     peft_loaded(theirs, paths, WEIGHT_SETS[0])
-    print(f"built two SD1.5-sized UNet + TE copies and three rank-16 LoRA files in "
-          f"{time.perf_counter() - began:.0f} s", flush=True)
+    print(f"built an SD1.5-sized UNet + TE (studio and PEFT on module copies over the same weights) and "
+          f"three rank-16 LoRA files in {time.perf_counter() - began:.0f} s", flush=True)
 
+    # (a) studio and diffusers set_adapters timed round-robin, so load on the machine hits both alike
     state = {"i": 0}
 
     def set_adapters():
@@ -190,12 +206,15 @@ def main() -> None:
     remerge = interleaved({"remerge": change}, repeat=max(2, args.repeat // 2))["remerge"]  # merged: a change re-merges
     print(f"(a) weight change -> ready: studio {changes['studio'] * 1e3:.1f} ms, diffusers set_adapters "
           f"{changes['diffusers'] * 1e3:.1f} ms, full re-merge {remerge * 1e3:.0f} ms", flush=True)
-    for name in NAMES:
-        F.detach_file(models, name)
-    del theirs
+    for model in models.values():
+        A.unmerge(model)
+    for name, w in zip(NAMES, WEIGHT_SETS[0]):
+        F.set_file_weight(models, name, w)
+    theirs.set_adapters(NAMES, list(WEIGHT_SETS[0]))
 
-    print(f"(b) one CFG denoising step at 256 px, 3 adapters, one UNet with the adapters swapped:", flush=True)
-    ratios = step_rounds(ours, models, paths, args.rounds, args.steps, args.warmup)
+    print(f"(b) one CFG denoising step at {args.size} px, 3 adapters, steps alternating between the three UNets:", flush=True)
+    unets = {"studio": ours.unet, "peft": theirs.unet, "merged": merged_copy(plain_unet, models), "plain": bare_unet}
+    ratios = step_rounds(unets, args.rounds, args.warmup, args.size)
     print(f"total {time.perf_counter() - began:.0f} s")
     bench("weight_change_vs_remerge", changes["studio"] / remerge, "<= 0.1")
     bench("weight_change_vs_set_adapters", changes["studio"] / changes["diffusers"])

@@ -1,13 +1,29 @@
 """Training step: `studio train` vs a minimal diffusers + PEFT loop, same run, same everything.
 
 The reference is shaped like diffusers' examples/text_to_image/train_text_to_image_lora.py:
-PEFT LoRA on the UNet attention (to_q, to_k, to_v, to_out.0), VAE encode + text encoder every
-step, AdamW. Both train the embedded mini base on the same images, batch, rank and steps.
-Time per step = (T(2N steps) - T(N steps)) / N, so loading and the final save cancel out.
-Each variant runs in its own process; peak RSS is that process's maximum resident set.
+PEFT LoRA on the UNet attention (to_q, to_k, to_v, to_out.0), VAE encode (of contiguous pixel
+batches, as its collate_fn makes them) + text encoder every step, AdamW. Both train the same
+base on the same images (resized to ``--resolution``), batch, rank and steps. Two bases:
+
+  --model sd15  an SD1.5-sized pipeline (UNet 860M, the SD VAE, CLIP ViT-L text encoder) with
+                random weights, written once to a temporary folder -- the cost structure of a
+                real SD1.5 run (VAE encode ~1/3 of the step); 256 px, batch 1 by default
+  --model mini  the embedded mini base at 64 px, batch 8: its VAE is tiny next to its UNet, so
+                caching can save little there
+
+Time: one process runs the reference and ``studio train`` side by side -- every studio step is
+followed by one reference step (through ``trainers.loop.report_step``, which the trainer calls
+once per optimizer step) -- so each ratio is between two adjacent steps and load drifting on
+the machine hits both alike; the first ``--skip`` pairs (loading, first touches of the weights)
+are dropped and the median ratio is reported. First the studio fills its latent / text cache,
+then runs plain (no caches, VAE and text encoder every step, like the reference), then cached.
+The final sample grid, which the reference does not render, is switched off.
+Memory: the reference and the plain studio each run alone in a fresh process; peak RSS is that
+process's maximum resident set.
 
 Prints BENCH train_step_vs_reference, train_step_cached_vs_reference, train_rss_vs_reference.
-Run: python benchmarks/train_step.py [--steps 40] [--repeat 2] [--batch 8] [--rank 8]
+Run: OMP_NUM_THREADS=1 python benchmarks/train_step.py [--model sd15|mini] [--steps N] [--skip N] [--batch N]
+     [--rank 8] [--resolution PX]   (sd15: about 15 minutes on one core and 11 GB; mini: about 2 minutes)
 """
 
 from __future__ import annotations
@@ -24,11 +40,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "sample_data" / "styles" / "outline"
+MINI = ROOT / "sample_data" / "mini-sd"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
 from timing import bench  # noqa: E402
 
+DEFAULTS = {"sd15": {"steps": 10, "skip": 2, "batch": 1, "resolution": 256},
+            "mini": {"steps": 40, "skip": 5, "batch": 8, "resolution": 64}}
 
-def reference(steps: int, batch: int, rank: int) -> None:
+
+def sd15_folder(folder: Path) -> Path:
+    """A diffusers SD1.5 pipeline folder with random weights (the mini base's tokenizer and scheduler)."""
+    import torch
+    from builders import CLIP_L, SD15_UNET, SD15_VAE
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD15_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+        tokenizer=CLIPTokenizer.from_pretrained(str(MINI / "tokenizer")), unet=UNet2DConditionModel(**SD15_UNET),
+        scheduler=DDPMScheduler.from_pretrained(str(MINI / "scheduler")), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def reference_loop(base: Path, batch: int, rank: int, resolution: int):
+    """The reference, set up; returns a function that runs its next training step."""
     import numpy as np
     import peft
     import torch
@@ -37,7 +78,7 @@ def reference(steps: int, batch: int, rank: int) -> None:
     from PIL import Image
 
     torch.manual_seed(0)
-    pipe = StableDiffusionPipeline.from_pretrained(str(ROOT / "sample_data" / "mini-sd"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(base))
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for m in (unet, vae, te):
         m.requires_grad_(False)
@@ -47,11 +88,14 @@ def reference(steps: int, batch: int, rank: int) -> None:
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     files = sorted(DATA.glob("*.png"))
-    images = [np.asarray(Image.open(f).convert("RGB"), np.float32) / 127.5 - 1 for f in files]
+    images = [np.asarray(Image.open(f).convert("RGB").resize((resolution, resolution), Image.BICUBIC), np.float32)
+              / 127.5 - 1 for f in files]
     captions = [f.with_suffix(".txt").read_text().strip() for f in files]
-    for step in range(steps):
-        idx = [(step * batch + i) % len(files) for i in range(batch)]
-        pixels = torch.from_numpy(np.stack([images[i] for i in idx])).permute(0, 3, 1, 2)
+    done = [0]
+
+    def step() -> None:
+        idx = [(done[0] * batch + i) % len(files) for i in range(batch)]
+        pixels = torch.from_numpy(np.stack([images[i] for i in idx])).permute(0, 3, 1, 2).contiguous()
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         ids = tok([captions[i] for i in idx], padding="max_length", max_length=tok.model_max_length,
                   truncation=True, return_tensors="pt").input_ids
@@ -64,34 +108,80 @@ def reference(steps: int, batch: int, rank: int) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
+        done[0] += 1
+    return step
 
 
-def studio(steps: int, batch: int, rank: int, cached: bool) -> None:
-    from trainers.diffusion import train
+def studio(base: Path, steps: int, batch: int, rank: int, resolution: int, cached: bool, after_step=None) -> None:
+    """``studio train`` for ``steps`` steps; ``after_step()`` runs at the end of each step."""
+    from trainers import diffusion, loop
     from trainers.diffusion_config import DiffusionTrainConfig
 
+    diffusion._render_samples = lambda *_: None  # the final sample grid: not part of a step, and the reference has none
+
+    report = loop.report_step
+
+    def hooked(*args, **kwargs):  # the trainer calls this once at the end of every step
+        report(*args, **kwargs)
+        if after_step:
+            after_step()
+    loop.report_step = hooked
+
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = DiffusionTrainConfig(data=str(DATA), out=f"{tmp}/run", steps=steps, batch_size=batch, rank=rank,
+        cfg = DiffusionTrainConfig(data=str(DATA), out=f"{tmp}/run", base=None if base == MINI else str(base),
+                                   steps=steps, batch_size=batch, rank=rank, resolution=resolution, buckets=False,
                                    targets="unet-attn",  # the reference's layers
                                    sample_every=0, save_every=10 ** 9, sample_steps=1, cache_latents=cached,
                                    cache_text=cached, cache_dir=f"{tmp}/cache" if not cached else None,
                                    min_snr_gamma=None)
-        train(cfg, say=lambda *_: None)
+        try:
+            diffusion.train(cfg, say=lambda *_: None)
+        finally:
+            loop.report_step = report
 
 
-def child(kind: str, steps: int, batch: int, rank: int) -> None:
-    start = time.perf_counter()
+def paired(base: Path, args) -> dict:
+    """Studio steps (plain, then cached) each followed by one reference step, in one process;
+    the ratio is taken per adjacent pair, so drifting machine load hits both sides alike."""
+    shape = (args.batch, args.rank, args.resolution)
+    reference_step = reference_loop(base, *shape)
+    studio(base, args.steps, *shape, cached=True)  # fills the latent / text cache: same steps, same images and flips
+    result = {}
+    for kind, cached in (("studio", False), ("cached", True)):
+        pairs, mark = [], [time.perf_counter()]
+
+        def after_step():
+            ours = time.perf_counter() - mark[0]
+            start = time.perf_counter()
+            reference_step()
+            pairs.append((ours, time.perf_counter() - start))
+            mark[0] = time.perf_counter()
+        studio(base, args.steps, *shape, cached=cached, after_step=after_step)
+        timed = pairs[args.skip:]  # the first steps include loading and first touches of the weights
+        result[kind] = {"ratio": statistics.median(o / r for o, r in timed), "seconds": statistics.median(o for o, _ in timed),
+                        "reference_seconds": statistics.median(r for _, r in timed), "pairs": len(timed)}
+    return result
+
+
+def child(kind: str, base: Path, args) -> None:
+    if kind == "paired":
+        print(json.dumps(paired(base, args)))
+        return
+    shape = (args.batch, args.rank, args.resolution)
     if kind == "reference":
-        reference(steps, batch, rank)
+        step = reference_loop(base, *shape)
+        for _ in range(args.steps):
+            step()
     else:
-        studio(steps, batch, rank, cached=kind == "cached")
-    print(json.dumps({"seconds": time.perf_counter() - start,
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        studio(base, args.steps, *shape, cached=False)
+    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def run(kind: str, steps: int, args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--steps", str(steps), "--batch", str(args.batch),
-                          "--rank", str(args.rank)], capture_output=True, text=True, cwd=ROOT)
+def run(kind: str, base: Path, args, steps: int | None = None) -> dict:
+    flags = [f"--{k}={getattr(args, k)}" for k in ("model", "skip", "batch", "rank", "resolution")]
+    flags.append(f"--steps={steps or args.steps}")
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--base", str(base), *flags],
+                         capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -99,30 +189,37 @@ def run(kind: str, steps: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeat", type=int, default=2, help="median over repeated (N, 2N) pairs")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", choices=sorted(DEFAULTS), default="sd15")
+    parser.add_argument("--steps", type=int, help="steps per process")
+    parser.add_argument("--skip", type=int, help="untimed first steps")
+    parser.add_argument("--batch", type=int)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--resolution", type=int)
     parser.add_argument("--child", default=None)
+    parser.add_argument("--base", default=None)
     args = parser.parse_args()
+    for key, value in DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.child:
-        child(args.child, args.steps, args.batch, args.rank)
+        child(args.child, Path(args.base), args)
         return
-    kinds = ("reference", "studio", "cached")
-    run("cached", 8, args)  # warm the latent / text cache: every image and caption (24 images, batch 8)
-    estimates: dict[str, list[float]] = {k: [] for k in kinds}
-    peaks: dict[str, list[float]] = {k: [] for k in kinds}
-    for _ in range(args.repeat):  # round-robin, so load from other jobs hits every variant alike
-        for kind in kinds:
-            short, long = run(kind, args.steps, args), run(kind, 2 * args.steps, args)
-            estimates[kind].append((long["seconds"] - short["seconds"]) / args.steps)
-            peaks[kind] += [short["rss_mb"], long["rss_mb"]]
-    per_step = {k: statistics.median(v) for k, v in estimates.items()}
-    rss = {k: max(v) for k, v in peaks.items()}
-    for kind in kinds:
-        print(f"{kind:9s} {per_step[kind] * 1e3:7.1f} ms/step  peak RSS {rss[kind]:.0f} MB", flush=True)
-    bench("train_step_vs_reference", per_step["studio"] / per_step["reference"], "<= 1.0")
-    bench("train_step_cached_vs_reference", per_step["cached"] / per_step["reference"], "<= 0.7")
+    with tempfile.TemporaryDirectory(prefix="train-step-bench-") as tmp:
+        base = MINI if args.model == "mini" else sd15_folder(Path(tmp) / "sd15")
+        measure(base, args)
+
+
+def measure(base: Path, args) -> None:
+    timing = run("paired", base, args)
+    for kind in ("studio", "cached"):
+        t = timing[kind]
+        print(f"{kind:7s} {t['seconds'] * 1e3:8.1f} ms/step, reference {t['reference_seconds'] * 1e3:8.1f} ms/step: "
+              f"median of {t['pairs']} adjacent-step ratios {t['ratio']:.3f}", flush=True)
+    rss = {kind: run(kind, base, args, steps=args.skip + 2)["rss_mb"] for kind in ("reference", "studio")}
+    print(f"peak RSS ({args.skip + 2} steps, one process each): reference {rss['reference']:.0f} MB, "
+          f"studio {rss['studio']:.0f} MB  [{args.model}, {args.resolution} px, batch {args.batch}, rank {args.rank}]")
+    bench("train_step_vs_reference", timing["studio"]["ratio"], "<= 1.0")
+    bench("train_step_cached_vs_reference", timing["cached"]["ratio"], "<= 0.7")
     bench("train_rss_vs_reference", rss["studio"] / rss["reference"], "<= 1.0")
 
 
