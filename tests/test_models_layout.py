@@ -49,6 +49,10 @@ def test_anonymous_memory_is_never_released():
     assert torch.equal(tensor, torch.arange(1 << 20, dtype=torch.float32))
 
 
+def _convs(module):
+    return [p for p in module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+
+
 def test_channels_last_base_from_a_file_gives_the_same_images(tmp_path):
     torch.manual_seed(0)
     tiny_vae().save_pretrained(tmp_path / "vae")
@@ -57,10 +61,13 @@ def test_channels_last_base_from_a_file_gives_the_same_images(tmp_path):
     reference = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
     converted = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()  # memory-mapped weights
     to_channels_last(converted)
-    convs = [p for p in converted.parameters() if p.dim() == 4 and p.shape[-1] > 1]
-    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
-    for mine, theirs in zip(converted.parameters(), reference.parameters()):
-        assert torch.equal(mine, theirs)
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
+        assert torch.allclose(converted.encode(x).latent_dist.mean, reference.encode(x).latent_dist.mean, atol=1e-5)
+        # each module converts on its first forward: the decoder, not run yet, is untouched
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in _convs(converted.encoder))
+        assert not any(p.is_contiguous(memory_format=torch.channels_last) for p in _convs(converted.decoder))
         assert torch.allclose(converted(x).sample, reference(x).sample, atol=1e-5)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in _convs(converted))
+    for mine, theirs in zip(converted.parameters(), reference.parameters()):
+        assert torch.equal(mine, theirs)

@@ -106,8 +106,10 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
 
     # 4. caches (latents always cacheable; text only while the text encoders are frozen)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    base_key = fingerprint(vae, base.source)
-    latent_cache = TensorCache(cache_root / "latents" / base_key if cfg.cache_latents else None)
+    # the latents depend on the VAE's encoder half only: fingerprinting the decoder would read
+    # (and keep resident) 200 MB of SD1.5 weights that training never uses
+    encoder = torch.nn.ModuleDict({"encoder": vae.encoder, "quant_conv": vae.quant_conv or torch.nn.Identity()})
+    latent_cache = TensorCache(cache_root / "latents" / fingerprint(encoder, base.source) if cfg.cache_latents else None)
     text_cache = TensorCache(cache_root / "text" / fingerprint(base.text_encoders[0], base.source)
                              if cfg.cache_text and not cfg.train_te else None)
     hashes = [data_images.file_hash(i.path) for i in items + reg_items] if cfg.cache_latents else []
