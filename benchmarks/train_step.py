@@ -11,19 +11,21 @@ base on the same images (resized to ``--resolution``), batch, rank and steps. Tw
   --model mini  the embedded mini base at 64 px, batch 8: its VAE is tiny next to its UNet, so
                 caching can save little there
 
-Time: one process runs the reference and ``studio train`` side by side -- every studio step is
-followed by one reference step (through ``trainers.loop.report_step``, which the trainer calls
-once per optimizer step) -- so each ratio is between two adjacent steps and load drifting on
-the machine hits both alike; the first ``--skip`` pairs (loading, first touches of the weights)
-are dropped and the median ratio is reported. First the studio fills its latent / text cache,
-then runs plain (no caches, VAE and text encoder every step, like the reference), then cached.
+Time: the reference and ``studio train`` run in lock-step -- every studio step is followed by
+one reference step (through ``trainers.loop.report_step``, which the trainer calls once per
+optimizer step), the reference in its own process so each side keeps its own allocator
+settings, and only one side computes at a time -- so each ratio is between two adjacent steps
+and load drifting on the machine hits both alike; the first ``--skip`` pairs (loading, first
+touches of the weights) are dropped and the median ratio is reported. First the studio fills
+its latent / text cache, then runs plain (no caches, VAE and text encoder every step, like the
+reference), then cached.
 The final sample grid, which the reference does not render, is switched off.
-Memory: the reference and the plain studio each run alone in a fresh process; peak RSS is that
-process's maximum resident set.
+Memory: the reference and the plain studio each run alone in a fresh process, ``--rss-runs``
+times in turn; peak RSS is each process's maximum resident set, and the medians are compared.
 
 Prints BENCH train_step_vs_reference, train_step_cached_vs_reference, train_rss_vs_reference.
 Run: OMP_NUM_THREADS=1 python benchmarks/train_step.py [--model sd15|mini] [--steps N] [--skip N] [--batch N]
-     [--rank 8] [--resolution PX]   (sd15: about 15 minutes on one core and 11 GB; mini: about 2 minutes)
+     [--rank 8] [--resolution PX]   (sd15: about 25 minutes on one core and 11 GB in two processes; mini: about 3 minutes)
 """
 
 from __future__ import annotations
@@ -141,31 +143,61 @@ def studio(base: Path, steps: int, batch: int, rank: int, resolution: int, cache
 
 
 def paired(base: Path, args) -> dict:
-    """Studio steps (plain, then cached) each followed by one reference step, in one process;
-    the ratio is taken per adjacent pair, so drifting machine load hits both sides alike."""
+    """Studio steps (plain, then cached) each followed by one reference step; the ratio is taken
+    per adjacent pair, so drifting machine load hits both sides alike. The reference runs in its
+    own process, in lock-step: one side computes while the other waits, and each keeps its own
+    allocator settings (the studio's trainer tunes glibc's malloc; diffusers' script does not)."""
     shape = (args.batch, args.rank, args.resolution)
-    reference_step = reference_loop(base, *shape)
-    studio(base, args.steps, *shape, cached=True)  # fills the latent / text cache: same steps, same images and flips
-    result = {}
-    for kind, cached in (("studio", False), ("cached", True)):
-        pairs, mark = [], [time.perf_counter()]
+    server = subprocess.Popen([sys.executable, __file__, "--child", "reference-server", "--base", str(base),
+                               *_flags(args, args.steps)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
 
-        def after_step():
-            ours = time.perf_counter() - mark[0]
-            start = time.perf_counter()
-            reference_step()
-            pairs.append((ours, time.perf_counter() - start))
-            mark[0] = time.perf_counter()
-        studio(base, args.steps, *shape, cached=cached, after_step=after_step)
-        timed = pairs[args.skip:]  # the first steps include loading and first touches of the weights
-        result[kind] = {"ratio": statistics.median(o / r for o, r in timed), "seconds": statistics.median(o for o, _ in timed),
-                        "reference_seconds": statistics.median(r for _, r in timed), "pairs": len(timed)}
-    return result
+    def reference_step() -> float:
+        server.stdin.write("step\n")
+        server.stdin.flush()
+        answer = server.stdout.readline()
+        if not answer:
+            raise SystemExit("the reference process died")
+        return float(answer)
+    try:
+        studio(base, args.steps, *shape, cached=True)  # fills the latent / text cache: same steps, images and flips
+        if server.stdout.readline().strip() != "ready":  # loaded while the cache filled; nothing timed overlaps
+            raise SystemExit("the reference process failed to start")
+        result = {}
+        for kind, cached in (("studio", False), ("cached", True)):
+            pairs, mark = [], [time.perf_counter()]
+
+            def after_step():
+                ours = time.perf_counter() - mark[0]
+                pairs.append((ours, reference_step()))
+                mark[0] = time.perf_counter()
+            studio(base, args.steps, *shape, cached=cached, after_step=after_step)
+            timed = pairs[args.skip:]  # the first steps include loading and first touches of the weights
+            result[kind] = {"ratio": statistics.median(o / r for o, r in timed),
+                            "seconds": statistics.median(o for o, _ in timed),
+                            "reference_seconds": statistics.median(r for _, r in timed), "pairs": len(timed)}
+        return result
+    finally:
+        server.stdin.close()
+        server.wait()
+
+
+def serve_reference(base: Path, args) -> None:
+    """One reference step per line read from stdin; answers with that step's seconds."""
+    step = reference_loop(base, args.batch, args.rank, args.resolution)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        step()
+        print(time.perf_counter() - start, flush=True)
 
 
 def child(kind: str, base: Path, args) -> None:
     if kind == "paired":
         print(json.dumps(paired(base, args)))
+        return
+    if kind == "reference-server":
+        serve_reference(base, args)
         return
     shape = (args.batch, args.rank, args.resolution)
     if kind == "reference":
@@ -177,10 +209,12 @@ def child(kind: str, base: Path, args) -> None:
     print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def _flags(args, steps: int) -> list[str]:
+    return [f"--{k}={getattr(args, k)}" for k in ("model", "skip", "batch", "rank", "resolution")] + [f"--steps={steps}"]
+
+
 def run(kind: str, base: Path, args, steps: int | None = None) -> dict:
-    flags = [f"--{k}={getattr(args, k)}" for k in ("model", "skip", "batch", "rank", "resolution")]
-    flags.append(f"--steps={steps or args.steps}")
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--base", str(base), *flags],
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--base", str(base), *_flags(args, steps or args.steps)],
                          capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
@@ -195,6 +229,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--resolution", type=int)
+    parser.add_argument("--rss-runs", type=int, default=3, help="processes per side for peak RSS")
     parser.add_argument("--child", default=None)
     parser.add_argument("--base", default=None)
     args = parser.parse_args()
@@ -209,15 +244,24 @@ def main() -> None:
         measure(base, args)
 
 
+def _spread(values: list[float]) -> str:
+    return f"({min(values):.0f}-{max(values):.0f})"
+
+
 def measure(base: Path, args) -> None:
     timing = run("paired", base, args)
     for kind in ("studio", "cached"):
         t = timing[kind]
         print(f"{kind:7s} {t['seconds'] * 1e3:8.1f} ms/step, reference {t['reference_seconds'] * 1e3:8.1f} ms/step: "
               f"median of {t['pairs']} adjacent-step ratios {t['ratio']:.3f}", flush=True)
-    rss = {kind: run(kind, base, args, steps=args.skip + 2)["rss_mb"] for kind in ("reference", "studio")}
-    print(f"peak RSS ({args.skip + 2} steps, one process each): reference {rss['reference']:.0f} MB, "
-          f"studio {rss['studio']:.0f} MB  [{args.model}, {args.resolution} px, batch {args.batch}, rank {args.rank}]")
+    runs = {"reference": [], "studio": []}
+    for _ in range(args.rss_runs):  # alternated: a process's peak varies by tens of MB between runs
+        for kind in runs:
+            runs[kind].append(run(kind, base, args, steps=args.skip + 2)["rss_mb"])
+    rss = {kind: statistics.median(values) for kind, values in runs.items()}
+    print(f"peak RSS ({args.skip + 2} steps, one process each, median of {args.rss_runs}): reference "
+          f"{rss['reference']:.0f} MB {_spread(runs['reference'])}, studio {rss['studio']:.0f} MB {_spread(runs['studio'])}"
+          f"  [{args.model}, {args.resolution} px, batch {args.batch}, rank {args.rank}]")
     bench("train_step_vs_reference", timing["studio"]["ratio"], "<= 1.0")
     bench("train_step_cached_vs_reference", timing["cached"]["ratio"], "<= 0.7")
     bench("train_rss_vs_reference", rss["studio"] / rss["reference"], "<= 1.0")

@@ -28,13 +28,14 @@ class DiffusionBase:
     pipe: object
     family: str          # "sd15" | "sdxl"
     source: str          # what the user gave (or the mini base folder)
+    channels_last: tuple[str, ...] = ("unet", "vae")
 
     def __post_init__(self) -> None:
-        # convolutions in NHWC (channels_last) run faster in oneDNN / cuDNN, and the activations
-        # follow the weights' layout: on this 2-core CPU a mini-base UNet forward + backward
-        # (batch 8) measured 0.7-0.9x the time, VAE decode ~0.75x. The values are
-        # the same up to float rounding; nothing that reads the weights depends on the layout.
-        for name in ("unet", "vae"):
+        # convolutions in NHWC (channels_last) run faster in oneDNN / cuDNN for inference, and
+        # the activations follow the weights' layout: on this 2-core CPU a mini-base VAE decode
+        # takes ~0.75x the time. The values are the same up to float rounding; nothing that reads
+        # the weights depends on the layout. Training keeps the UNet as it is (see the trainer).
+        for name in self.channels_last:
             module = getattr(self.pipe, name, None)
             if module is not None:
                 to_channels_last(module)
@@ -134,8 +135,11 @@ def _family_of_file(path: Path) -> str:
     return "sdxl" if any(k.startswith(h) or h in k for k in keys for h in SDXL_KEY_HINTS) else "sd15"
 
 
-def load_diffusion_base(base: str | None = None, dtype: torch.dtype = torch.float32) -> DiffusionBase:
-    """The mini base when ``base`` is None; else a folder, a single .safetensors file or a hub id."""
+def load_diffusion_base(base: str | None = None, dtype: torch.dtype = torch.float32,
+                        channels_last: tuple[str, ...] = ("unet", "vae")) -> DiffusionBase:
+    """The mini base when ``base`` is None; else a folder, a single .safetensors file or a hub id.
+
+    ``channels_last`` names the pipeline parts whose conv weights go NHWC on first use."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -155,16 +159,16 @@ def load_diffusion_base(base: str | None = None, dtype: torch.dtype = torch.floa
             pipe = cls.from_single_file(str(path), dtype=dtype, **extra)
         except Exception as err:
             raise StudioError(f"cannot load checkpoint {path} as {family}: {err}") from None
-        return DiffusionBase(pipe, family, source)
+        return DiffusionBase(pipe, family, source, channels_last)
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
             raise StudioError(f"base folder {path} has no model_index.json: give a diffusers pipeline folder")
         family = "sdxl" if "XL" in json.loads(index.read_text()).get("_class_name", "") else "sd15"
-        return DiffusionBase(_from_pretrained(family, str(path), dtype), family, source)
+        return DiffusionBase(_from_pretrained(family, str(path), dtype), family, source, channels_last)
     if base and "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1:
         family = "sdxl" if "xl" in source.lower() else "sd15"
-        return DiffusionBase(_from_pretrained(family, source, dtype), family, source)
+        return DiffusionBase(_from_pretrained(family, source, dtype), family, source, channels_last)
     raise StudioError(f"base {source} does not exist: give a diffusers folder, a .safetensors checkpoint or a hub id "
                       f"such as runwayml/stable-diffusion-v1-5 (or omit --base for the embedded mini base)")
 

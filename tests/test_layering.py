@@ -11,6 +11,7 @@ ALLOWED = {
     "studio.adapters": {"studio.adapters", "studio.errors"},
     "studio.shapes": {"studio.shapes", "studio.errors"},
     "studio.models": {"studio.errors"},
+    "studio.allocator": set(),
     "studio.text_world": {"studio.errors"},
     "studio.text": {"studio.text", "studio.adapters", "studio.formats", "studio.models", "studio.text_world",
                     "studio.errors"},
@@ -20,7 +21,7 @@ ALLOWED = {
     "studio.formats.commands": {"studio.formats", "studio.adapters", "studio.models", "studio.errors"},
     "studio.pipeline": {"studio.pipeline", "studio.adapters", "studio.formats", "studio.models", "studio.shapes",
                         "studio.errors"},
-    "trainers": {"trainers", "studio.adapters", "studio.formats", "studio.models", "studio.config",
+    "trainers": {"trainers", "studio.allocator", "studio.adapters", "studio.formats", "studio.models", "studio.config",
                  "studio.pipeline", "studio.shapes", "studio.text_world", "studio.text", "studio.errors"},
     "studio.ui": {"studio"},  # anything but tensor code; checked below for trainers only through the CLI
     "studio.cli": {"studio", "trainers"},

@@ -40,7 +40,6 @@ def context_length(model) -> int:
 
 
 def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
-    from accelerate import Accelerator
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
@@ -53,8 +52,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     context = context_length(model)
     examples = data_text.load_examples(cfg.data, tokenizer, cfg.block_size or context, context)
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=not torch.cuda.is_available())
+    accelerator = loop.make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     device, world, rank_index = accelerator.device, accelerator.num_processes, accelerator.process_index
     model.to(device)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from studio.allocator import keep_freed_memory
 from studio.errors import StudioError
 
 SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -26,6 +27,21 @@ def step_generator(seed: int, step: int, purpose: str) -> torch.Generator:
     """A CPU generator for one purpose of one step: the same on resume and on every process."""
     digest = int.from_bytes(hashlib.sha256(f"{seed}/{step}/{purpose}".encode()).digest()[:8], "little")
     return torch.Generator().manual_seed(digest & ((1 << 63) - 1))
+
+
+def make_accelerator(mixed_precision: str, grad_accum: int):
+    """The run's accelerate.Accelerator; on CPU, activation memory is kept for reuse between steps.
+
+    cpu=True without an accelerator: under `accelerate launch --multi_gpu` / torchrun this selects
+    accelerate's multi-CPU (gloo) mode instead of silently running N independent copies.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                              cpu=not torch.cuda.is_available())
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # no page-fault storm every step: see studio/allocator.py
+    return accelerator
 
 
 def make_optimizer(groups: list[tuple[list[torch.nn.Parameter], float]], weight_decay: float = 1e-2):
