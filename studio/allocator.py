@@ -6,10 +6,13 @@ the freed top of its heap back to the kernel, so every step faults the same memo
 and the kernel zeroes each 4 KB page first. Measured on an SD1.5 UNet forward + backward at
 256 px (LoRA on the attention, one core): about 500 000 page faults per step; with the two
 limits below, none, and the step is 12-17 % shorter at the same peak RSS (4.32 vs 4.35 GB).
+Generating is alike: a UNet forward with guidance (batch 2) took 6.1-6.6 s instead of 7.7-7.9 s.
 
 This is the same fix the PyTorch CPU tuning guides get from preloading jemalloc or tcmalloc,
 without a preload: ``mallopt`` can change both limits at run time. The cost is that the
-process keeps its peak memory until it exits, which is what a training run does anyway.
+process keeps its peak memory until it exits: a training run holds it anyway, and the web UI
+keeps what its largest generation needed, ready for the next one. ``studio`` (cli.main) sets it
+for every command; the trainers set it too, for ``train(cfg)`` called from Python.
 Anything but glibc (macOS, Windows, musl) is left as it is.
 """
 
