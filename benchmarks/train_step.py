@@ -116,8 +116,11 @@ def reference_loop(base: Path, batch: int, rank: int, resolution: int):
 
 def studio(base: Path, steps: int, batch: int, rank: int, resolution: int, cached: bool, after_step=None) -> None:
     """``studio train`` for ``steps`` steps; ``after_step()`` runs at the end of each step."""
+    from studio.allocator import keep_freed_memory
     from trainers import diffusion, loop
     from trainers.diffusion_config import DiffusionTrainConfig
+
+    keep_freed_memory()  # as the `studio` command does before anything loads
 
     diffusion._render_samples = lambda *_: None  # the final sample grid: not part of a step, and the reference has none
 
