@@ -20,6 +20,7 @@ from studio.errors import StudioError
 
 MINI_BASE = Path(__file__).resolve().parents[1] / "sample_data" / "mini-sd"
 SDXL_KEY_HINTS = ("conditioner.embedders.1", "add_embedding.linear_1")
+CHANNELS_LAST = ("unet", "vae")  # pipeline parts whose conv weights go NHWC on first use
 NO_SAFETY = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
@@ -28,7 +29,7 @@ class DiffusionBase:
     pipe: object
     family: str          # "sd15" | "sdxl"
     source: str          # what the user gave (or the mini base folder)
-    channels_last: tuple[str, ...] = ("unet", "vae")
+    channels_last: tuple[str, ...] = CHANNELS_LAST
 
     def __post_init__(self) -> None:
         # convolutions in NHWC (channels_last) run faster in oneDNN / cuDNN for inference, and
@@ -136,7 +137,7 @@ def _family_of_file(path: Path) -> str:
 
 
 def load_diffusion_base(base: str | None = None, dtype: torch.dtype = torch.float32,
-                        channels_last: tuple[str, ...] = ("unet", "vae")) -> DiffusionBase:
+                        channels_last: tuple[str, ...] = CHANNELS_LAST) -> DiffusionBase:
     """The mini base when ``base`` is None; else a folder, a single .safetensors file or a hub id.
 
     ``channels_last`` names the pipeline parts whose conv weights go NHWC on first use."""
