@@ -1,16 +1,21 @@
 """Helpers shared by the method modules: rank checks, weight hashing and the SVD cache.
 
-The SVD of a base weight is computed once, in fp32, and cached in memory keyed by a SHA-256
-of the weight's fp32 bytes and shape. SVF adapters store that hash and refuse a base whose
-weight hashes differently, because their gains z are only meaningful in that exact basis.
+The SVD of a base weight is computed once, in fp32, and cached keyed by a SHA-256 of the
+weight's fp32 bytes and shape. SVF adapters store that hash and refuse a base whose weight
+hashes differently, because their gains z are only meaningful in that exact basis.
+
+The cache holds its bases *weakly*: an entry lives while some adapter holds its tensors (SVF
+keeps U, S, Vh as buffers) or a caller keeps the returned ``Basis``, and is released with the
+last of them, so detaching every SVF adapter hands the fp32 U, S, Vh of each weight back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 
@@ -37,18 +42,46 @@ class LowRankConfig:
     """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
     dropout: float = 0.0
     """Dropout on the adapter's input while training (0 disables it)."""
+    conv_rank: int | None = None
+    """Rank on k x k (k > 1) convolutions, kohya's conv_dim; None = rank."""
+    conv_alpha: float | None = None
+    """Alpha on k x k convolutions, kohya's conv_alpha; None = alpha when conv_rank is None, else conv_rank."""
 
     label: ClassVar[str] = "LoRA"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise StudioError(f"{self.label} rank must be a positive integer, got {self.rank!r}: pass --rank 4 or more")
+        for name, value in (("rank", self.rank), ("conv_rank", self.conv_rank)):
+            if value is None and name == "conv_rank":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise StudioError(f"{self.label} {name} must be a positive integer, got {value!r}: pass "
+                                  f"--{name.replace('_', '-')} 4 or more")
         if not 0.0 <= self.dropout < 1.0:
             raise StudioError(f"{self.label} dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scale(self) -> float:
         return lowrank_scale(self.rank, self.alpha, self.rslora)
+
+    def rank_at(self, conv: bool) -> int:
+        """r of a layer: conv_rank on k x k convolutions when given."""
+        return self.conv_rank if conv and self.conv_rank is not None else self.rank
+
+    def scale_at(self, conv: bool) -> float:
+        if not conv or (self.conv_rank is None and self.conv_alpha is None):
+            return self.scale
+        return lowrank_scale(self.rank_at(True), self.conv_alpha, self.rslora)
+
+
+def conv_down(down: torch.Tensor, site) -> torch.Tensor:
+    """A down factor (r, in * kh * kw) as LoCon's kernel (r, in, kh, kw) on a k x k conv site."""
+    return down.reshape(down.shape[0], -1, *site.kernel) if site.is_conv else down
+
+
+def down_shape(rank: int, site) -> tuple:
+    """The stored shape of a down factor: (r, in) or LoCon's (r, in_channels, kh, kw)."""
+    kh, kw = site.kernel
+    return (rank, site.in_features // (kh * kw), kh, kw) if site.is_conv else (rank, site.in_features)
 
 
 def check_rank(rank: int, shape: tuple[int, int] | torch.Size, module: str) -> None:
@@ -75,26 +108,43 @@ def tensor_to_hash(t: torch.Tensor) -> bytes:
     return bytes(t.to(torch.uint8).tolist())
 
 
-class Basis(NamedTuple):
-    U: torch.Tensor   # (out, n)
-    S: torch.Tensor   # (n,)  descending
-    Vh: torch.Tensor  # (n, in)
-    hash: bytes
+class Basis(tuple):
+    """(U (out, n), S (n,) descending, Vh (n, in), hash): unpacks like the tuple it is."""
+
+    __slots__ = ()
+
+    def __new__(cls, U, S, Vh, h):
+        return super().__new__(cls, (U, S, Vh, h))
+
+    U = property(lambda self: self[0])
+    S = property(lambda self: self[1])
+    Vh = property(lambda self: self[2])
+    hash = property(lambda self: self[3])
 
 
-_SVD_CACHE: dict[tuple[bytes, str], Basis] = {}
+# key -> weak references to (U, S, Vh): alive while any adapter (or caller) holds the tensors
+_SVD_CACHE: dict[tuple[bytes, str], tuple[weakref.ref, weakref.ref, weakref.ref]] = {}
 
 
 def cached_svd(W0: torch.Tensor, h: bytes | None = None) -> Basis:
-    """Thin SVD of W0 in fp32, computed once per distinct weight (and device).
+    """Thin SVD of W0 in fp32, computed once per distinct weight (and device) while it is in use.
 
     ``h`` is W0's ``weight_hash`` when the caller has it already (hashing is the cost of a hit)."""
     h = h if h is not None else weight_hash(W0)
     key = (h, str(W0.device))
-    if key not in _SVD_CACHE:
-        U, S, Vh = torch.linalg.svd(W0.detach().float(), full_matrices=False)
-        _SVD_CACHE[key] = Basis(U, S, Vh, h)
-    return _SVD_CACHE[key]
+    refs = _SVD_CACHE.get(key)
+    tensors = tuple(r() for r in refs) if refs else (None,)
+    if any(t is None for t in tensors):
+        for dead in [k for k, rs in _SVD_CACHE.items() if any(r() is None for r in rs)]:
+            del _SVD_CACHE[dead]
+        tensors = torch.linalg.svd(W0.detach().float(), full_matrices=False)
+        _SVD_CACHE[key] = tuple(weakref.ref(t) for t in tensors)
+    return Basis(*tensors, h)
+
+
+def svd_cache_size() -> int:
+    """Bases still held by someone (dead entries are not counted)."""
+    return sum(all(r() is not None for r in rs) for rs in _SVD_CACHE.values())
 
 
 def clear_svd_cache() -> None:

@@ -2,7 +2,7 @@
 
 The canonical key scheme of one adapter's state dict is ``<module path>.<tensor>``, e.g.
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.A``, with the tensor names of
-the method's ``SAVED`` tuple (LoRA: A, B; PiSSA / MiLoRA: A, B, A0, B0; SVF: z, basis_hash).
+the method's ``SAVED`` tuple (LoRA: A, B; PiSSA / MiLoRA: A, B, A0, B0; SVF: z, basis_hash; ...).
 Module paths are those of the original (unwrapped) model. ``adapter_config`` gives the method
 and config that, with the state dict, rebuild the adapter through ``load_adapter``.
 """
@@ -88,14 +88,14 @@ def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str,
 def load_adapter(model: nn.Module, name: str, method: str, config: dict | object,
                  state_dict: dict[str, torch.Tensor], weight: float = 1.0) -> list[str]:
     """Attach adapter ``name`` from a canonical state dict (shapes and SVF base hashes checked)."""
-    from studio.adapters import METHODS, make_config
+    from studio.adapters.registry import get, make_config
 
     cfg = make_config(method, config) if isinstance(config, dict) else config
-    if method in METHODS and not isinstance(cfg, METHODS[method].Config):
+    if not isinstance(cfg, get(method).Config):
         cfg = make_config(method, dataclasses.asdict(cfg))
     return attach(model, name, method, cfg, weight=weight, saved=split_state_dict(state_dict))
 
 
 def delta_weights(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """{module path: dW (out, in), fp32} of one adapter, without its user weight."""
-    return {p: layer.adapters[name].delta_weight().detach() for p, layer in layers_of(model, name).items()}
+    return {p: layer.delta_weight(name).detach() for p, layer in layers_of(model, name).items()}

@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from studio.adapters.common import LowRankConfig, check_rank
+from studio.adapters.common import LowRankConfig, check_rank, conv_down, down_shape
+from studio.adapters.contract import Site, Traits
 from studio.errors import StudioError
 
+NAME = "pissa"
+TRAITS = Traits(kind="low-rank", summary="PiSSA, LoRA initialised on the top-r singular triplets of W0",
+                lr={"image": 1e-3, "lm": 1e-3})
 TRAINABLE = ("A", "B")
 SAVED = ("A", "B", "A0", "B0")
 SVD_KINDS = ("fast", "exact")
@@ -49,50 +52,48 @@ class Config(LowRankConfig):
             raise StudioError(f"PiSSA niter must be >= 0, got {self.niter}")
 
 
-def state_from_triplets(scale: float, U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor) -> dict:
+def state_from_triplets(scale: float, U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor,
+                        site: Site | None = None) -> dict:
     """Split r singular triplets evenly into (A0, B0) so that s * B0 @ A0 = U_r diag(S_r) Vh_r."""
     root = torch.sqrt(S_r / scale)  # (r,)
     A0 = root[:, None] * Vh_r       # (r, in)
     B0 = U_r * root[None, :]        # (out, r)
+    if site is not None:
+        A0 = conv_down(A0, site)    # LoCon's (r, in_channels, kh, kw) on a k x k conv
     return {"A": A0.clone(), "B": B0.clone(), "A0": A0, "B0": B0}
 
 
-def init(cfg: Config, W0: torch.Tensor, module: str = "", generator: torch.Generator | None = None) -> dict:
-    check_rank(cfg.rank, W0.shape, module)
+def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator | None = None) -> dict:
+    rank = cfg.rank_at(site.is_conv)
+    check_rank(rank, W0.shape, site.path)
     W = W0.detach().float()
     if cfg.svd == "exact":
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        U_r, S_r, Vh_r = U[:, : cfg.rank], S[: cfg.rank], Vh[: cfg.rank]
+        U_r, S_r, Vh_r = U[:, :rank], S[:rank], Vh[:rank]
     else:  # PEFT's pissa_niter_N: q = r, no oversampling
-        U_r, S_r, V_r = torch.svd_lowrank(W, q=cfg.rank, niter=cfg.niter)
+        U_r, S_r, V_r = torch.svd_lowrank(W, q=rank, niter=cfg.niter)
         Vh_r = V_r.T
-    return state_from_triplets(cfg.scale, U_r, S_r, Vh_r)
+    return state_from_triplets(cfg.scale_at(site.is_conv), U_r, S_r, Vh_r, site)
 
 
 def factors(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    down = torch.cat([state["A"], state["A0"]], dim=0)                    # (2r, in)
-    up = torch.cat([state["B"], -state["B0"]], dim=1) * cfg.scale          # (out, 2r)
+    """s (B A - B0 A0) as one rank-2r pair."""
+    scale = cfg.scale_at(state["A"].dim() == 4)
+    down = torch.cat([state["A"].flatten(1), state["A0"].flatten(1)], dim=0)   # (2r, in)
+    up = torch.cat([state["B"], -state["B0"]], dim=1) * scale                  # (out, 2r)
     return down, up
-
-
-def forward_delta(cfg: Config, state: dict, x: torch.Tensor, training: bool = False, weight: float = 1.0) -> torch.Tensor:
-    """weight * x @ dW.T as one rank-2r matmul pair: s (B A x - B0 A0 x)."""
-    if training and cfg.dropout > 0:
-        x = F.dropout(x, cfg.dropout, training=True)
-    down = torch.cat([state["A"], state["A0"]], dim=0)   # (2r, in)
-    up = torch.cat([state["B"], -state["B0"]], dim=1)    # (out, 2r)
-    return F.linear(F.linear(x, down) * (cfg.scale * weight), up)
 
 
 def residual(cfg: Config, state: dict, W0: torch.Tensor) -> torch.Tensor:
     """W_res = W0 - s B0 A0, the base PEFT trains against (for comparison and export)."""
-    return W0.float() - cfg.scale * state["B0"] @ state["A0"]
+    return W0.float() - cfg.scale_at(state["A0"].dim() == 4) * state["B0"] @ state["A0"].flatten(1)
 
 
-def expected_shapes(cfg: Config, out_features: int, in_features: int) -> dict:
-    r = cfg.rank
-    return {"A": (r, in_features), "B": (out_features, r), "A0": (r, in_features), "B0": (out_features, r)}
+def expected_shapes(cfg: Config, site: Site) -> dict:
+    r = cfg.rank_at(site.is_conv)
+    return {"A": down_shape(r, site), "B": (site.out_features, r), "A0": down_shape(r, site),
+            "B0": (site.out_features, r)}
 
 
-def from_saved(cfg: Config, W0: torch.Tensor, tensors: dict, module: str = "") -> dict:
+def from_saved(cfg: Config, W0: torch.Tensor | None, tensors: dict, site: Site) -> dict:
     return {k: tensors[k].float() for k in SAVED}

@@ -12,8 +12,9 @@ z and break that rule.
 
 The SVD is computed once per base weight in fp32 (``common.cached_svd``) and shared by every
 SVF adapter on that weight; the adapter stores only z and the weight's hash, and refuses a
-base whose weight hashes differently. ``forward_delta`` runs x -> Vh x -> * S(z-1) -> U, so
-training never forms a dense (out, in) weight gradient: dL/dz_i = S_i sum_t (u_i.g_t)(v_i.x_t).
+base whose weight hashes differently. Its factors (Vh, U diag(S(z - 1))) run
+x -> Vh x -> * S(z-1) -> U in the stacked low-rank path, so training never forms a dense
+(out, in) weight gradient: dL/dz_i = S_i sum_t (u_i.g_t)(v_i.x_t).
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from studio.adapters.common import HASH_BYTES, cached_svd, hash_to_tensor, tensor_to_hash, weight_hash
+from studio.adapters.contract import Site, Traits
 from studio.errors import StudioError
+
+NAME = "svf"
+TRAITS = Traits(kind="low-rank", summary="SVF (Transformer^2), one gain per singular value of W0",
+                lr={"image": 2e-2, "lm": 1e-1}, needs_base=True, has_rank=False, export="truncated",
+                default_energy=0.99)
 
 TRAINABLE = ("z",)
 SAVED = ("z", "basis_hash")
@@ -38,17 +44,17 @@ class Config:
         pass
 
 
-def init(cfg: Config, W0: torch.Tensor, module: str = "", generator: torch.Generator | None = None) -> dict:
+def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator | None = None) -> dict:
     U, S, Vh, h = cached_svd(W0)
     return {"z": torch.ones_like(S), "basis_hash": hash_to_tensor(h), "U": U, "S": S, "Vh": Vh}
 
 
-def from_saved(cfg: Config, W0: torch.Tensor, tensors: dict, module: str = "") -> dict:
+def from_saved(cfg: Config, W0: torch.Tensor, tensors: dict, site: Site) -> dict:
     """Rebuild the state from saved (z, basis_hash), refusing a base with a different weight."""
     h = weight_hash(W0)
     if tensor_to_hash(tensors["basis_hash"]) != h:
         raise StudioError(
-            f"SVF adapter was trained on a different base weight for module '{module}' (basis hash "
+            f"SVF adapter was trained on a different base weight for module '{site.path}' (basis hash "
             f"mismatch): load it on the exact base checkpoint it was trained on, or export it as a "
             f"plain LoRA first")
     U, S, Vh, h = cached_svd(W0, h)
@@ -63,9 +69,5 @@ def factors(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return state["Vh"], state["U"] * gains(state)[None, :]  # (n, in), (out, n)
 
 
-def forward_delta(cfg: Config, state: dict, x: torch.Tensor, training: bool = False, weight: float = 1.0) -> torch.Tensor:
-    return F.linear(F.linear(x, state["Vh"]) * (gains(state) * weight), state["U"])
-
-
-def expected_shapes(cfg: Config, out_features: int, in_features: int) -> dict:
-    return {"z": (min(out_features, in_features),), "basis_hash": (HASH_BYTES,)}
+def expected_shapes(cfg: Config, site: Site) -> dict:
+    return {"z": (min(site.out_features, site.in_features),), "basis_hash": (HASH_BYTES,)}

@@ -1,10 +1,10 @@
-"""Find the Linear layers to adapt, and attach / detach named adapters on them.
+"""Find the layers to adapt, and attach / detach named adapters on them.
 
 Targets are given as a preset name, a regular expression, an exact module name, or a list of
 those. An entry matches module ``n`` when ``n == entry``, ``n`` ends with ``"." + entry``, or
-``re.fullmatch(entry, n)`` succeeds. ``nn.Linear``, GPT-2's ``Conv1D`` and 1x1 ``nn.Conv2d``
-(stride 1, no padding; SD1.5's ``proj_in`` / ``proj_out``) are adaptable. Other convolutions
-are skipped by presets and regexes, and refused when an entry names one explicitly.
+``re.fullmatch(entry, n)`` succeeds. ``nn.Linear``, GPT-2's ``Conv1D`` and every ``nn.Conv2d``
+with one group and zero padding (1x1, 3x3, strided: all of a UNet's) are adaptable; grouped
+convolutions are skipped by presets and regexes, and refused when an entry names one.
 """
 
 from __future__ import annotations
@@ -15,15 +15,21 @@ from types import ModuleType
 import torch.nn as nn
 
 from studio.adapters.common import check_shapes
-from studio.adapters.layer import AdaptedLinear, Adapter, is_conv1d, is_conv1x1
+from studio.adapters.layer import AdaptedLayer, AdaptedLinear, Adapter, is_adaptable
 from studio.errors import StudioError
+
+_TRANSFORMER = r".*(\.attn[12]\.(to_q|to_k|to_v|to_out\.0)|\.ff\.net\.(0\.proj|2)|attentions\.\d+\.(proj_in|proj_out))"
 
 PRESETS: dict[str, str] = {
     # every attention block of a diffusers UNet2DConditionModel: 128 layers on SD1.5, 560 on SDXL
     "unet-attn": r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     # kohya's default LoRA targets: every Linear / 1x1 conv of the UNet's transformer blocks --
     # the attention above plus the feed-forward and proj_in / proj_out (192 layers on SD1.5)
-    "unet-transformer": r".*(\.attn[12]\.(to_q|to_k|to_v|to_out\.0)|\.ff\.net\.(0\.proj|2)|attentions\.\d+\.(proj_in|proj_out))",
+    "unet-transformer": _TRANSFORMER,
+    # kohya's LoCon set: the transformer set plus every ResNet conv1 / conv2 / conv_shortcut and
+    # time_emb_proj and the down / up-sampler convolutions (3x3 convs take --conv-rank / --conv-alpha)
+    "unet-full": _TRANSFORMER[:-1] + r"|resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)"
+                 r"|(downsamplers|upsamplers)\.0\.conv)",
     # CLIPTextModel / CLIPTextModelWithProjection self-attention
     "te-attn": r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)",
     # Llama / Qwen / Mistral attention, GPT-2 attention (Conv1D c_attn, c_proj)
@@ -33,8 +39,7 @@ PRESETS: dict[str, str] = {
 }
 
 
-def _is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, AdaptedLinear)) or is_conv1d(module) or is_conv1x1(module)
+_is_adaptable = is_adaptable
 
 
 def _named_explicitly(entry: str, name: str) -> bool:
@@ -44,9 +49,8 @@ def _named_explicitly(entry: str, name: str) -> bool:
 def _refuse_conv(name: str, module: nn.Module) -> None:
     raise StudioError(
         f"module '{name}' is a {type(module).__name__} with kernel {tuple(module.kernel_size)}, stride "
-        f"{tuple(module.stride)}, padding {module.padding}, groups {module.groups}: only Linear layers and 1x1 "
-        f"convolutions (stride 1, no padding, one group) can be adapted; LoCon-style 3x3 / strided convolutions "
-        f"are not supported: target Linear or 1x1 layers (e.g. 'unet-attn', 'proj_in')")
+        f"{tuple(module.stride)}, padding {module.padding}, groups {module.groups}, padding mode "
+        f"{module.padding_mode}: grouped or non-zero-padded convolutions cannot be adapted: target other layers")
 
 
 def _entry_matches(entry: str, name: str) -> bool:
@@ -84,7 +88,7 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> dict[str, nn.Mod
             _refuse_conv(name, module)
     if not found:
         raise StudioError(
-            f"targets {entries} match no Linear layer or 1x1 convolution of {type(model).__name__}: use a preset "
+            f"targets {entries} match no Linear layer or convolution of {type(model).__name__}: use a preset "
             f"({', '.join(PRESETS)}), a module name, or a regex over names such as "
             f"'{next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), 'none')}'")
     return found
@@ -105,38 +109,43 @@ def attach(model: nn.Module, name: str, method: str, cfg=None, targets: str | li
     """Attach adapter ``name`` of ``method`` on every matching layer; return the module paths.
 
     ``saved`` maps module path -> saved tensors (see ``ops.load_adapter``); without it every
-    layer is initialised by the method's ``init``. The base model's own parameters are frozen.
+    layer is initialised by the method's ``init`` (layers the method does not ``accept`` are
+    skipped). The base model's own parameters are frozen; new layers take the model's mode.
     """
-    from studio.adapters import METHODS  # the registry sits in the package __init__
+    from studio.adapters.registry import get
 
-    if method not in METHODS:
-        raise StudioError(f"unknown adapter method {method!r}: choose one of {', '.join(METHODS)}")
-    module_of_method: ModuleType = METHODS[method]
+    module_of_method: ModuleType = get(method)
     cfg = cfg if cfg is not None else module_of_method.Config()
     if not isinstance(cfg, module_of_method.Config):
         raise StudioError(f"method {method!r} needs a {module_of_method.__name__}.Config, got {type(cfg).__name__}")
     if name in adapter_names(model):
         raise StudioError(f"an adapter named {name!r} is already attached: detach it first or choose another name")
     layers = find_targets(model, targets) if saved is None else _saved_targets(model, saved)
+    accepts = getattr(module_of_method, "accepts", None)
     states = {}
     for path, module in layers.items():  # build every state before touching the model
-        layer = module if isinstance(module, AdaptedLinear) else AdaptedLinear(module, path)
-        W0 = layer.pristine_weight
+        layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, path)
+        W0, site = layer.pristine_weight, layer.site
         if saved is None:
-            state = module_of_method.init(cfg, W0, module=path)
+            if accepts is not None and not accepts(cfg, site):
+                continue
+            state = module_of_method.init(cfg, W0, site)
         else:
-            check_shapes(saved[path], module_of_method.expected_shapes(cfg, *W0.shape), path)
-            state = module_of_method.from_saved(cfg, W0, saved[path], module=path)
+            check_shapes(saved[path], module_of_method.expected_shapes(cfg, site), path)
+            state = module_of_method.from_saved(cfg, W0, saved[path], site)
         states[path] = (layer, {k: v.to(W0.device) for k, v in state.items()})
+    if not states:
+        raise StudioError(f"method {method!r} adapts none of the layers {targets!r} selects: choose other targets "
+                          f"(see the method's help)")
     if freeze_base:
         adapter_params = {id(p) for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()}
         for p in model.parameters():
             if id(p) not in adapter_params:
                 p.requires_grad_(False)
     for path, (layer, state) in states.items():
-        if not isinstance(model.get_submodule(path), AdaptedLinear):
+        if not isinstance(model.get_submodule(path), AdaptedLayer):
             _set_submodule(model, path, layer)
-        adapter = Adapter(method, module_of_method, cfg, state)
+        adapter = Adapter(module_of_method, cfg, state).train(layer.training)
         adapter.weight = float(weight)
         layer.adapters[name] = adapter
     return list(states)
@@ -152,7 +161,7 @@ def _saved_targets(model: nn.Module, saved: dict[str, dict]) -> dict[str, nn.Mod
         if module is None or not _is_adaptable(module):
             raise StudioError(
                 f"the adapter targets module '{path}', which {type(model).__name__} does not have as a "
-                f"Linear (or 1x1 convolution) layer: the adapter was trained for another base model")
+                f"Linear or convolution layer: the adapter was trained for another base model")
         layers[path] = module
     return layers
 
