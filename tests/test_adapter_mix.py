@@ -53,7 +53,7 @@ def test_compress_factors_share_magnitude_evenly():
 
 def test_svf_compression_by_sorting_matches_dense_svd():
     W0 = torch.randn(20, 16, generator=torch.Generator().manual_seed(4))
-    state = A.svf.init(A.svf.Config(), W0)
+    state = A.svf.init(A.svf.Config(), W0, A.contract.Site("w", 20, 16))
     state["z"] = 1 + 0.3 * torch.randn(16, generator=torch.Generator().manual_seed(5))
     dense = A.svf.factors(A.svf.Config(), state)[1] @ state["Vh"]
     result = mix.compress_svf(state["U"], state["S"], state["Vh"], state["z"], rank=5)

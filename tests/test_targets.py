@@ -56,7 +56,7 @@ def test_detach_restores_the_module_tree_and_gpt2_conv1d_is_wrapped():
     gpt2 = CASES[4].build()
     before = [(n, type(m)) for n, m in gpt2.named_modules()]
     paths = A.attach(gpt2, "a", "lora", A.lora.Config(rank=2), "lm-attn")
-    assert type(gpt2.get_submodule(paths[0])).__name__ == "AdaptedLinear"
+    assert type(gpt2.get_submodule(paths[0])).__name__ == "AdaptedLayer"
     assert gpt2.get_submodule(paths[0]).in_features == 32
     A.detach(gpt2, "a")
     assert [(n, type(m)) for n, m in gpt2.named_modules()] == before

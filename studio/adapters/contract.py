@@ -27,6 +27,9 @@ as (IA)^3 adapts keys, values and the feed-forward's second projection), and, by
     functional   forward(cfg, state, x, base, weight, training) -> the output delta, and no
                  fixed weight delta (routed experts): never merged, no plain-LoRA export.
 
+A method whose delta is already an SVD (SVF) may add ``svd(cfg, state) -> (U, g, Vh)`` with signed,
+unsorted g: its plain-LoRA export then sorts g instead of taking a new SVD.
+
 Every weight is seen as a matrix: a Linear's (out, in), GPT-2 Conv1D's transpose, a Conv2d's
 (out, in * kh * kw) flattened kernel. ``Site`` tells a method where it is (path, kernel), for
 the few choices that depend on it (a conv rank, the side an (IA)^3 vector scales).

@@ -52,6 +52,33 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, AdaptedLayer)) or is_conv1d(module) or is_conv2d(module)
 
 
+def site_of(module: nn.Module, path: str) -> Site | None:
+    """The Site of an adaptable module (wrapped or not), or None when it cannot be adapted."""
+    if isinstance(module, AdaptedLayer):
+        return module.site
+    if isinstance(module, nn.Linear):
+        return Site(path, module.out_features, module.in_features)
+    if is_conv1d(module):
+        return Site(path, module.weight.shape[1], module.weight.shape[0])
+    if is_conv2d(module):
+        kh, kw = module.kernel_size
+        return Site(path, module.out_channels, module.in_channels * kh * kw, (kh, kw))
+    return None
+
+
+def base_matrix(module: nn.Module) -> torch.Tensor | None:
+    """A module's pristine weight as the (out, in) matrix the methods see."""
+    if isinstance(module, AdaptedLayer):
+        return module.pristine_weight
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    if is_conv1d(module):
+        return module.weight.detach().T
+    if is_conv2d(module):
+        return module.weight.detach().flatten(1)
+    return None
+
+
 class Adapter(nn.Module):
     """One named adapter on one layer: its method, frozen config and state tensors."""
 

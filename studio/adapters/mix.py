@@ -84,7 +84,13 @@ def compress(down: torch.Tensor, up: torch.Tensor, rank: int | None = None, ener
 def compress_svf(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor,
                  rank: int | None = None, energy: float | None = None) -> LowRank:
     """An SVF delta U diag(S(z-1)) Vh is already an SVD: keep the largest |S(z-1)|, no new SVD."""
-    g = S.detach().float() * (z.detach().float() - 1)                      # (n,) signed singular values of dW
+    return compress_svd(U, S.detach().float() * (z.detach().float() - 1), Vh, rank, energy)
+
+
+def compress_svd(U: torch.Tensor, g: torch.Tensor, Vh: torch.Tensor,
+                 rank: int | None = None, energy: float | None = None) -> LowRank:
+    """A delta given as an SVD U diag(g) Vh with signed, unsorted g: keep the largest |g|, no new SVD."""
+    g = g.detach().float()                                                 # (n,) signed singular values of dW
     order = torch.argsort(g.abs(), descending=True)
     g_sorted = g[order]
     k = _cutoff(g_sorted.abs(), rank, energy)
@@ -96,6 +102,13 @@ def compress_svf(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, z: torch.Te
     up = U.index_select(1, keep).mul_(sign * root)           # (out, k)
     down = Vh.index_select(0, keep).mul_(root[:, None])      # (k, in)
     return LowRank(down, up, _energy(kept, g_sorted.abs()), g_sorted.abs())
+
+
+def dense(dW: torch.Tensor, rank: int | None = None, energy: float | None = None) -> LowRank:
+    """A dense delta's best rank-k factors by its SVD (dense-kind methods: DoRA, (IA)^3, ...)."""
+    U, S, Vh = torch.linalg.svd(dW.detach().float(), full_matrices=False)
+    k = _cutoff(S, rank, energy)
+    return _split_evenly(U[:, :k], S[:k], Vh[:k], S)
 
 
 def mix_svf(zs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

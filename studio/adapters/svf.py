@@ -65,6 +65,11 @@ def gains(state: dict) -> torch.Tensor:
     return state["S"] * (state["z"] - 1)  # (n,) singular values of dW, up to sign
 
 
+def svd(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dW as the SVD it already is: U (out, n), signed gains (n,), Vh (n, in) (plain-LoRA export)."""
+    return state["U"], gains(state), state["Vh"]
+
+
 def factors(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return state["Vh"], state["U"] * gains(state)[None, :]  # (n, in), (out, n)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from studio.adapters import METHODS, adapter_config, adapter_names, adapter_state_dict, detach, load_adapter, make_config, set_weight
-from studio.adapters.layer import AdaptedLinear, is_conv1d, is_conv1x1
+from studio.adapters.layer import site_of
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, Part, guess_family, model_family, normalise_models
 from studio.formats.names import FAMILY_NAMES, TEXT_ENCODERS, canonical_te_path, resolve_path
@@ -23,18 +23,6 @@ _COMPONENT_NAMES = {"unet": "UNet", "te": "text encoder", "te1": "first text enc
 
 def _where(af: AdapterFile) -> str:
     return af.source.get("path") or f"adapter '{af.name}'"
-
-
-def _shape(module: nn.Module) -> tuple[int, int] | None:
-    if isinstance(module, AdaptedLinear):
-        return module.out_features, module.in_features
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if is_conv1d(module):
-        return module.weight.shape[1], module.weight.shape[0]
-    if is_conv1x1(module):  # SD1.5 proj_in / proj_out: a Linear over the channels
-        return module.out_channels, module.in_channels
-    return None
 
 
 def _check_family(af: AdapterFile, models: dict[str, nn.Module], where: str) -> None:
@@ -69,11 +57,11 @@ def _resolve(af: AdapterFile, models: dict[str, nn.Module], where: str) -> dict[
         names = {}
         for path, tensors in part.modules().items():
             name = resolve_path(model, path)
-            shape = _shape(model.get_submodule(name)) if name is not None else None
-            if shape is None:
+            site = site_of(model.get_submodule(name), name) if name is not None else None
+            if site is None:
                 raise StudioError(f"{where} does not fit this base ({base}): it adapts '{component}.{path}', which "
-                                  f"is not a Linear layer (or 1x1 convolution) there; the file seems made for {made_for}")
-            expected = METHODS[part.method].expected_shapes(cfg, *shape)
+                                  f"is not a Linear or convolution layer there; the file seems made for {made_for}")
+            expected = METHODS[part.method].expected_shapes(cfg, site)
             for key, want in expected.items():
                 got = tuple(tensors[key].shape) if key in tensors else None
                 if got != tuple(want):

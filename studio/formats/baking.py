@@ -17,7 +17,8 @@ import torch.nn as nn
 from studio.adapters import mix
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, normalise_models
-from studio.formats.lowrank import Policy, exact_factors, lora_part, one_thread, sorted_full, summarise, truncate
+from studio.formats.lowrank import (Policy, exact_factors, kernel_of, lora_part, one_thread, sorted_full, stored_downs,
+                                    summarise, truncate)
 from studio.formats.names import FAMILY_NAMES, TEXT_ENCODERS
 
 
@@ -32,9 +33,16 @@ def bake(inputs: list[tuple[AdapterFile, float, float | None]], rank: int | None
                           f"({', '.join(FAMILY_NAMES[f] for f in sorted(families))}): bake each base's adapters "
                           f"separately")
     models = normalise_models(models or {})
+    family = next(iter(families))
     stacks: dict[str, dict[str, list]] = {}
+    kernels: dict[str, dict[str, tuple]] = {}  # LoCon modules keep their k x k down kernels
     for af, weight, te_weight in inputs:
+        stored = stored_downs(af.parts)
         for component, part in af.parts.items():
+            for path in part.modules():
+                kernel = kernel_of(component, path, family, models.get(component), stored[component].get(path))
+                if kernel is not None and kernel != (1, 1):
+                    kernels.setdefault(component, {})[path] = kernel
             w = te_weight if component in TEXT_ENCODERS and te_weight is not None else weight
             for path, (down, up) in exact_factors(part, models.get(component), component).items():
                 stack = stacks.setdefault(component, {}).setdefault(path, [])
@@ -51,7 +59,11 @@ def bake(inputs: list[tuple[AdapterFile, float, float | None]], rank: int | None
                 down, up = mix.concat([(d, u) for d, u, _ in stack], [w for _, _, w in stack])
                 factors[component][path] = truncate(sorted_full(down, up), policy)
     summary = summarise(factors)
-    parts = {c: lora_part({p: (f.down, f.up, float(f.down.shape[0])) for p, f in mods.items()})
+    def down(c, p, f):
+        kernel = kernels.get(c, {}).get(p)
+        return f.down if kernel is None else f.down.reshape(f.down.shape[0], -1, *kernel)
+
+    parts = {c: lora_part({p: (down(c, p, f), f.up, float(f.down.shape[0])) for p, f in mods.items()})
              for c, mods in factors.items()}
     sources = [{"name": af.source.get("path", af.name), "weight": w, "te_weight": tw,
                 "sha256": af.source.get("header", {}).get("sshs_model_hash")} for af, w, tw in inputs]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from studio.adapters.registry import get
 from studio.errors import StudioError
 from studio.formats.names import FAMILY_NAMES
 
@@ -100,13 +101,18 @@ def _models_for(args, files_) -> dict | None:
     are 1x1 convolutions (else the family rule decides, see ``lowrank.conv_kernels``)."""
     if args.format == "native":
         return None
-    needs_base = any(p.method == "svf" for af in files_ for p in af.parts.values())
-    if needs_base and not args.base:
-        raise StudioError("SVF adapters become plain LoRAs on their base model's singular vectors: pass --base "
-                          "FOLDER (the base the adapter was trained on), or export --format native")
+    needing = _needing_base(af for af in files_)
+    if needing and not args.base:
+        raise StudioError(f"{', '.join(needing)} adapters become plain LoRAs only with their base model's weights: "
+                          f"pass --base FOLDER (the base the adapter was trained on), or export --format native")
     if not args.base:
         return None
     return _load_base(args.base, sorted({c for af in files_ for c in af.parts}))
+
+
+def _needing_base(files_) -> list[str]:
+    """Methods among the files' parts whose plain-LoRA form needs the base weights (TRAITS.needs_base)."""
+    return sorted({p.method for af in files_ for p in af.parts.values() if get(p.method).TRAITS.needs_base})
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -121,10 +127,12 @@ def export_run(args: argparse.Namespace) -> int:
 
     af = read(args.adapter)
     energy = args.energy
-    if args.format in ("kohya", "diffusers", "peft") and af.method == "svf" and args.rank is None and energy is None:
-        energy = 0.99
-        print("SVF: no --rank or --energy given, keeping 99% of each module's energy "
-              "(--energy 1 writes the exact full-rank file)")
+    defaults = {p.method: get(p.method).TRAITS.default_energy for p in af.parts.values()}
+    defaults = {m: e for m, e in defaults.items() if e is not None}
+    if args.format in ("kohya", "diffusers", "peft") and defaults and args.rank is None and energy is None:
+        energy = min(defaults.values())
+        print(f"{', '.join(defaults)}: no --rank or --energy given, keeping {energy:.0%} of each module's energy "
+              f"(--energy 1 writes the exact full-rank file)")
     models = _models_for(args, [af])
     report = save(af, args.out, args.format, rank=args.rank, energy=energy, dtype=args.dtype, models=models,
                   unet_layout=args.unet_layout, overwrite=args.overwrite)
@@ -181,9 +189,9 @@ def bake_run(args: argparse.Namespace) -> int:
     check_target(args.out, args.overwrite)  # fail before the work
     specs = [parse_spec(s) for s in args.adapters]
     inputs = [(read(path), weight, te_weight) for path, weight, te_weight in specs]
-    needs_base = any(p.method == "svf" for af, _, _ in inputs for p in af.parts.values())
-    if needs_base and not args.base:
-        raise StudioError("baking SVF adapters needs their base model: pass --base FOLDER")
+    needing = _needing_base(af for af, _, _ in inputs)
+    if needing and not args.base:
+        raise StudioError(f"baking {', '.join(needing)} adapters needs their base model: pass --base FOLDER")
     models = _load_base(args.base, sorted({c for af, _, _ in inputs for c in af.parts})) if args.base else None
     baked, summary = bake(inputs, rank=args.rank, models=models)
     mode = f"rank {args.rank}" if args.rank else "exact"

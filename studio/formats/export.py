@@ -1,8 +1,8 @@
 """``save(adapter_file, path, format)``: write an AdapterFile as native, kohya, diffusers or (LM) peft.
 
-kohya and diffusers files are plain LoRAs (``lowrank``): exact for LoRA and PiSSA / MiLoRA
-(rank <= 2r), exact for SVF at full rank, otherwise truncated to ``rank`` or an ``energy``
-threshold with the retained energy reported and stored. Nothing is written until the whole file
+kohya and diffusers files are plain LoRAs (``lowrank``): exact for low-rank methods (PiSSA /
+MiLoRA at rank <= 2r), exact for SVF and dense methods at full rank, otherwise truncated to
+``rank`` or an ``energy`` threshold with the retained energy reported and stored. Nothing is written until the whole file
 is built; the write itself is atomic (``files.write``).
 """
 
@@ -48,8 +48,8 @@ def plain_lora(af: AdapterFile, policy: Policy, models: dict[str, nn.Module] | N
 def save(af: AdapterFile, path: str | os.PathLike, format: str = "native", *, rank: int | None = None,
          energy: float | None = None, dtype: str | None = None, models: dict[str, nn.Module] | None = None,
          unet_layout: str | None = None, overwrite: bool = False) -> ExportReport:
-    """Write ``af`` to ``path``. ``models`` (the base) is needed to turn SVF into a plain LoRA; when given, it
-    also decides which modules are 1x1 convolutions (stored 4-D), else SD1.x proj_in / proj_out are."""
+    """Write ``af`` to ``path``. ``models`` (the base) is needed to turn methods that depend on the base weight
+    (SVF, DoRA, (IA)^3) into a plain LoRA; when given, it also decides which modules are convolutions."""
     if format == "peft":  # language models: a folder of adapter_model.safetensors + adapter_config.json
         from studio.formats.peft_lm import save_peft
 
@@ -90,8 +90,8 @@ def save(af: AdapterFile, path: str | os.PathLike, format: str = "native", *, ra
         raise StudioError(f"unknown UNet layout {layout!r}: choose sgm or diffusers")
     policy = Policy(rank, energy)
     factors, summary = plain_lora(af, policy, models)
-    # 1x1 convs (SD1.5 proj_in / proj_out) as 4-D kernels: from the models when given, else by family
-    packed = conv_kernels(pack(factors, DTYPES[dtype]), af.base, normalise_models(models or {}))
+    # convolutions as 4-D kernels: from the models when given, else the stored LoCon kernels or the family rule
+    packed = conv_kernels(pack(factors, DTYPES[dtype]), af.base, normalise_models(models or {}), af.parts)
     if format == "kohya":
         tensors, extra = kohya.to_tensors(packed, layout), {}
     else:

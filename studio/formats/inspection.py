@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from studio.adapters.registry import get
 from studio.formats import files
 from studio.formats.adapter_file import AdapterFile
 from studio.formats.load import read
@@ -19,8 +20,8 @@ def _ranks(af: AdapterFile) -> dict[str, list]:
     for component, part in af.parts.items():
         if stored:
             out[component] = sorted({r for k, r in stored.items() if k.startswith(component + ".")})
-        elif part.method == "svf":
-            out[component] = ["full (one gain per singular value)"]
+        elif not get(part.method).TRAITS.has_rank:
+            out[component] = [f"none ({get(part.method).TRAITS.summary})"]
         else:
             out[component] = [part.config.get("rank")]
     return out
@@ -52,6 +53,8 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "base": af.base,
         "base_name": FAMILY_NAMES[af.base],
         "methods": {c: p.method for c, p in af.parts.items()},
+        "kinds": {c: get(p.method).TRAITS.kind for c, p in af.parts.items()},
+        "options": {c: p.config for c, p in af.parts.items()},
         "ranks": _ranks(af),
         "alphas": _alphas(af),
         "modules": af.module_counts(),

@@ -24,8 +24,10 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from studio.adapters import METHODS, make_config, mix
-from studio.adapters.layer import AdaptedLinear, is_conv1d, is_conv1x1
+from studio.adapters import make_config, mix
+from studio.adapters.contract import Site
+from studio.adapters.layer import AdaptedLayer, base_matrix, is_conv2d, site_of
+from studio.adapters.registry import get
 from studio.errors import StudioError
 from studio.formats.adapter_file import Part
 from studio.formats.names import resolve_path
@@ -58,17 +60,17 @@ class Factors(NamedTuple):
 
 def base_weight(model: nn.Module, path: str) -> torch.Tensor:
     name = resolve_path(model, path)
-    module = model.get_submodule(name) if name is not None else None
-    if isinstance(module, AdaptedLinear):
-        return module.pristine_weight
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    if module is not None and is_conv1d(module):
-        return module.weight.detach().T
-    if module is not None and is_conv1x1(module):
-        return module.weight.detach().flatten(1)  # (out, in, 1, 1) -> (out, in), as AdaptedLinear sees it
-    raise StudioError(f"the base model has no Linear layer (or 1x1 convolution) '{path}' for this SVF adapter: "
-                      f"give the base it was trained on")
+    W = base_matrix(model.get_submodule(name)) if name is not None else None
+    if W is None:
+        raise StudioError(f"the base model has no Linear or convolution layer '{path}' for this adapter: give the "
+                          f"base it was trained on")
+    return W
+
+
+def _site(model: nn.Module | None, path: str) -> Site:
+    name = resolve_path(model, path) if model is not None else None
+    site = site_of(model.get_submodule(name), path) if name is not None else None
+    return site if site is not None else Site(path, 0, 0)
 
 
 @contextlib.contextmanager
@@ -83,25 +85,67 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def exact_factors(part: Part, model: nn.Module | None = None, component: str = "") -> dict[str, tuple]:
-    """{module path: (down, up)} with up @ down = dW exactly (fp32). SVF needs its base model."""
-    method = METHODS[part.method]
-    cfg = make_config(part.method, part.config)
-    out = {}
+def states(part: Part, model: nn.Module | None, component: str):
+    """(path, method, cfg, state, W0) per module of a part; the base model is asked for W0 when the
+    method needs it (SVF's basis, DoRA's norm, (IA)^3's scaled weight)."""
+    method, cfg = get(part.method), make_config(part.method, part.config)
+    if method.TRAITS.needs_base and model is None:
+        raise StudioError(
+            f"{part.method} adapters depend on their base weights (their delta is not stored as low-rank factors), "
+            f"so converting one to a plain LoRA needs its base model: pass --base (the exact checkpoint it was "
+            f"trained on), or export --format native")
     for path, tensors in part.modules().items():
-        if part.method == "svf":
-            if model is None:
-                raise StudioError(
-                    f"SVF adapters store gains on the base weight's singular vectors, so converting one to "
-                    f"a plain LoRA needs its base model: pass --base (the exact checkpoint it was trained on)")
-            state = method.from_saved(cfg, base_weight(model, path), tensors, module=f"{component}.{path}")
-        else:
-            state = method.from_saved(cfg, None, tensors, module=path)
+        W0 = base_weight(model, path) if method.TRAITS.needs_base else None
+        site = _site(model, path)._replace(path=path)
+        yield path, method, cfg, method.from_saved(cfg, W0, tensors, site._replace(path=f"{component}.{path}")), W0
+
+
+def _finite(where: str, *tensors: torch.Tensor) -> None:
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise StudioError(f"module '{where}' of the adapter has NaN or infinite values: it diverged; retrain it "
+                          f"with a lower learning rate or use an earlier checkpoint")
+
+
+def _full(method, cfg, state: dict, W0: torch.Tensor | None, where: str) -> mix.LowRank | tuple:
+    """The exact delta: (down, up) of a low-rank method, else its sorted full-rank SVD (mix.LowRank)."""
+    hook = getattr(method, "svd", None)
+    if hook is not None:
+        U, g, Vh = hook(cfg, state)
+        _finite(where, g)
+        return mix.compress_svd(U, g, Vh, rank=g.numel())
+    if method.TRAITS.kind == "low-rank":
         down, up = method.factors(cfg, state)
-        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-            raise StudioError(f"module '{component}.{path}' of the adapter has NaN or infinite values: it diverged; "
-                              f"retrain it with a lower learning rate or use an earlier checkpoint")
-        out[path] = (down.detach().float(), up.detach().float())
+        _finite(where, down, up)
+        return down.detach().float(), up.detach().float()
+    if not method.TRAITS.mergeable:
+        raise StudioError(f"module '{where}': a {method.NAME} adapter has no fixed weight delta, so it cannot become "
+                          f"a plain LoRA: export it with --format native")
+    dW = method.delta_weight(cfg, state, W0.float()).detach()
+    _finite(where, dW)
+    return mix.dense(dW, rank=min(dW.shape))
+
+
+def bias_deltas(part: Part, model: nn.Module | None, component: str) -> dict[str, torch.Tensor]:
+    """{path: db} of methods that change a bias ((IA)^3 on a key / value projection with a bias)."""
+    method = get(part.method)
+    if getattr(method, "delta_bias", None) is None or model is None:
+        return {}
+    out = {}
+    for path, _, cfg, state, _ in states(part, model, component):
+        module = model.get_submodule(resolve_path(model, path))
+        bias = getattr(module.base if isinstance(module, AdaptedLayer) else module, "bias", None)
+        db = method.delta_bias(cfg, state, bias.detach().float()) if bias is not None else None
+        if db is not None:
+            out[path] = db.detach()
+    return out
+
+
+def exact_factors(part: Part, model: nn.Module | None = None, component: str = "") -> dict[str, tuple]:
+    """{module path: (down, up)} with up @ down = dW exactly (fp32; full rank for dense methods)."""
+    out = {}
+    for path, method, cfg, state, W0 in states(part, model, component):
+        full = _full(method, cfg, state, W0, f"{component}.{path}")
+        out[path] = (full.down, full.up) if isinstance(full, mix.LowRank) else full
     return out
 
 
@@ -139,28 +183,19 @@ def sorted_full(down: torch.Tensor, up: torch.Tensor) -> mix.LowRank:
 
 
 def to_lowrank(part: Part, policy: Policy, model: nn.Module | None = None, component: str = "") -> dict[str, Factors]:
-    """{module path: Factors} of one part as a plain LoRA under the policy."""
+    """{module path: Factors} of one part as a plain LoRA under the policy. A bias delta no LoRA can hold
+    ((IA)^3 on a biased projection) counts as error, so the reported energy stays honest."""
     with one_thread():
-        return _to_lowrank(part, policy, model, component)
-
-
-def _to_lowrank(part: Part, policy: Policy, model: nn.Module | None, component: str) -> dict[str, Factors]:
-    if part.method == "svf":
-        method, cfg = METHODS["svf"], make_config("svf", part.config)
-        if model is None:
-            exact_factors(part, None, component)  # raises the explanation
         out = {}
-        for path, tensors in part.modules().items():
-            if not torch.isfinite(tensors["z"]).all():
-                raise StudioError(f"module '{component}.{path}' of the SVF adapter has NaN or infinite gains: it "
-                                  f"diverged; retrain it with a lower learning rate or use an earlier checkpoint")
-            state = method.from_saved(cfg, base_weight(model, path), tensors, module=f"{component}.{path}")
-            sigma = (state["S"] * (state["z"] - 1)).abs().sort(descending=True).values  # dW's singular values
-            k = keep(sigma, policy)  # decided first, so only k singular vectors are gathered and scaled
-            out[path] = _factors(mix.compress_svf(state["U"], state["S"], state["Vh"], state["z"], rank=k), k)
+        for path, method, cfg, state, W0 in states(part, model, component):
+            full = _full(method, cfg, state, W0, f"{component}.{path}")
+            out[path] = truncate(full if isinstance(full, mix.LowRank) else sorted_full(*full), policy)
+        for path, db in bias_deltas(part, model, component).items():
+            f, lost = out[path], float(db.double().square().sum())
+            norm2 = f.norm ** 2 + lost
+            out[path] = f._replace(error=math.sqrt(f.error ** 2 + lost), norm=math.sqrt(norm2),
+                                   energy=1.0 if norm2 == 0 else 1.0 - (f.error ** 2 + lost) / norm2)
         return out
-    return {path: truncate(sorted_full(down, up), policy)
-            for path, (down, up) in exact_factors(part, model, component).items()}
 
 
 def summarise(factors: dict[str, dict[str, Factors]]) -> dict:
@@ -227,27 +262,56 @@ def _fit(peaks: list[float], dtype: torch.dtype) -> tuple[int, list[str]]:
 
 
 # SD1.x UNets (use_linear_projection False, diffusers' default, also the embedded mini base) have
-# 1x1-conv proj_in / proj_out; SDXL's are Linear. ResNet conv_shortcut is a 1x1 conv everywhere.
+# 1x1-conv proj_in / proj_out; SDXL's are Linear. ResNet conv_shortcut is a 1x1 conv everywhere, and
+# every other UNet convolution kohya's LoCon set reaches (ResNet conv1 / conv2, the samplers' conv,
+# conv_in / conv_out) is 3x3 in SD1.x, SDXL and the mini base.
 _CONV_UNLESS_SDXL = ("proj_in", "proj_out")
 _CONV_ALWAYS = ("conv_shortcut",)
+_CONV_3X3 = ("conv1", "conv2", "conv", "conv_in", "conv_out")
 
 
-def is_conv(component: str, path: str, family: str, model: nn.Module | None = None) -> bool:
-    """Whether module ``path`` is a 1x1 convolution: asked of the model when given, else by family rule."""
+def kernel_of(component: str, path: str, family: str, model: nn.Module | None = None,
+              stored: torch.Tensor | None = None) -> tuple[int, int] | None:
+    """The kernel of module ``path`` when it is a convolution, else None: asked of the model when given,
+    else read from a stored 4-D down factor (LoCon's A), else by the family rule above."""
     name = resolve_path(model, path) if model is not None else None
     if name is not None:
         module = model.get_submodule(name)
-        return module.conv if isinstance(module, AdaptedLinear) else is_conv1x1(module)
+        module = module.base if isinstance(module, AdaptedLayer) else module
+        return tuple(module.kernel_size) if is_conv2d(module) else None
+    if stored is not None and stored.dim() == 4:
+        return tuple(stored.shape[2:])
     if component != "unet":
-        return False
+        return None
     leaf = path.rpartition(".")[2]
-    return leaf in _CONV_ALWAYS or (leaf in _CONV_UNLESS_SDXL and family != "sdxl")
+    if leaf in _CONV_3X3:
+        return (3, 3)
+    return (1, 1) if leaf in _CONV_ALWAYS or (leaf in _CONV_UNLESS_SDXL and family != "sdxl") else None
 
 
-def conv_kernels(packed: Packed, family: str, models: dict[str, nn.Module] | None = None) -> Packed:
-    """``packed`` with the factors of 1x1-conv modules viewed as (r, in, 1, 1) / (out, r, 1, 1)."""
-    models = models or {}
-    modules = {c: {p: (d[:, :, None, None], u[:, :, None, None]) if is_conv(c, p, family, models.get(c)) else (d, u)
+def is_conv(component: str, path: str, family: str, model: nn.Module | None = None) -> bool:
+    """Whether module ``path`` is a convolution (its factors are stored 4-D)."""
+    return kernel_of(component, path, family, model) is not None
+
+
+def stored_downs(parts: dict[str, Part]) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {path: stored 4-D down factor}} of parts that keep LoCon kernels (A of shape (r, in, kh, kw))."""
+    return {c: {p: t["A"] for p, t in part.modules().items() if t.get("A") is not None and t["A"].dim() == 4}
+            for c, part in parts.items()}
+
+
+def as_kernel(down: torch.Tensor, up: torch.Tensor, kernel: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, in * kh * kw) / (out, k) factors as LoCon's (k, in, kh, kw) / (out, k, 1, 1) on a conv."""
+    if kernel is None:
+        return down, up
+    return down.reshape(down.shape[0], -1, *kernel), up[:, :, None, None]
+
+
+def conv_kernels(packed: Packed, family: str, models: dict[str, nn.Module] | None = None,
+                 parts: dict[str, Part] | None = None) -> Packed:
+    """``packed`` with the factors of convolution modules in kohya's 4-D layout."""
+    models, stored = models or {}, stored_downs(parts or {})
+    modules = {c: {p: as_kernel(d, u, kernel_of(c, p, family, models.get(c), stored.get(c, {}).get(p)))
                    for p, (d, u) in mods.items()} for c, mods in packed.modules.items()}
     return packed._replace(modules=modules)
 
@@ -273,7 +337,7 @@ def lora_part(modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> P
     tensors = {}
     for path, (down, up, alpha) in modules.items():
         r = down.shape[0]
-        A = torch.zeros(R, down.shape[1])                 # (R, in)
+        A = torch.zeros(R, *down.shape[1:])               # (R, in) or LoCon's (R, in, kh, kw)
         B = torch.zeros(up.shape[0], R)                   # (out, R)
         A[:r] = down.float()
         B[:, :r] = up.float() * (float(alpha) / r)
@@ -282,10 +346,13 @@ def lora_part(modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> P
 
 
 def check_pair(where: str, name: str, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The canonical (r, in) / (out, r) factors of a stored pair; 1x1-conv kernels are squeezed away."""
+    """The canonical factors of a stored pair: (r, in) / (out, r); 1x1-conv kernels are squeezed away and
+    k x k LoCon kernels keep their down kernel (r, in, kh, kw), as the core stores them."""
     refuse_conv_kernel(where, name, down, up)
     if down.dim() == 4:
-        down, up = down.flatten(1), up.flatten(1)  # (r, in, 1, 1) -> (r, in); (out, r, 1, 1) -> (out, r)
+        up = up.flatten(1)                         # (out, r, 1, 1) -> (out, r)
+        if tuple(down.shape[2:]) == (1, 1):
+            down = down.flatten(1)                 # (r, in, 1, 1) -> (r, in)
     if down.shape[0] != up.shape[1]:
         raise StudioError(f"{where}: module '{name}' has lora_down rank {down.shape[0]} but lora_up rank "
                           f"{up.shape[1]}: the file is damaged")

@@ -61,7 +61,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
         if component not in parts or tensor not in METHODS[parts[component].method].SAVED:
             leftovers.append(key)
             continue
-        parts[component].tensors[rest] = value if tensor == "basis_hash" else value.float()
+        parts[component].tensors[rest] = value if not value.is_floating_point() else value.float()  # hashes stay bytes
     refuse_leftovers(leftovers, where, "native")
     empty = [c for c, p in parts.items() if not p.tensors]
     if empty:

@@ -4,9 +4,8 @@ A LoHa, LoKr or DoRA file loaded as if it were a plain LoRA would silently do th
 (diffusers, for one, drops ``dora_scale`` with a warning), so every reader calls ``refuse_unsupported``
 before looking at anything else, and raises on any key it did not consume (``refuse_leftovers``).
 
-Convolution LoRAs are told apart by their factor shapes (``refuse_conv_kernel``): 1x1 kernels
-(SD1.5's ``proj_in`` / ``proj_out``, ``(r, in, 1, 1)`` / ``(out, r, 1, 1)``) are Linear layers over
-the channels and import; larger kernels (LyCORIS LoCon, kohya ``conv_dim``) are refused.
+Convolution LoRAs (``(r, in, kh, kw)`` / ``(out, r, 1, 1)``: SD1.5's 1x1 ``proj_in`` / ``proj_out``,
+kohya's ``conv_dim`` LoCon on 3x3 convs) import; other factor shapes are refused as damaged.
 """
 
 from __future__ import annotations
@@ -55,15 +54,8 @@ def refuse_leftovers(leftovers: list[str], where: str, reader: str) -> None:
 
 
 def refuse_conv_kernel(where: str, name: str, down, up) -> None:
-    """Refuse factors that are neither 2-D (Linear) nor 4-D with a 1x1 kernel (1x1 convolution)."""
-    if down.dim() == 4 and tuple(down.shape[2:]) != (1, 1):
-        kh, kw = down.shape[2:]
-        raise StudioError(
-            f"{where}: module '{name}' is a LyCORIS LoCon / kohya conv_dim convolution LoRA (lora_down of shape "
-            f"{tuple(down.shape)}): its {kh}x{kw} kernel has no Linear equivalent, so it is not supported; the "
-            f"studio imports LoRAs of Linear layers and 1x1 convolutions (proj_in / proj_out): use a LoRA "
-            f"trained without conv_dim")
+    """Refuse factors that are neither 2-D (Linear) nor a conv pair: down (r, in, kh, kw), up (out, r, 1, 1)."""
     if down.dim() not in (2, 4) or up.dim() != down.dim() or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
         raise StudioError(
             f"{where}: module '{name}' has factors of shapes {tuple(down.shape)} and {tuple(up.shape)}: a LoRA "
-            f"stores (r, in) / (out, r), or (r, in, 1, 1) / (out, r, 1, 1) for a 1x1 convolution: the file is damaged")
+            f"stores (r, in) / (out, r), or (r, in, kh, kw) / (out, r, 1, 1) for a convolution: the file is damaged")
