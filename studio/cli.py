@@ -25,7 +25,7 @@ class Command(NamedTuple):
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="all", help="lora, pissa, milora, svf or all")
+    p.add_argument("--method", default="all", help="one adapter method (see `studio train --help`) or all")
     p.add_argument("--steps", type=int, default=60, help="training steps per method")
     p.add_argument("--seed", type=int, default=0)
 

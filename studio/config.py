@@ -1,15 +1,25 @@
 """Strict TOML <-> dataclass configs: CLI flags, a TOML file and ``--set key=value`` fill one object.
 
 Unknown keys are errors (with the nearest valid name), values are converted to the field's
-type, and the effective config is written back as TOML next to the run's output.
+type, and the effective config is written back as TOML next to the run's output. A ``dict``
+field is the one table: ``key = {a = 1}`` in TOML, ``--set key.a=1``, or ``--key a=1 b=x`` as a
+flag, merged key by key over the layers below.
+
+The command-line flags of a config are its fields (``add_flag``), documented by the string
+literal under each field (``field_docs``): one place says what an option means.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
 import difflib
+import inspect
 import json
+import re
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -22,15 +32,45 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-def _field_types(cls) -> dict[str, type]:
+def field_types(cls) -> dict[str, type]:
+    """The resolved annotation of each init field."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _is_dict(annotation) -> bool:
+    return annotation is dict or typing.get_origin(annotation) is dict
+
+
+def parse_value(text: str):
+    """A command-line value without a declared type: '4' -> 4, '0.5' -> 0.5, 'true' -> True, else the string."""
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _pairs(items, key: str, source: str) -> dict:
+    """``["a=1", "b=x"]`` -> {"a": 1, "b": "x"}."""
+    out = {}
+    for item in [items] if isinstance(items, str) else items:
+        name, sep, value = str(item).partition("=")
+        if not sep or not name.strip():
+            raise StudioError(f"{key} item {item!r} in {source} is not name=value: write e.g. name=4")
+        out[name.strip()] = parse_value(value.strip())
+    return out
 
 
 def _convert(value, annotation, key: str, source: str):
     """Coerce a TOML or command-line value to the annotated type, or say why not."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if _is_dict(annotation):  # a TOML table keeps its types; command-line name=value items are parsed
+        return dict(value) if isinstance(value, dict) else _pairs(value, key, source)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
             if type(None) in args:
@@ -95,25 +135,91 @@ def parse_set(items: list[str]) -> dict:
 
 
 def build(cls, *layers: tuple[dict, str]):
-    """A ``cls`` instance from dict layers applied in order, each ``(values, source name)``."""
-    types = _field_types(cls)
+    """A ``cls`` instance from dict layers applied in order, each ``(values, source name)``.
+
+    Later layers win, a dict field key by key. A class may still read renamed keys of files it
+    wrote earlier: ``cls.LEGACY_KEYS`` (name -> type) are accepted and handed, with the rest, to
+    ``cls.upgrade_legacy(values)``, which returns the current keys.
+    """
+    types = field_types(cls)
+    legacy = getattr(cls, "LEGACY_KEYS", {})
     values: dict = {}
     for layer, source in layers:
         for key, value in layer.items():
-            if key not in types:
+            head, dot, sub = key.partition(".")
+            if dot and _is_dict(types.get(head)):  # --set method_args.svd=exact
+                key, value = head, {sub: parse_value(value) if isinstance(value, str) else value}
+            annotation = types.get(key, legacy.get(key))
+            if annotation is None:
                 raise _unknown(key, list(types), source)
-            values[key] = _convert(value, types[key], key, source)
+            value = _convert(value, annotation, key, source)
+            values[key] = {**values[key], **value} if _is_dict(annotation) and key in values else value
+    if legacy:
+        values = cls.upgrade_legacy(values)
     return cls(**values)
 
 
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = [f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else json.dumps(k)} = {_toml_value(v)}"
+                 for k, v in value.items() if v is not None]
+        return "{" + ", ".join(items) + "}"
+    return json.dumps(value)
+
+
 def to_toml(obj) -> str:
-    """The dataclass as TOML (scalars and lists; None values are omitted)."""
-    lines = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            value = list(value)
-        lines.append(f"{f.name} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}")
+    """The dataclass as TOML (scalars, lists and one level of tables; None values are omitted)."""
+    lines = [f"{f.name} = {_toml_value(getattr(obj, f.name))}" for f in dataclasses.fields(obj)
+             if getattr(obj, f.name) is not None]
     return "\n".join(lines) + "\n"
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, by field name, read from the source with
+    ``ast``; a subclass that re-declares a field with a docstring of its own overrides its base's."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source (built in a REPL): no help text, not an error
+            continue
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a field's docstring: its --help line (the rest is for readers of the code)."""
+    text = " ".join(doc.split())
+    return re.split(r"(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z0-9(])", text, maxsplit=1)[0].rstrip(".") + "."
+
+
+def add_flag(parser, name: str, annotation, help: str, aliases: tuple[str, ...] = (), **extra) -> None:
+    """The flag ``--<name with dashes>`` of one config field, ``dest`` = the field, absent unless given.
+
+    Values stay strings, converted later by ``build`` exactly like TOML and ``--set`` values (so
+    ``--alpha none`` works for an optional field). A bool is ``--x`` / ``--no-x``; a list takes one
+    or more values; a dict takes ``name=value`` items.
+    """
+    flags = (f"--{name.replace('_', '-')}", *aliases)
+    kind = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation) \
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) else annotation
+    options = dict(dest=name, default=argparse.SUPPRESS, help=help.replace("%", "%%"), **extra)
+    if kind is bool:
+        parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **options)
+    elif _is_dict(kind):
+        parser.add_argument(*flags, nargs="+", metavar="NAME=VALUE", **options)
+    elif typing.get_origin(kind) in (list, tuple) or kind in (list, tuple):
+        parser.add_argument(*flags, nargs="+", metavar=name.upper().removesuffix("S"), **options)
+    else:
+        parser.add_argument(*flags, **options)

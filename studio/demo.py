@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import studio.adapters as A
-from studio.adapters import mix
+from studio.adapters import mix, registry
 from studio.errors import StudioError
 
 UNET_CONFIG = dict(
@@ -23,9 +23,11 @@ UNET_CONFIG = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
 )
-CONFIGS = {"lora": A.lora.Config(rank=8), "pissa": A.pissa.Config(rank=8), "milora": A.milora.Config(rank=8),
-           "svf": A.svf.Config()}
-LEARNING_RATES = {"lora": 3e-3, "pissa": 3e-3, "milora": 3e-3, "svf": 3e-2}
+RANK = 8
+"""Rank of every method that has one (the others drop it: registry.config_from_options)."""
+LR_FACTOR = 3.0
+"""The demo's learning rate is this multiple of each method's image default: a few dozen steps on
+a random tiny UNet, where larger steps than a real training run's are safe."""
 
 
 def _unet(seed: int) -> nn.Module:
@@ -52,8 +54,9 @@ def _teacher(seed: int) -> nn.Module:
 
 
 def _fit(unet, teacher, method: str, steps: int, seed: int) -> tuple[float, float]:
-    A.attach(unet, method, method, CONFIGS[method], "unet-attn")
-    opt = torch.optim.AdamW(A.trainable_parameters(unet, method), lr=LEARNING_RATES[method])
+    A.attach(unet, method, method, registry.config_from_options(method, {"rank": RANK}), "unet-attn")
+    lr = LR_FACTOR * registry.default_lr(method, "image")
+    opt = torch.optim.AdamW(A.trainable_parameters(unet, method), lr=lr)
     g = torch.Generator().manual_seed(seed)
     first = last = 0.0
     for step in range(steps):
@@ -71,9 +74,9 @@ def _fit(unet, teacher, method: str, steps: int, seed: int) -> tuple[float, floa
 
 
 def run_demo(method: str = "all", steps: int = 60, seed: int = 0) -> int:
-    methods = list(A.METHODS) if method == "all" else [method]
-    if any(m not in A.METHODS for m in methods):
-        raise StudioError(f"unknown method {method!r}: choose all or one of {', '.join(A.METHODS)}")
+    methods = list(registry.METHODS) if method == "all" else [method]
+    if any(m not in registry.METHODS for m in methods):
+        raise StudioError(f"unknown method {method!r}: choose all or one of {', '.join(registry.METHODS)}")
     if steps <= 0:
         raise StudioError(f"--steps must be positive, got {steps}")
     teacher, unet = _teacher(seed), _unet(seed)

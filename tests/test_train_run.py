@@ -101,7 +101,7 @@ def test_bad_input_gives_one_error_line(data, tmp_path, capsys):
     empty.mkdir()
     assert "no images in" in _error(capsys, ["train", str(empty)])
     assert "--rank must be positive" in _error(capsys, ["train", str(data), "--rank", "0"])
-    assert "unknown method 'dora'" in _error(capsys, ["train", str(data), "--method", "dora"])
+    assert "unknown adapter method 'nope'" in _error(capsys, ["train", str(data), "--set", "method=nope"])
     assert "unknown config key 'rnak'" in _error(capsys, ["train", str(data), "--set", "rnak=3"])
     assert "base" in _error(capsys, ["train", *_args(data, tmp_path / "o1", cache), "--base", str(tmp_path / "nobase")])
     locked = tmp_path / "locked"

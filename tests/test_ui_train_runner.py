@@ -98,7 +98,7 @@ def test_a_failing_run_reports_its_error_line(tmp_path, ui_library):
 
 def test_bad_requests_are_refused(tmp_path):
     runner = TrainRun(tmp_path)
-    with pytest.raises(StudioError, match="unknown method 'dora'"):
-        runner.start(Path("d"), "dora", 4, 5)
+    with pytest.raises(StudioError, match="unknown adapter method 'nope'"):
+        runner.start(Path("d"), "nope", 4, 5)
     with pytest.raises(StudioError, match="steps must be 1..20000"):
         runner.start(Path("d"), "lora", 4, 0)

@@ -1,68 +1,105 @@
-"""``studio train`` arguments: flags, --config TOML and --set fill one DiffusionTrainConfig.
+"""``studio train`` arguments: flags, --config TOML and --set fill one trainer config.
+
+One parser serves both tasks. Its flags are the fields of ``DiffusionTrainConfig`` and
+``LMTrainConfig`` (``--field-name``, help = the field's docstring, grouped by section), so a new
+field is a new flag with nothing to add here. A flag of the other task is an unknown key of
+this task's config and is refused by name, with the nearest valid key suggested.
 
 Precedence (later wins): the saved config.toml of a run being resumed, --config, flags, --set.
-Flags default to "not given", so only what the user typed overrides the layers below it.
+Flags default to "not given", so only what the user typed overrides the layers below it. The
+task comes from the same layers (``task = "lm"`` in a config file selects the LM trainer).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from studio.errors import StudioError
 
-FLAGS = [  # (flag, config field, type, help)
-    ("--base", "base", str, "diffusers folder, hub id or .safetensors checkpoint (default: the mini base)"),
-    ("--out", "out", str, "output folder (default outputs/<dataset>-<method>)"),
-    ("--name", "name", str, "adapter name (default: the dataset folder's name)"),
-    ("--method", "method", str, "lora | pissa | milora | svf"),
-    ("--rank", "rank", int, "rank of lora / pissa / milora"),
-    ("--alpha", "alpha", float, "LoRA alpha (default = rank)"),
-    ("--targets", "targets", str, "unet-transformer (default, kohya's set) or unet-attn; te-attn; comma-joined"),
-    ("--unet-lr", "unet_lr", float, "UNet learning rate (default per method)"),
-    ("--te-lr", "te_lr", float, "text-encoder learning rate"),
-    ("--steps", "steps", int, "optimizer steps"),
-    ("--epochs", "epochs", int, "epochs when --steps is not given"),
-    ("--batch-size", "batch_size", int, "images per step per process"),
-    ("--resolution", "resolution", int, "training resolution in pixels"),
-    ("--seed", "seed", int, "seed of everything random"),
-    ("--trigger", "trigger", str, "trigger word prepended to captions that lack it"),
-    ("--reg-data", "reg_data", str, "class images for prior preservation"),
-    ("--prior-loss-weight", "prior_loss_weight", float, "weight of the class images' loss"),
-    ("--caption-dropout", "caption_dropout", float, "probability of an empty caption"),
-    ("--noise-offset", "noise_offset", float, "offset noise strength"),
-    ("--min-snr-gamma", "min_snr_gamma", float, "min-SNR gamma"),
-    ("--lr-schedule", "lr_schedule", str, "constant | cosine | linear"),
-    ("--warmup-steps", "warmup_steps", int, "LR warmup steps"),
-    ("--save-every", "save_every", int, "checkpoint every N steps"),
-    ("--save-adapter-every", "save_adapter_every", int, "also write <name>-step<N>.safetensors every N steps"),
-    ("--sample-every", "sample_every", int, "sample grid every N steps (0: end only)"),
-    ("--mixed-precision", "mixed_precision", str, "no | fp16 | bf16"),
-    ("--lr", "lr", float, "(--task lm) adapter learning rate (default per method)"),
-    ("--block-size", "block_size", int, "(--task lm) tokens per packed block of plain text (default: the context)"),
-]
-SWITCHES = [("--flip", "flip", "random horizontal flips"), ("--shuffle-captions", "shuffle_captions", "shuffle tags"),
-            ("--no-cache", None, "do not cache latents or text-encoder outputs")]
+ALIASES = {"out": ("-o",)}
+"""Short flags of config fields (``-o DIR`` as in export / bake / generate)."""
+POSITIONAL = ("data", "task")
+"""Fields with a hand-written argument: the positional DATA and --task (it picks the config class)."""
+
+
+def configs() -> dict:
+    from trainers.diffusion_config import DiffusionTrainConfig
+    from trainers.language_config import LMTrainConfig
+
+    return {"image": DiffusionTrainConfig, "lm": LMTrainConfig}
+
+
+def _default(f: dataclasses.Field):
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value if value not in (None, "", [], {}) else None
+
+
+def _help(name: str, docs: dict, fields: dict) -> str:
+    """The field's first docstring sentence and its default, per task where the tasks differ."""
+    from studio.config import first_sentence
+
+    tasks = [t for t in fields if name in fields[t]]
+    texts = {t: first_sentence(docs[t].get(name, "")) for t in tasks}
+    defaults = {t: _default(fields[t][name]) for t in tasks}
+    if len(set(texts.values())) == 1:
+        text = texts[tasks[0]]
+    else:
+        text = " ".join(texts[t] if t == "image" else f"--task {t}: {texts[t]}" for t in tasks)
+    shown = [(t, d) for t, d in defaults.items() if d is not None]
+    if shown and len({str(d) for _, d in shown}) == 1 and len(shown) == len(tasks):
+        text += f" [default: {shown[0][1]}]"
+    elif shown:
+        text += " [default: " + "; ".join(f"{d}" if t == "image" else f"--task {t}: {d}" for t, d in shown) + "]"
+    return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from studio.adapters import registry
+    from studio.config import add_flag, field_docs, field_types
+    from trainers.spec import AdapterSpec, TrainSpec
+
+    classes = configs()
+    fields = {t: {f.name: f for f in dataclasses.fields(c)} for t, c in classes.items()}
+    docs = {t: field_docs(c) for t, c in classes.items()}
+    kinds = {t: field_types(c) for t, c in classes.items()}
     p.add_argument("data", nargs="?", help="folder of images with same-name .txt captions (--task lm: a .txt or "
                                            ".jsonl file, default the sample task)")
-    for flag, field, kind, help_text in FLAGS:
-        p.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS, help=help_text)
-    for flag, field, help_text in SWITCHES:
-        p.add_argument(flag, dest=field or "no_cache", action="store_true", default=argparse.SUPPRESS, help=help_text)
-    p.add_argument("--config", help="TOML file with any config keys")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    p.add_argument("--task", choices=list(classes), help="image (default) or lm (causal language model); "
+                                                         "also read from the config's task key")
+    adapter = {f.name for f in dataclasses.fields(AdapterSpec)}
+    sections = {"adapter (both tasks)": adapter, "run (both tasks)": {f.name for f in dataclasses.fields(TrainSpec)} - adapter,
+                "images": set(fields["image"]), "language models (--task lm)": set(fields["lm"])}
+    done = set(POSITIONAL)
+    for title, names in sections.items():
+        group = p.add_argument_group(title)
+        for task in classes:  # in field order
+            for name in (n for n in fields[task] if n in names and n not in done):
+                done.add(name)
+                extra = {}
+                if name == "method":  # the registry is the only list of methods
+                    extra = dict(choices=list(registry.METHODS), metavar="METHOD")
+                    text = f"adapter method (default {fields[task][name].default}): {registry.help_text()}"
+                else:
+                    text = _help(name, docs, fields)
+                add_flag(group, name, kinds[task][name], text, ALIASES.get(name, ()), **extra)
+        if title == "images":
+            group.add_argument("--no-cache", dest="no_cache", action="store_true", default=argparse.SUPPRESS,
+                               help="do not cache latents or text-encoder outputs (--no-cache-latents --no-cache-text)")
+    p.add_argument("--config", help="TOML file with any config keys (relative paths are read from the current folder)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (method_args.NAME=VALUE for a method option)")
     p.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR exactly")
-    p.add_argument("--check", action="store_true", help="lint the dataset and exit")
-    p.add_argument("--task", default="image", choices=["image", "lm"], help="image (default) or lm (causal language model)")
+    p.add_argument("--check", action="store_true", help="lint the data (and validate the config) and exit")
 
 
 def build_config(args: argparse.Namespace):
     from studio.config import build, parse_set, read_toml
-    from trainers.diffusion_config import DiffusionTrainConfig
 
+    classes = configs()
     layers = []
     if args.resume:
         saved = Path(args.resume) / "config.toml"
@@ -72,31 +109,41 @@ def build_config(args: argparse.Namespace):
         layers.append(({"out": args.resume}, "--resume"))
     if args.config:
         layers.append((read_toml(args.config), args.config))
-    given = {f: getattr(args, f) for _, f, _, _ in FLAGS if hasattr(args, f)}
-    given |= {f: True for _, f, _ in SWITCHES if f and hasattr(args, f)}
+    names = {f.name for c in classes.values() for f in dataclasses.fields(c)} - set(POSITIONAL)
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
     if getattr(args, "no_cache", False):
         given |= {"cache_latents": False, "cache_text": False}
     if args.data:
         given["data"] = args.data
+    if args.task:
+        given["task"] = args.task
     layers.append((given, "the command line"))
     layers.append((parse_set(args.set), "--set"))
-    return build(DiffusionTrainConfig, *layers)
+    task = next((layer["task"] for layer, _ in reversed(layers) if "task" in layer), "image")
+    if task not in classes:
+        raise StudioError(f"task = {task!r}: studio train has the tasks {', '.join(classes)}")
+    return build(classes[task], *layers)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.task == "lm":
+    cfg = build_config(args)
+    if cfg.task == "lm":
         from trainers import language_commands
 
-        return language_commands.run(args, FLAGS, SWITCHES)
-    cfg = build_config(args)
+        return language_commands.run(cfg, check=args.check, resume=bool(args.resume))
     if args.check:
         from trainers.data_images import check, format_report
 
         from studio.models import load_tokenizer
 
-        report = check(cfg.data, min_size=32, tokenizer=load_tokenizer(cfg.base))
-        print(format_report(report, cfg.data))
-        return 0 if report.problems == 0 else 1
+        tokenizer = load_tokenizer(cfg.base)
+        problems = 0
+        for folder in (cfg.data, cfg.reg_data):
+            if folder:
+                report = check(folder, min_size=32, tokenizer=tokenizer)
+                print(format_report(report, folder))
+                problems += report.problems
+        return 0 if problems == 0 else 1
     from trainers.diffusion import train
 
     train(cfg, resume=bool(args.resume))

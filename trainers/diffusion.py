@@ -22,13 +22,14 @@ import torch.nn.functional as F
 
 import studio.adapters as A
 from studio import formats
+from studio.adapters import registry
 from studio.config import to_toml
 from studio.errors import StudioError
 from studio.models import load_diffusion_base
 from studio.pipeline import Settings, generate, grid, save_png
 from trainers import batches, data_images, loop
 from trainers.caches import TensorCache, default_cache_dir, fingerprint
-from trainers.diffusion_config import DEFAULT_STEPS, DiffusionTrainConfig
+from trainers.diffusion_config import DiffusionTrainConfig
 from trainers.output import prepare_output, write_text_atomic
 
 
@@ -46,7 +47,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     reg_items = data_images.scan(cfg.reg_data) if cfg.reg_data else []
     pictures = [data_images.load_image(i.path) for i in items + reg_items]
     out = cfg.out_dir
-    identity = {"method": cfg.method, "base": cfg.base or "mini-sd", "targets": cfg.targets, "rank": cfg.rank}
+    identity = cfg.identity
     start_checkpoint = prepare_output(out, resume, identity)
     # the UNet trains in its stored layout: channels-last saved it no time in a training step (SD1.5
     # at 256 px, mini base at 64 px) and cost ~200 MB of activations on SD1.5; the VAE keeps it
@@ -72,11 +73,15 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     for p in list(unet.parameters()) + list(vae.parameters()) + [p for te in base.text_encoders for p in te.parameters()]:
         p.requires_grad_(False)
     groups = []
+    # a model with adapters to train is in training mode (adapter dropout; the SD bases have no
+    # dropout of their own), the others stay in eval: new adapter layers take their model's mode
     if cfg.train_unet:
+        unet.train()
         A.attach(unet, name, cfg.method, method_cfg, cfg.unet_targets)
         groups.append((A.trainable_parameters(unet, name), cfg.lr_unet))
     if cfg.train_te:
         for te in base.text_encoders:
+            te.train()
             A.attach(te, name, cfg.method, method_cfg, "te-attn")
             groups.append((A.trainable_parameters(te, name), cfg.lr_te))
     optimizer = loop.make_optimizer(groups)
@@ -87,7 +92,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     order = batches.BatchOrder([bucket_list.index(b) for b in buckets_of[:n]], [i.repeats for i in items], per_step, cfg.seed)
     reg_order = (batches.BatchOrder([bucket_list.index(b) for b in buckets_of[n:]], [1] * len(reg_items), per_step,
                                     cfg.seed + 1) if reg_items else None)
-    total = cfg.steps or (cfg.epochs * order.steps_per_epoch if cfg.epochs else DEFAULT_STEPS)
+    total = cfg.total_steps(order.steps_per_epoch)
     schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total)
     optimizer = accelerator.prepare(optimizer)  # gradients are averaged across processes by hand below
     params = [p for group, _ in groups for p in group]
@@ -260,16 +265,20 @@ def _sample_settings(cfg: DiffusionTrainConfig, items) -> list[Settings]:
 
 
 def _render_samples(pipe, settings: list[Settings], path: Path) -> None:
+    """Render the grid in eval mode, then give every module back its own mode: ``train(mode)`` on
+    a parent would set all its children alike, and an adapter may train inside a frozen eval
+    model (or the reverse). SDXL's second text encoder and the VAE are included."""
     pipe.set_progress_bar_config(disable=True)
-    modules = [pipe.unet, pipe.text_encoder]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
+    models = [m for m in (getattr(pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2", "vae"))
+              if m is not None]
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    for model in models:
+        model.eval()
     try:
         images = generate(pipe, settings)
     finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
+        for module, mode in modes:
+            module.training = mode
     text = "\n\n".join(f"{s.prompt}\nSeed: {s.seed}, Steps: {s.steps}, CFG scale: {s.cfg:g}" for s in settings)
     save_png(grid(images, cols=2), path, text)
 
@@ -291,7 +300,8 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
     if say is None:
         return
     kohya = path.with_name(f"{name}.kohya.safetensors")
-    report = formats.save(af, kohya, "kohya", dtype="fp16", energy=0.99 if cfg.method == "svf" else None,
-                          models=base.components, overwrite=True)
+    # methods whose plain-LoRA export is a truncation keep their declared share of the energy
+    energy = registry.get(cfg.method).TRAITS.default_energy
+    report = formats.save(af, kohya, "kohya", dtype="fp16", energy=energy, models=base.components, overwrite=True)
     say(f"adapter: {path} (exact, for the studio)\n"
         f"A1111 / ComfyUI / Forge / kohya: {kohya} (retained energy {report.energy:.4f})")

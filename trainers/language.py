@@ -46,7 +46,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     # 1. everything that can fail on user input fails here, before anything is written
     data_text.read_text(cfg.data)
     out = cfg.out_dir
-    identity = {"method": cfg.method, "base": cfg.base or "mini-lm", "targets": cfg.targets, "rank": cfg.rank}
+    identity = cfg.identity
     start_checkpoint = prepare_output(out, resume, identity)
     model, tokenizer = load_causal_lm(cfg.base)
     context = context_length(model)
@@ -68,7 +68,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     # 3. the schedule of global batches and the number of steps
     per_step = cfg.batch_size * world * cfg.grad_accum
     order = batches.BatchOrder([0] * len(examples), [1] * len(examples), per_step, cfg.seed)
-    total = cfg.steps or (cfg.epochs * order.steps_per_epoch if cfg.epochs else 200)
+    total = cfg.total_steps(order.steps_per_epoch)
     schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total)
     optimizer = accelerator.prepare(optimizer)  # gradients are averaged across processes by hand below
     start = 0

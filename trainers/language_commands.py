@@ -1,43 +1,14 @@
-"""``studio train --task lm``: the same flags, --config TOML and --set layers, filling an LMTrainConfig.
+"""``studio train --task lm``: what runs once trainers/commands.py has built the LMTrainConfig.
 
-trainers/commands.py owns the parser (one ``studio train`` for both tasks) and hands over here when
-``--task lm``. Flags that only mean something for images (``--unet-lr``, ``--resolution``, ...) are
-unknown keys of LMTrainConfig and are refused by name, with the nearest LM key suggested.
+trainers/commands.py owns the parser and the config layers (one ``studio train`` for both
+tasks) and hands over here when the task is ``lm``.
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
-from studio.errors import StudioError
-
-
-def build_config(args: argparse.Namespace, flags: list, switches: list):
-    from studio.config import build, parse_set, read_toml
-    from trainers.language_config import LMTrainConfig
-
-    layers = []
-    if args.resume:
-        saved = Path(args.resume) / "config.toml"
-        if not saved.is_file():
-            raise StudioError(f"cannot resume {args.resume}: it has no config.toml (is it a studio train output?)")
-        layers.append((read_toml(saved), str(saved)))
-        layers.append(({"out": args.resume}, "--resume"))
-    if args.config:
-        layers.append((read_toml(args.config), args.config))
-    given = {f: getattr(args, f) for _, f, _, _ in flags if hasattr(args, f)}
-    given |= {f: True for _, f, _ in switches if f and hasattr(args, f)}
-    if args.data:
-        given["data"] = args.data
-    layers.append((given, "the command line"))
-    layers.append((parse_set(args.set), "--set"))
-    return build(LMTrainConfig, *layers)
-
-
-def run(args: argparse.Namespace, flags: list, switches: list) -> int:
-    cfg = build_config(args, flags, switches)
-    if args.check:
+def run(cfg, check: bool, resume: bool) -> int:
+    if check:
         from studio.models import load_causal_lm
         from trainers import data_text
         from trainers.language import context_length
@@ -53,5 +24,5 @@ def run(args: argparse.Namespace, flags: list, switches: list) -> int:
         return 0
     from trainers.language import train
 
-    train(cfg, resume=bool(args.resume))
+    train(cfg, resume=resume)
     return 0

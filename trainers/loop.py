@@ -108,8 +108,9 @@ def load_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:
 
 
 def check_identity(saved: dict, current: dict, where: Path) -> None:
-    """Refuse to resume a run whose method, base or targets differ from the saved one."""
-    for key in ("method", "base", "targets", "rank"):
+    """Refuse to resume a run whose method, base, targets or adapter shapes differ from the saved one
+    (keys an older checkpoint lacks are not compared)."""
+    for key in current:
         if key in saved and saved[key] != current.get(key):
             raise StudioError(f"cannot resume from {where}: it was trained with {key} = {saved[key]!r}, this run has "
                               f"{current.get(key)!r}: use the same {key} or a new --out folder")

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from studio.adapters import registry
 from studio.formats.inspection import render_text
 from studio.ui.generate_tab import slot_request
 from studio.ui.service import Studio
-from studio.ui.train_runner import METHODS, TrainRun
+from studio.ui.train_runner import TrainRun
 
 
 def bake_tab(studio: Studio, run, generate: dict) -> None:
@@ -46,7 +47,8 @@ def train_tab(studio: Studio, runner: TrainRun, datasets: dict[str, Path], run, 
                 "finished adapter appears in the library.")
     with gr.Row():
         data = gr.Dropdown(list(datasets), value=next(iter(datasets), None), label="dataset", elem_id="train_data")
-        method = gr.Radio(list(METHODS), value="lora", label="method", elem_id="train_method")
+        methods = list(registry.METHODS)
+        method = gr.Radio(methods, value=methods[0], label="method", info=registry.help_text(), elem_id="train_method")
         rank = gr.Number(8, precision=0, minimum=1, maximum=256, label="rank", elem_id="train_rank")
         steps = gr.Number(200, precision=0, minimum=1, label="steps", elem_id="train_steps")
     with gr.Row():

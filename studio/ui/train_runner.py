@@ -17,9 +17,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from studio.adapters import registry
 from studio.errors import StudioError
 
-METHODS = ("lora", "pissa", "milora", "svf")
 MAX_STEPS = 20_000
 PROGRESS = re.compile(r"(\d+)/(\d+) \[[^\]]*?loss=([-+0-9.eEnaif]+)")
 STEPS_ONLY = re.compile(r"(\d+)/(\d+) \[")
@@ -51,8 +51,7 @@ class TrainRun:
     def start(self, data: Path, method: str, rank: int, steps: int, extra: list[str] | None = None) -> Path:
         if self.running:
             raise StudioError("a training run is already going: stop it first (one run at a time on this machine)")
-        if method not in METHODS:
-            raise StudioError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        registry.get(method)  # an unknown method is refused with the registry's list
         if not 1 <= int(steps) <= MAX_STEPS or not 1 <= int(rank) <= 256:
             raise StudioError(f"steps must be 1..{MAX_STEPS} and rank 1..256 (got {steps}, {rank})")
         out = self._free_folder(f"{Path(data).name}-{method}")
