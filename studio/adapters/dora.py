@@ -13,7 +13,12 @@ backward: m and (A, B) get the gradients of m / c * V with c a constant.
 The forward never forms V: per output row,
     ||V_o||^2 = ||W0_o||^2 + 2 s B_o . (W0 A^T)_o + s^2 B_o (A A^T) B_o^T,
 an (out, r) and an (r, r) product instead of PEFT's (out, in) weight and its norm, and
-    delta(x) = (m/||V|| - 1) * (W0 x) + (m/||V||) * s B A x.
+    delta(x) = (m/||V|| - 1) * (W0 x) + (m/||V||) * s B A x,
+run from the base output y = W0 x + b the layer already has, with every (out,)-vector folded
+into the small factors: with k = w (m/||V|| - 1),
+    delta(x) = k * y + (w m/||V|| * s B) (A x) - k * b        (one multiply-add over the output;
+the bias term rides on the up-step's matmul) where PEFT makes five or six passes (BENCH
+dora_step_vs_peft).
 A user weight w gives W0 + w (W' - W0): linear in w (ComfyUI's strength), so DoRA mixes like
 any delta.
 """
@@ -119,8 +124,58 @@ def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float
     if cfg.axis == "in":  # rare (old files): form W' once
         return base.apply(x, delta_weight(cfg, state, base.W0) * weight)
     scale = state["m"] / _row_norm(cfg, state, base.W0, down, up)  # (out,) m / ||V||, gradient to m only
-    y0 = base.out() if base.bias is None else base.out() - base.channels(base.bias)  # W0 x
+    k = (scale - 1) * weight                                      # (out,)
+    c = None if base.bias is None else -k * base.bias             # (out,)  y holds b; W0 x does not
     h = F.dropout(x, cfg.dropout, training=True) if training and cfg.dropout > 0 else x
-    lora_out = base.project(base.apply(h, down), up)              # s B A x
-    s = base.channels(scale)
-    return ((s - 1) * y0 + s * lora_out) * weight
+    hidden = base.apply(h, down)                                  # (..., r): A x
+    lin = _project(base, hidden, up * (scale * weight)[:, None], c)  # w m/||V|| s B A x + c
+    return torch.addcmul(lin, base.out(), base.channels(k))      # + k (W0 x + b): one pass over the output
+
+
+def _project(base: Base, hidden: torch.Tensor, up: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """The 1x1 up-step plus a per-channel constant; channels last (Linear, Conv1D) the matmul adds it."""
+    if c is None:
+        return base.project(hidden, up)
+    if base.channels(c).dim() == 1:  # channels last: the up-step is a Linear
+        return F.linear(hidden, up, c)
+    return base.project(hidden, up).add_(base.channels(c))
+
+
+# -- LyCORIS's layout (kohya files with dora_scale; what ComfyUI, A1111 1.9+ and Forge apply) ------
+LYCORIS_MARKER = "dora_scale"
+LYCORIS_ARGS = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}  # kohya's ss_network_args
+
+
+def to_lycoris(cfg: Config, state: dict) -> dict:
+    """LoCon's lora_down / lora_up / alpha with s = alpha / r, and dora_scale = m as (out, 1), the
+    output axis (LyCORIS wd_on_out, its default since December 2024), or (1, in) for axis 'in'."""
+    A = state["A"].detach()
+    rank = A.shape[0]
+    m = state["m"].detach()
+    return {"lora_down.weight": A, "lora_up.weight": state["B"].detach(),
+            "alpha": torch.tensor(cfg.scale_at(A.dim() == 4) * rank),
+            "dora_scale": m[:, None] if cfg.axis == "out" else m[None, :]}
+
+
+def from_lycoris(stored: dict, where: str) -> tuple[dict, dict]:
+    """(config fields, canonical tensors) of one module of a LyCORIS DoRA file; the axis is read from
+    dora_scale's shape, which must fit the factors' output or input channels."""
+    down, up, scale = stored["lora_down.weight"].float(), stored["lora_up.weight"].float(), stored["dora_scale"]
+    if down.dim() == 4 and tuple(down.shape[2:]) == (1, 1):
+        down = down.flatten(1)
+    up = up.flatten(1)
+    rank, out_features, in_channels = down.shape[0], up.shape[0], down.shape[1]
+    alpha = float(stored["alpha"]) if "alpha" in stored else 0.0
+    v = scale.float().reshape(scale.shape[:2]) if scale.dim() == 4 and tuple(scale.shape[2:]) == (1, 1) else scale.float()
+    if v.dim() == 2 and v.shape == (out_features, 1):
+        axis, m = "out", v[:, 0]
+    elif v.dim() == 2 and v.shape == (1, in_channels):
+        axis, m = "in", v[0]
+    else:
+        raise StudioError(f"{where}: dora_scale of shape {tuple(scale.shape)} fits neither the output axis "
+                          f"({out_features}, 1) nor the input axis (1, {in_channels}) of the module's weight: the "
+                          f"file is damaged or not a DoRA file")
+    if not (torch.isfinite(m).all() and (m > 0).all()):
+        raise StudioError(f"{where}: dora_scale has zero, negative or non-finite entries: the file is damaged "
+                          f"or diverged; use another file")
+    return {"rank": rank, "alpha": alpha or float(rank), "axis": axis}, {"A": down, "B": up, "m": m.clone()}

@@ -101,7 +101,10 @@ def _models_for(args, files_) -> dict | None:
     are 1x1 convolutions (else the family rule decides, see ``lowrank.conv_kernels``)."""
     if args.format == "native":
         return None
-    needing = _needing_base(af for af in files_)
+    from studio.formats.lycoris import writes
+
+    lossless = args.format == "kohya" and args.rank is None and args.energy is None and all(writes(af) for af in files_)
+    needing = [] if lossless else _needing_base(af for af in files_)
     if needing and not args.base:
         raise StudioError(f"{', '.join(needing)} adapters become plain LoRAs only with their base model's weights: "
                           f"pass --base FOLDER (the base the adapter was trained on), or export --format native")
@@ -124,14 +127,13 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 
 def export_run(args: argparse.Namespace) -> int:
     from studio.formats import read, save
+    from studio.formats.export import default_energy
 
     af = read(args.adapter)
     energy = args.energy
-    defaults = {p.method: get(p.method).TRAITS.default_energy for p in af.parts.values()}
-    defaults = {m: e for m, e in defaults.items() if e is not None}
-    if args.format in ("kohya", "diffusers", "peft") and defaults and args.rank is None and energy is None:
-        energy = min(defaults.values())
-        print(f"{', '.join(defaults)}: no --rank or --energy given, keeping {energy:.0%} of each module's energy "
+    if args.rank is None and energy is None and default_energy(af, args.format) is not None:
+        energy = default_energy(af, args.format)
+        print(f"{', '.join(af.methods)}: no --rank or --energy given, keeping {energy:.0%} of each module's energy "
               f"(--energy 1 writes the exact full-rank file)")
     models = _models_for(args, [af])
     report = save(af, args.out, args.format, rank=args.rank, energy=energy, dtype=args.dtype, models=models,

@@ -8,14 +8,16 @@ is built; the write itself is atomic (``files.write``).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import torch.nn as nn
 
+from studio.adapters.registry import get
 from studio.errors import StudioError
-from studio.formats import diffusers_lora, files, kohya, native
+from studio.formats import diffusers_lora, files, kohya, lycoris, native
 from studio.formats.adapter_file import AdapterFile, normalise_models
 from studio.formats.lowrank import DTYPES, Factors, Policy, conv_kernels, pack, summarise, to_lowrank
 from studio.formats.metadata import export_metadata
@@ -88,6 +90,8 @@ def save(af: AdapterFile, path: str | os.PathLike, format: str = "native", *, ra
     layout = unet_layout or ("sgm" if af.base == "sdxl" else "diffusers")
     if layout not in ("sgm", "diffusers"):
         raise StudioError(f"unknown UNet layout {layout!r}: choose sgm or diffusers")
+    if format == "kohya" and rank is None and energy is None and lycoris.writes(af):
+        return _save_lycoris(af, target, stem, dtype, layout, models, overwrite)
     policy = Policy(rank, energy)
     factors, summary = plain_lora(af, policy, models)
     # convolutions as 4-D kernels: from the models when given, else the stored LoCon kernels or the family rule
@@ -107,3 +111,30 @@ def save(af: AdapterFile, path: str | os.PathLike, format: str = "native", *, ra
     digest = files.write(target, tensors, meta, overwrite=overwrite)
     return ExportReport(str(target), format, dtype, packed.alpha, ranks, af.module_counts(), summary["energy"],
                         summary["relative_error"], summary["per_module"], packed.notes, digest)
+
+
+def default_energy(af: AdapterFile, format: str) -> float | None:
+    """The energy a plain-LoRA export keeps when neither rank nor energy is given: the smallest of the
+    methods' ``TRAITS.default_energy``; None (exact) when every method is exact, or when the file keeps
+    its LyCORIS layout (a kohya export of DoRA)."""
+    if format == "native" or (format == "kohya" and lycoris.writes(af)):
+        return None
+    energies = [get(p.method).TRAITS.default_energy for p in af.parts.values()]
+    energies = [e for e in energies if e is not None]
+    return min(energies) if energies else None
+
+
+def _save_lycoris(af: AdapterFile, target, stem: str, dtype: str, layout: str, models, overwrite: bool) -> ExportReport:
+    """A kohya file in LyCORIS's layout (DoRA's dora_scale): exact, no base needed."""
+    tensors = lycoris.to_tensors(af, dtype, layout, normalise_models(models or {}))
+    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")})
+    meta = export_metadata(af.metadata, base=af.base, fmt="kohya", stem=stem, methods=af.methods, ranks=set(ranks),
+                           alpha=None, dtype=dtype, sgm=layout == "sgm")
+    meta.update({"ss_network_module": "lycoris.kohya", "studio.export_method": f"LyCORIS layout ({', '.join(af.methods)}, exact)",
+                 "ss_network_args": json.dumps({k: v for p in af.parts.values()
+                                                for k, v in get(p.method).LYCORIS_ARGS.items()})})
+    if len(ranks) == 1:
+        alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
+        meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+    digest = files.write(target, tensors, meta, overwrite=overwrite)
+    return ExportReport(str(target), "kohya", dtype, None, ranks, af.module_counts(), 1.0, 0.0, {}, [], digest)

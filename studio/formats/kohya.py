@@ -22,6 +22,7 @@ import torch
 
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, guess_family
+from studio.formats import lycoris
 from studio.formats.lowrank import Packed, check_pair, lora_part
 from studio.formats.names import canonical_te_path, is_sgm, kohya_name, sgm_to_diffusers, split_kohya_name
 from studio.formats.refuse import refuse_leftovers, refuse_unsupported
@@ -47,17 +48,22 @@ def to_tensors(packed: Packed, unet_layout: str = "diffusers") -> dict[str, torc
     return out
 
 
+def lowrank_down(stored: dict) -> torch.Tensor:
+    return stored["lora_down.weight"]
+
+
 def looks_like(keys) -> bool:
     return bool(keys) and all(k.startswith(PREFIXES) for k in keys)
 
 
 def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> AdapterFile:
-    refuse_unsupported(tensors, where)
+    methods_by_marker = lycoris.markers()  # DoRA's dora_scale, ...: read through the method's own hooks
+    refuse_unsupported(tensors, where, allowed=tuple(methods_by_marker))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     leftovers = []
     for key, value in tensors.items():
         name, _, suffix = key.partition(".")
-        if suffix not in SUFFIXES or split_kohya_name(name) is None:
+        if suffix not in SUFFIXES + tuple(methods_by_marker) or split_kohya_name(name) is None:
             leftovers.append(key)
         else:
             grouped.setdefault(name, {})[suffix] = value
@@ -68,6 +74,8 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
                           f"the file is damaged or incomplete")
 
     components: dict[str, dict[str, tuple]] = {}
+    lycoris_modules: dict[str, dict[str, dict]] = {}  # component -> path -> stored tensors
+    methods: dict[str, set] = {}
     layouts, unmapped = set(), []
     for name, parts in sorted(grouped.items()):
         component, path = split_kohya_name(name)
@@ -82,14 +90,18 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
             layouts.add("diffusers")
         else:
             path = canonical_te_path(path)
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        down, up = check_pair(where, name, down, up)
+        if path in components.get(component, {}) or path in lycoris_modules.get(component, {}):
+            raise StudioError(f"{where}: two kohya names map to module '{component}.{path}' (one is '{name}'): "
+                              f"the file mixes naming layouts; re-export it with one layout")
+        method = next((m for marker, m in methods_by_marker.items() if marker in parts), None)  # None: plain LoRA
+        methods.setdefault(component, set()).add(method)
+        down, up = check_pair(where, name, parts["lora_down.weight"], parts["lora_up.weight"])
+        if method is not None:
+            lycoris_modules.setdefault(component, {})[path] = parts
+            continue
         r = down.shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else 0.0
         alpha = alpha if alpha != 0.0 else float(r)
-        if path in components.get(component, {}):
-            raise StudioError(f"{where}: two kohya names map to module '{component}.{path}' (one is '{name}'): "
-                              f"the file mixes naming layouts; re-export it with one layout")
         components.setdefault(component, {})[path] = (down, up, alpha)
     if unmapped:
         raise StudioError(f"{where}: SGM UNet modules outside the transformer blocks are not supported: "
@@ -98,7 +110,15 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
         raise StudioError(f"{where} mixes SGM (input_blocks) and diffusers (down_blocks) UNet names: loaders "
                           f"disagree on such files (diffusers drops the SGM half); re-export it with one layout")
 
+    mixed = sorted(c for c, ms in methods.items() if len(ms) > 1)
+    if mixed:
+        raise StudioError(f"{where}: component(s) {mixed} mix plain LoRA modules with "
+                          f"{sorted(m for m in methods[mixed[0]] if m)} modules: the studio keeps one method per "
+                          f"component; re-export the file with one method")
     parts = {c: lora_part(mods) for c, mods in components.items()}
+    parts.update({c: lycoris.part(next(iter(methods[c])), mods, where) for c, mods in lycoris_modules.items()})
+    components.update({c: {p: (lowrank_down(t), None, float(t.get("alpha", 0)) or None) for p, t in mods.items()}
+                       for c, mods in lycoris_modules.items()})
     hint = metadata.get("studio.base")
     if hint is None and metadata.get("ss_base_model_version", "").startswith("sdxl"):
         hint = "sdxl"
@@ -113,7 +133,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
         parts["te1"] = parts.pop("te")  # ComfyUI reads lora_te_ as CLIP-L on SDXL; so do we
         components["te1"] = components.pop("te")
     ranks = {f"{c}.{p}": int(m[0].shape[0]) for c, mods in components.items() for p, m in mods.items()}
-    alphas = {f"{c}.{p}": m[2] for c, mods in components.items() for p, m in mods.items()}
+    alphas = {f"{c}.{p}": m[2] or float(m[0].shape[0]) for c, mods in components.items() for p, m in mods.items()}
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     source = {"format": "kohya", "unet_layout": (layouts or {"none"}).pop(), "ranks": ranks, "alphas": alphas,
               "dtypes": dtypes}

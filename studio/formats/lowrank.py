@@ -318,31 +318,49 @@ def conv_kernels(packed: Packed, family: str, models: dict[str, nn.Module] | Non
 
 # -- plain LoRA parts from stored factors (imports) ------------------------------------------
 def lora_part(modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> Part:
-    """{path: (down, up, alpha)} with dW = (alpha / r) up @ down -> a core LoRA part.
-
-    Uniform rank and alpha keep the tensors as they are (A = down, B = up). Otherwise the
-    per-module scale is folded into B and ranks are zero-padded to the largest (exact).
-    """
+    """{path: (down, up, alpha)} with dW = (alpha / r) up @ down -> a core LoRA part."""
     if not modules:
         raise StudioError("no LoRA modules to import")
-    ranks = {int(d.shape[0]) for d, _, _ in modules.values()}
-    alphas = {float(a) for _, _, a in modules.values()}
-    if len(ranks) == 1 and len(alphas) == 1:
-        r, a = ranks.pop(), alphas.pop()
-        tensors = {}
-        for path, (down, up, _) in modules.items():
-            tensors[f"{path}.A"], tensors[f"{path}.B"] = down.float(), up.float()
-        return Part("lora", {"rank": r, "alpha": a, "rslora": False, "dropout": 0.0}, tensors)
-    R = max(ranks)
+    return uniform_part("lora", {p: ({"rank": int(d.shape[0]), "alpha": float(a)}, {"A": d, "B": u})
+                                 for p, (d, u, a) in modules.items()}, "the file")
+
+
+def uniform_part(method: str, entries: dict[str, tuple[dict, dict]], where: str) -> Part:
+    """Modules {path: (config fields, tensors with A (r, in[, kh, kw]) and B (out, r))} -> one Part.
+
+    A Part has one config. Ranks and alphas uniform over the Linear (and 1x1) modules and over the
+    k x k convolutions keep the tensors as they are (``rank`` / ``alpha``, ``conv_rank`` / ``conv_alpha``,
+    kohya's network_dim and conv_dim). Otherwise each module's scale is folded into B and ranks are
+    zero-padded to the largest, which is exact. Other fields (DoRA's axis) must agree."""
+    def key(fields):
+        return int(fields["rank"]), float(fields["alpha"])
+
+    others = {tuple(sorted((k, v) for k, v in f.items() if k not in ("rank", "alpha"))) for f, _ in entries.values()}
+    if len(others) > 1:
+        raise StudioError(f"{where}: its {method} modules disagree on {sorted(others)}: the studio keeps one setting "
+                          f"per component; re-export the file with one setting")
+    common = dict(others.pop()) if others else {}
+    conv = {p for p, (_, t) in entries.items() if t["A"].dim() == 4}
+    groups = [{key(f) for p, (f, _) in entries.items() if (p in conv) == is_conv_group} for is_conv_group in (False, True)]
     tensors = {}
-    for path, (down, up, alpha) in modules.items():
-        r = down.shape[0]
-        A = torch.zeros(R, *down.shape[1:])               # (R, in) or LoCon's (R, in, kh, kw)
-        B = torch.zeros(up.shape[0], R)                   # (out, R)
-        A[:r] = down.float()
-        B[:, :r] = up.float() * (float(alpha) / r)
+    if all(len(g) <= 1 for g in groups):
+        (rank, alpha), conv_key = (next(iter(groups[0])) if groups[0] else next(iter(groups[1]))), next(iter(groups[1]), None)
+        for path, (_, t) in entries.items():
+            tensors.update({f"{path}.{k}": v.float() for k, v in t.items()})
+        config = {**common, "rank": rank, "alpha": alpha, "rslora": False, "dropout": 0.0,
+                  "conv_rank": None if conv_key in (None, (rank, alpha)) else conv_key[0],
+                  "conv_alpha": None if conv_key in (None, (rank, alpha)) else conv_key[1]}
+        return Part(method, config, tensors)
+    R = max(r for g in groups for r, _ in g)
+    for path, (fields, t) in entries.items():
+        r, alpha = key(fields)
+        A = torch.zeros(R, *t["A"].shape[1:])             # (R, in) or LoCon's (R, in, kh, kw)
+        B = torch.zeros(t["B"].shape[0], R)               # (out, R)
+        A[:r] = t["A"].float()
+        B[:, :r] = t["B"].float() * (alpha / r)
+        tensors.update({f"{path}.{k}": v.float() for k, v in t.items()})
         tensors[f"{path}.A"], tensors[f"{path}.B"] = A, B
-    return Part("lora", {"rank": R, "alpha": float(R), "rslora": False, "dropout": 0.0}, tensors)
+    return Part(method, {**common, "rank": R, "alpha": float(R), "rslora": False, "dropout": 0.0}, tensors)
 
 
 def check_pair(where: str, name: str, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

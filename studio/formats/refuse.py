@@ -30,10 +30,12 @@ _ENDINGS = [(".diff", "LyCORIS full (diff)"), (".diff_b", "LyCORIS full (diff)")
             (".a1.weight", "GLoRA"), (".b1.weight", "GLoRA")]
 
 
-def refuse_unsupported(keys, where: str) -> None:
+def refuse_unsupported(keys, where: str, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse the first key of an algorithm we do not import; ``allowed`` markers are read by their
+    method's LyCORIS hooks (``formats.lycoris``)."""
     for key in keys:
         for marker, name, why in UNSUPPORTED:
-            if marker in key:
+            if marker in key and marker not in allowed:
                 raise StudioError(
                     f"{where} is a {name} file (key '{key}'): {name} is not supported because {why}; the "
                     f"studio imports plain LoRA files (lora_down/lora_up or lora_A/lora_B): convert or "
