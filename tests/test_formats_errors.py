@@ -48,7 +48,7 @@ def _never_unpickle(monkeypatch):
 
 # -- algorithms refused by name ----------------------------------------------------------------
 @pytest.mark.parametrize("key,name", [
-    (f"{LORA}.hada_w1_a", "LyCORIS LoHa"), (f"{LORA}.lokr_w1", "LyCORIS LoKr"), (f"{LORA}.dora_scale", "DoRA"),
+    (f"{LORA}.hada_w1_a", "LyCORIS LoHa"), (f"{LORA}.lokr_w1", "LyCORIS LoKr"),
     (f"{LORA}.lora_mid.weight", "LyCORIS LoCon"), (f"{LORA}.diff", r"LyCORIS full \(diff\)"),
     ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector", "DoRA"),
 ])

@@ -79,7 +79,7 @@ def test_adapter_of_another_language_model_names_the_module(tiny_lm, tiny_gpt2_l
     adapter = _lm_adapter(tiny_lm, tmp_path / "llama.safetensors")
     line = _error(capsys, _generate_lm(tiny_gpt2_lm, adapter))
     assert re.search(r"does not fit this base .* it adapts 'lm\.model\.layers\.\d\.self_attn\.[qkvo]_proj', which is "
-                     r"not a Linear layer", line) and line.endswith(f"seems made for a language model (llama, {tiny_lm.name})"), line
+                     r"not a Linear or convolution layer", line) and line.endswith(f"seems made for a language model (llama, {tiny_lm.name})"), line
     wider = tiny_lm_folder(tmp_path / "wide", width=48)
     line = _error(capsys, _generate_lm(wider, adapter))
     assert re.search(r"module 'lm\.model\.layers\.0\.self_attn\.[qkvo]_proj' needs A of shape \(2, 48\) but the "
@@ -104,3 +104,17 @@ def test_language_and_diffusion_adapters_refuse_each_others_bases(tiny_lm, tmp_p
     assert "is a language-model adapter: load it on a language model, not on a diffusion base" in line
     line = _error(capsys, ["export", str(lm_adapter), "--format", "kohya", "-o", str(tmp_path / "k.safetensors")])
     assert "language-model adapters export with --format peft or native" in line
+
+
+def test_an_ia3_file_on_a_model_of_another_width_names_the_module(tiny_lm, tmp_path, capsys):
+    from studio.models import load_causal_lm
+
+    model, _ = load_causal_lm(str(tiny_lm))
+    A.attach(model, "v", "ia3", A.make_config("ia3"), ["lm-attn", "lm-mlp"])
+    path = tmp_path / "ia3.safetensors"
+    formats.save(formats.from_models({"lm": model}, "v"), path, "native")
+    line = _error(capsys, _generate_lm(tiny_lm_folder(tmp_path / "wide", width=48), path))
+    assert re.search(r"module 'lm\.model\.layers\.0\.(self_attn\.[kv]_proj|mlp\.down_proj)' needs l of shape "
+                     r"\(\d+,\) but the file has \(\d+,\)", line), line
+    capsys.readouterr()
+    assert main(_generate_lm(tiny_lm, path)) == 0

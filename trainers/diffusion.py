@@ -25,6 +25,7 @@ from studio import formats
 from studio.adapters import registry
 from studio.config import to_toml
 from studio.errors import StudioError
+from studio.formats.export import default_energy
 from studio.models import load_diffusion_base
 from studio.pipeline import Settings, generate, grid, save_png
 from trainers import batches, data_images, loop
@@ -300,8 +301,16 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
     if say is None:
         return
     kohya = path.with_name(f"{name}.kohya.safetensors")
-    # methods whose plain-LoRA export is a truncation keep their declared share of the energy
-    energy = registry.get(cfg.method).TRAITS.default_energy
-    report = formats.save(af, kohya, "kohya", dtype="fp16", energy=energy, models=base.components, overwrite=True)
+    # LyCORIS-layout methods (DoRA) stay exact; truncated plain-LoRA exports keep their declared energy
+    energy = default_energy(af, "kohya")
+    try:
+        report = formats.save(af, kohya, "kohya", dtype="fp16", energy=energy, models=base.components, overwrite=True)
+    except StudioError as err:
+        fallback = registry.get(cfg.method).TRAITS.default_energy
+        if energy is not None or fallback is None:
+            raise
+        say(f"note: {err}; writing a plain LoRA keeping {fallback:.0%} of the energy instead")
+        report = formats.save(af, kohya, "kohya", dtype="fp16", energy=fallback, models=base.components,
+                              overwrite=True)
     say(f"adapter: {path} (exact, for the studio)\n"
         f"A1111 / ComfyUI / Forge / kohya: {kohya} (retained energy {report.energy:.4f})")

@@ -89,9 +89,9 @@ def expected_shapes(cfg: Config, site: Site) -> dict:
 
 def from_saved(cfg: Config, W0: torch.Tensor | None, tensors: dict, site: Site) -> dict:
     m = tensors["m"].float()
-    if not (torch.isfinite(m).all() and (m > 0).all()):
-        raise StudioError(f"the DoRA magnitude of module '{site.path}' has zero, negative or non-finite entries: "
-                          f"the file is damaged or diverged; use another file or an earlier checkpoint")
+    if not torch.isfinite(m).all():  # (a negative m is a valid trained state: it flips its row)
+        raise StudioError(f"the DoRA magnitude of module '{site.path}' has non-finite entries: the file is damaged "
+                          f"or diverged; use another file or an earlier checkpoint")
     return {k: tensors[k].float() for k in SAVED}
 
 
@@ -152,6 +152,9 @@ def to_lycoris(cfg: Config, state: dict) -> dict:
     A = state["A"].detach()
     rank = A.shape[0]
     m = state["m"].detach()
+    if not (m > 0).all():  # LyCORIS files carry a positive magnitude; loaders refuse others (so do we)
+        raise StudioError("a DoRA magnitude went zero or negative in training, which the LyCORIS layout does not "
+                          "hold: export a plain LoRA with --rank R or --energy E and --base, or keep --format native")
     return {"lora_down.weight": A, "lora_up.weight": state["B"].detach(),
             "alpha": torch.tensor(cfg.scale_at(A.dim() == 4) * rank),
             "dora_scale": m[:, None] if cfg.axis == "out" else m[None, :]}
