@@ -1,4 +1,4 @@
-"""LoRA, PiSSA, MiLoRA and SVF side by side on one style set and one step budget.
+"""Adapter methods (any of the registry) side by side on one style set and one step budget.
 
 For each method: one `studio train sample_data/styles/<style> --method M --steps MAX` run with
 the defaults otherwise, writing the adapter every few steps (``--save-adapter-every``); then
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="more `studio train` flags for every run")
     args = parser.parse_args()
     from studio import formats
+    from studio.adapters import registry
 
     counts = sorted(int(c) for c in args.steps.split(","))
     every = math.gcd(*counts)
@@ -51,7 +52,7 @@ def main() -> None:
         adapter = out / f"{args.style}.safetensors"
         af = formats.read(adapter)
         trained = sum(v.numel() for part in af.parts.values() for k, v in part.tensors.items()
-                      if k.rsplit(".", 1)[-1] in ("A", "B", "z"))
+                      if k.rsplit(".", 1)[-1] in registry.get(part.method).TRAINABLE)
         rates = []
         for count in counts:
             at = adapter if count == counts[-1] else out / f"{args.style}-step{count:07d}.safetensors"

@@ -256,6 +256,21 @@ def test_an_eval_model_stays_deterministic(method):
     assert all(m.training for m in model.modules())
 
 
+@pytest.mark.parametrize("case", [LAYERS[0], LAYERS[3]], ids=repr)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_half_precision_base_runs_fp32_adapters(case, method):
+    """fp16 bases (GPU inference) with fp32 adapters: the result is the fp32 computation, cast."""
+    model = case.build().eval()
+    A.attach(model, "a", method, config(method), case.targets)
+    perturb(model, "a")
+    with torch.no_grad():
+        want = model.to_k(torch.randn(*case.shape, generator=torch.Generator().manual_seed(5)))
+        model.to_k.base.half()
+        got = model.to_k(torch.randn(*case.shape, generator=torch.Generator().manual_seed(5)).half())
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_merge_unmerge_bit_exact_in_half_precision():
     model = nn.Sequential(nn.Linear(16, 16)).half()
     W0 = model[0].weight.detach().clone()

@@ -219,9 +219,9 @@ class AdaptedLayer(nn.Module):
                     cache.append(y.float())
             return cache[0]
 
-        bias = self.pristine_bias
-        return Base(self.pristine_weight, None if bias is None else bias.float(), pristine_out, self.apply_matrix,
-                    self.channels, self._up)
+        bias, W0 = self.pristine_bias, self.pristine_weight
+        return Base(W0 if W0.dtype == torch.float32 else W0.float(), None if bias is None else bias.float(),
+                    pristine_out, self.apply_matrix, self.channels, self._up)
 
     def _run(self, a: Adapter, x: torch.Tensor, base: Base) -> torch.Tensor:
         forward = getattr(a.method, "forward", None)
