@@ -16,9 +16,9 @@ an (out, r) and an (r, r) product instead of PEFT's (out, in) weight and its nor
     delta(x) = (m/||V|| - 1) * (W0 x) + (m/||V||) * s B A x,
 run from the base output y = W0 x + b the layer already has, with every (out,)-vector folded
 into the small factors: with k = w (m/||V|| - 1),
-    delta(x) = k * y + (w m/||V|| * s B) (A x) - k * b        (one multiply-add over the output;
-the bias term rides on the up-step's matmul) where PEFT makes five or six passes (BENCH
-dora_step_vs_peft).
+    delta(x) = k * y + (w m/||V|| * s B) (A x) - k * b
+one in-place multiply-add over the output (the bias term rides on the up-step's matmul) where
+PEFT makes five or six passes, each into a new tensor (BENCH dora_step_vs_peft).
 A user weight w gives W0 + w (W' - W0): linear in w (ComfyUI's strength), so DoRA mixes like
 any delta.
 """
@@ -116,7 +116,8 @@ def _row_norm(cfg: Config, state: dict, W0: torch.Tensor, down: torch.Tensor, up
         W0 = W0.float()
         cross = (W0 @ down.T * up).sum(dim=1)                     # (out,)   W0_o . (up down)_o
         square = ((up @ (down @ down.T)) * up).sum(dim=1)         # (out,)   ||(up down)_o||^2
-        return (W0.square().sum(dim=1) + 2 * cross + square).clamp_min(1e-30).sqrt()
+        rows = torch.linalg.vector_norm(W0, dim=1).square()     # (out,)   one read of W0, no (out, in) temporary
+        return (rows + 2 * cross + square).clamp_min(1e-30).sqrt()
 
 
 def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float, training: bool) -> torch.Tensor:
@@ -129,7 +130,7 @@ def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float
     h = F.dropout(x, cfg.dropout, training=True) if training and cfg.dropout > 0 else x
     hidden = base.apply(h, down)                                  # (..., r): A x
     lin = _project(base, hidden, up * (scale * weight)[:, None], c)  # w m/||V|| s B A x + c
-    return torch.addcmul(lin, base.out(), base.channels(k))      # + k (W0 x + b): one pass over the output
+    return _AddScaled.apply(lin, base.out(), base.channels(k))   # + k (W0 x + b), in place
 
 
 def _project(base: Base, hidden: torch.Tensor, up: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
@@ -139,6 +140,26 @@ def _project(base: Base, hidden: torch.Tensor, up: torch.Tensor, c: torch.Tensor
     if base.channels(c).dim() == 1:  # channels last: the up-step is a Linear
         return F.linear(hidden, up, c)
     return base.project(hidden, up).add_(base.channels(c))
+
+
+class _AddScaled(torch.autograd.Function):
+    """out + k * y written into out, a fresh matmul result (its backward does not need it).
+
+    torch.addcmul would allocate a second output-sized tensor and, in its backward, a third
+    for y * 1; on CPU each fresh activation-sized tensor costs more than the arithmetic."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y, k)
+        ctx.mark_dirty(out)
+        return out.addcmul_(y, k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, k = ctx.saved_tensors
+        grad_y = grad * k if ctx.needs_input_grad[1] else None
+        grad_k = (grad * y).sum_to_size(k.shape) if ctx.needs_input_grad[2] else None
+        return grad, grad_y, grad_k
 
 
 # -- LyCORIS's layout (kohya files with dora_scale; what ComfyUI, A1111 1.9+ and Forge apply) ------
