@@ -69,8 +69,9 @@ def test_pissa_fast_svd_is_a_no_op_and_finds_the_top_subspace():
     U, _ = torch.linalg.qr(torch.randn(64, 64, generator=g))
     V, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
     W = U[:, :48] @ torch.diag(0.7 ** torch.arange(48.0)) @ V.T  # (64, 48)
-    exact = A.pissa.init(A.pissa.Config(rank=4, svd="exact"), W)
+    site = A.contract.Site("w", 64, 48)
+    exact = A.pissa.init(A.pissa.Config(rank=4, svd="exact"), W, site)
     top_exact = exact["B0"] @ exact["A0"]
     for niter, tolerance in [(4, 0.1), (16, 1e-3)]:  # q = r as in PEFT: error ~ (s5/s4)^(2 niter)
-        fast = A.pissa.init(A.pissa.Config(rank=4, svd="fast", niter=niter), W)
+        fast = A.pissa.init(A.pissa.Config(rank=4, svd="fast", niter=niter), W, site)
         assert (fast["B0"] @ fast["A0"] - top_exact).norm() / top_exact.norm() < tolerance
