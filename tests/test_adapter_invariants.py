@@ -206,6 +206,26 @@ def test_two_methods_mix_as_weighted_delta_sum(method):
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", LAYERS, ids=repr)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_live_adapter_beside_a_merged_one_sees_the_pristine_base(case, method):
+    """Merging one adapter must not change what another, unmerged one adds (DoRA, (IA)^3 read the
+    base output: they must get W0's, not the merged weight's)."""
+    model = case.build().eval()
+    A.attach(model, "one", method, config(method), case.targets)
+    A.attach(model, "two", "lora", config("lora"), case.targets)
+    perturb(model, "one", seed=1)
+    perturb(model, "two", seed=2)
+    with torch.no_grad():
+        live = case.run(model)
+        A.merge(model, ["two"])
+        half = case.run(model)
+        A.merge(model)
+        merged = case.run(model)
+    _close(half, live)
+    _close(merged, live)
+
+
 @pytest.mark.parametrize("case", [LAYERS[0], LAYERS[3]] + MODELS, ids=repr)
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_reach_only_adapter_parameters(case, method):

@@ -24,6 +24,8 @@ as (IA)^3 adapts keys, values and the feed-forward's second projection), and, by
                  delta_bias(cfg, state, bias) -> (out,) and a fast
                  forward(cfg, state, x, base, weight, training) -> the output delta.
                  Without ``forward`` it runs as x @ dW.T (a convolution with dW as kernel).
+                 Optionally ``output(...)`` with forward's arguments -> y + delta, used when the
+                 adapter is its layer's only live one (training): one pass less over the output.
     functional   forward(cfg, state, x, base, weight, training) -> the output delta, and no
                  fixed weight delta (routed experts): never merged, no plain-LoRA export.
 

@@ -121,16 +121,29 @@ def _row_norm(cfg: Config, state: dict, W0: torch.Tensor, down: torch.Tensor, up
 
 
 def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float, training: bool) -> torch.Tensor:
+    """The output delta."""
+    return _dora(cfg, state, x, base, weight, training, 0.0)
+
+
+def output(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float, training: bool) -> torch.Tensor:
+    """The whole output y + delta = (1 + k) y + ..., when DoRA is its layer's only live adapter (training):
+    one multiply-add over the output instead of two."""
+    return _dora(cfg, state, x, base, weight, training, 1.0)
+
+
+def _dora(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float, training: bool,
+          plus: float) -> torch.Tensor:
     down, up = lora.factors(cfg, state)                           # (r, in), (out, r); up carries s
     if cfg.axis == "in":  # rare (old files): form W' once
-        return base.apply(x, delta_weight(cfg, state, base.W0) * weight)
+        delta = base.apply(x, delta_weight(cfg, state, base.W0) * weight)
+        return delta + base.out() if plus else delta
     scale = state["m"] / _row_norm(cfg, state, base.W0, down, up)  # (out,) m / ||V||, gradient to m only
     k = (scale - 1) * weight                                      # (out,)
     c = None if base.bias is None else -k * base.bias             # (out,)  y holds b; W0 x does not
     h = F.dropout(x, cfg.dropout, training=True) if training and cfg.dropout > 0 else x
     hidden = base.apply(h, down)                                  # (..., r): A x
     lin = _project(base, hidden, up * (scale * weight)[:, None], c)  # w m/||V|| s B A x + c
-    return _AddScaled.apply(lin, base.out(), base.channels(k))   # + k (W0 x + b), in place
+    return _AddScaled.apply(lin, base.out(), base.channels(k + plus))  # + (plus + k) (W0 x + b), in place
 
 
 def _project(base: Base, hidden: torch.Tensor, up: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
