@@ -1,4 +1,4 @@
-"""Adapter studio: train, mix and export LoRA / PiSSA / MiLoRA / SVF adapters.
+"""Adapter studio: train, mix and export Stable Diffusion and language-model adapters (studio.adapters.registry lists the methods).
 
 The package is layered (see tests/test_layering.py): ``studio.adapters`` is pure torch and
 imports nothing of ours except ``studio.errors``; formats, models, pipeline, the CLI and the

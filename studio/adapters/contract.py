@@ -56,6 +56,8 @@ class Traits:
     """low-rank | dense | functional (see the module docstring)."""
     summary: str
     """One line for --help, the UI's pickers and the README."""
+    label: str = ""
+    """The method's short name as its paper writes it ('LoRA', '(IA)³'); default: the summary's first word."""
     lr: dict = field(default_factory=dict)
     """Default learning rate per task: {"image": ..., "lm": ...}."""
     needs_base: bool = False
@@ -72,6 +74,8 @@ class Traits:
     exports); None = exact."""
 
     def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.summary.split(",")[0].split(" ")[0])
         assert self.kind in KINDS, self.kind
         assert self.export in EXPORTS, self.export
         assert self.kind != "functional" or not self.mergeable

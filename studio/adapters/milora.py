@@ -21,7 +21,7 @@ from studio.adapters.common import LowRankConfig, cached_svd, check_rank
 from studio.adapters.contract import Site
 
 NAME = "milora"
-TRAITS = replace(pissa.TRAITS, summary="MiLoRA, PiSSA on the minor (bottom-r) singular triplets",
+TRAITS = replace(pissa.TRAITS, summary="MiLoRA, PiSSA on the minor (bottom-r) singular triplets", label="MiLoRA",
                  lr={"image": 1e-3, "lm": 2e-3})
 TRAINABLE = pissa.TRAINABLE
 SAVED = pissa.SAVED

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import gradio as gr
 
+from studio.adapters.registry import METHODS
 from studio.errors import StudioError
 from studio.ui import generate_tab, tabs
 from studio.ui.service import Studio
 from studio.ui.train_runner import TrainRun
+
+METHOD_LABELS = [m.TRAITS.label for m in METHODS.values()]  # 'LoRA', 'DoRA', '(IA)³' ... for the heading
 
 log = logging.getLogger("studio.ui")
 CSS = """
@@ -54,7 +57,7 @@ def build_app(studio: Studio, datasets: dict[str, Path], runner: TrainRun | None
               lm_bases: dict[str, str] | None = None) -> gr.Blocks:
     runner = runner or TrainRun(studio.library.root)
     with gr.Blocks(title="adapter studio") as demo:
-        gr.Markdown("## adapter studio — mix LoRA / PiSSA / MiLoRA / SVF adapters")
+        gr.Markdown(f"## adapter studio — mix {' / '.join(METHOD_LABELS)} adapters")
         with gr.Tabs():
             with gr.Tab("Generate", elem_id="tab_generate"):
                 generate = generate_tab.build(studio, user_errors)

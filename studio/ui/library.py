@@ -60,10 +60,11 @@ def _preview(path: Path) -> Path | None:
 
 
 def _ranks(info: dict) -> str:
-    """'8', '4/8', '32-44' (a file truncated per module by energy), or 'full' (SVF)."""
+    """'8', '4/8', '32-44' (a file truncated per module by energy), or 'none' (methods without a rank:
+    SVF, (IA)^3)."""
     values = {r for ranks in info["ranks"].values() for r in ranks}
     numbers = sorted(v for v in values if isinstance(v, int))
-    words = ["full"] if len(numbers) < len(values) else []
+    words = ["none"] if len(numbers) < len(values) else []
     if len(numbers) > 2:
         numbers = [f"{numbers[0]}-{numbers[-1]}"]
     return "/".join([str(n) for n in numbers] + words) or "-"
