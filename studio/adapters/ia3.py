@@ -23,7 +23,7 @@ from studio.adapters.contract import Base, Site, Traits
 NAME = "ia3"
 TRAITS = Traits(kind="dense", summary="(IA)^3, a learned scale on key/value outputs and feed-forward inputs",
                 label="(IA)³",
-                lr={"image": 2e-2, "lm": 2e-2}, needs_base=True, has_rank=False, export="truncated",
+                lr={"image": 6e-2, "lm": 3e-1}, needs_base=True, has_rank=False, export="truncated",
                 default_energy=0.99)
 TRAINABLE = ("l",)
 SAVED = ("l",)
