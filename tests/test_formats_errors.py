@@ -48,13 +48,23 @@ def _never_unpickle(monkeypatch):
 
 # -- algorithms refused by name ----------------------------------------------------------------
 @pytest.mark.parametrize("key,name", [
-    (f"{LORA}.hada_w1_a", "LyCORIS LoHa"), (f"{LORA}.lokr_w1", "LyCORIS LoKr"),
-    (f"{LORA}.lora_mid.weight", "LyCORIS LoCon"), (f"{LORA}.diff", r"LyCORIS full \(diff\)"),
+    (f"{LORA}.lora_mid.weight", "LyCORIS LoCon"), (f"{LORA}.a1.weight", "GLoRA"), (f"{LORA}.oft_blocks", "OFT / BOFT"),
+    (f"{LORA}.w_norm", "LyCORIS norm"),
     ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector", "DoRA"),
 ])
 def test_unsupported_algorithms_are_refused_by_name(tmp_path, key, name):
     path = _write(tmp_path / "x.safetensors", _kohya(**{key: torch.ones(2)}))
     with pytest.raises(StudioError, match=f"x.safetensors is a {name}.*not supported.*plain LoRA"):
+        F.read(path)
+
+
+@pytest.mark.parametrize("key,name", [("lycoris_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.hada_w1_a",
+                                       "LyCORIS LoHa"),
+                                      ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.diff",
+                                       r"LyCORIS full \(diff\)")])
+def test_lycoris_modules_outside_kohya_names_are_refused_saying_where_they_are_read(tmp_path, key, name):
+    path = _write(tmp_path / "x.safetensors", {key: torch.ones(2)})
+    with pytest.raises(StudioError, match=f"x.safetensors is a {name} file in a key layout.*kohya-named files"):
         F.read(path)
 
 
@@ -167,8 +177,8 @@ def test_damaged_native_header(tmp_path, sd):
     _write(tmp_path / "n2.safetensors", tensors, {**meta, "studio.adapter": "{broken"})
     with pytest.raises(StudioError, match="n2.safetensors: the studio.adapter header field.*damaged"):
         F.read(tmp_path / "n2.safetensors")
-    _write(tmp_path / "n3.safetensors", tensors, {**meta, "studio.adapter": json.dumps({"unet": {"method": "loha"}})})
-    with pytest.raises(StudioError, match="unknown method 'loha'"):
+    _write(tmp_path / "n3.safetensors", tensors, {**meta, "studio.adapter": json.dumps({"unet": {"method": "glora"}})})
+    with pytest.raises(StudioError, match="unknown method 'glora'"):
         F.read(tmp_path / "n3.safetensors")
 
 

@@ -84,6 +84,16 @@ def down_shape(rank: int, site) -> tuple:
     return (rank, site.in_features // (kh * kw), kh, kw) if site.is_conv else (rank, site.in_features)
 
 
+def pad_rank(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """``t`` with its rank axis ``dim`` zero-padded to ``rank``: the product of two padded factors is unchanged."""
+    missing = rank - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 def check_rank(rank: int, shape: tuple[int, int] | torch.Size, module: str) -> None:
     limit = min(shape)
     if rank > limit:

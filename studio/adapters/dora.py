@@ -178,6 +178,7 @@ class _AddScaled(torch.autograd.Function):
 # -- LyCORIS's layout (kohya files with dora_scale; what ComfyUI, A1111 1.9+ and Forge apply) ------
 LYCORIS_MARKER = "dora_scale"
 LYCORIS_ARGS = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}  # kohya's ss_network_args
+LYCORIS_CONV = {"lora_down.weight": "kernel", "lora_up.weight": "1x1", "dora_scale": "1x1"}  # LoCon's 4-D layout
 
 
 def to_lycoris(cfg: Config, state: dict) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from types import ModuleType
 
-from studio.adapters import dora, ia3, lora, milora, pissa, svf
+from studio.adapters import dora, full, ia3, loha, lokr, lora, milora, pissa, svf
 from studio.adapters.contract import check_method
 from studio.errors import StudioError
 
@@ -21,6 +21,9 @@ METHODS: dict[str, ModuleType] = {m.NAME: m for m in (
     svf,
     dora,
     ia3,
+    loha,
+    lokr,
+    full,
 )}
 
 for _module in METHODS.values():

@@ -92,11 +92,18 @@ class AdapterFile:
 
 # -- families --------------------------------------------------------------------------------
 def _in_features(part: Part, suffix: str) -> int | None:
+    from studio.adapters.contract import Site
+    from studio.adapters.registry import get, make_config
+
     for path, tensors in part.modules().items():
         if path.endswith(suffix) and "A" in tensors:
             return int(tensors["A"].shape[-1])
         if path.endswith(suffix) and "z" in tensors:
             return None
+        method = get(part.method)
+        if path.endswith(suffix) and method.TRAITS.kind == "dense" and not method.TRAITS.needs_base:
+            cfg = make_config(part.method, part.config)  # (LoHa, LoKr, full: the delta follows from the tensors)
+            return int(method.delta_weight(cfg, method.from_saved(cfg, None, tensors, Site(path, 0, 0)), None).shape[1])
     return None
 
 

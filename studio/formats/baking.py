@@ -17,7 +17,7 @@ import torch.nn as nn
 from studio.adapters import mix
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, normalise_models
-from studio.formats.lowrank import (Policy, exact_factors, kernel_of, lora_part, one_thread, sorted_full, stored_downs,
+from studio.formats.lowrank import (Policy, exact_factors, kernel_of, lora_part, one_thread, sorted_full, stored_kernels,
                                     summarise, truncate)
 from studio.formats.names import FAMILY_NAMES, TEXT_ENCODERS
 
@@ -37,7 +37,7 @@ def bake(inputs: list[tuple[AdapterFile, float, float | None]], rank: int | None
     stacks: dict[str, dict[str, list]] = {}
     kernels: dict[str, dict[str, tuple]] = {}  # LoCon modules keep their k x k down kernels
     for af, weight, te_weight in inputs:
-        stored = stored_downs(af.parts)
+        stored = stored_kernels(af.parts)
         for component, part in af.parts.items():
             for path in part.modules():
                 kernel = kernel_of(component, path, family, models.get(component), stored[component].get(path))

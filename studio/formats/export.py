@@ -125,9 +125,10 @@ def default_energy(af: AdapterFile, format: str) -> float | None:
 
 
 def _save_lycoris(af: AdapterFile, target, stem: str, dtype: str, layout: str, models, overwrite: bool) -> ExportReport:
-    """A kohya file in LyCORIS's layout (DoRA's dora_scale): exact, no base needed."""
+    """A kohya file in LyCORIS's layout (DoRA's dora_scale, LoHa, LoKr, full): exact, no base needed."""
     tensors = lycoris.to_tensors(af, dtype, layout, normalise_models(models or {}))
-    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")})
+    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+                   or {r for p in af.parts.values() for r in (p.config.get("rank"), p.config.get("conv_rank")) if r})
     meta = export_metadata(af.metadata, base=af.base, fmt="kohya", stem=stem, methods=af.methods, ranks=set(ranks),
                            alpha=None, dtype=dtype, sgm=layout == "sgm")
     meta.update({"ss_network_module": "lycoris.kohya", "studio.export_method": f"LyCORIS layout ({', '.join(af.methods)}, exact)",

@@ -18,8 +18,9 @@ def _ranks(af: AdapterFile) -> dict[str, list]:
     stored = af.source.get("ranks")
     out = {}
     for component, part in af.parts.items():
-        if stored:
-            out[component] = sorted({r for k, r in stored.items() if k.startswith(component + ".")})
+        mine = sorted({r for k, r in (stored or {}).items() if k.startswith(component + ".")})
+        if mine:
+            out[component] = mine
         elif not get(part.method).TRAITS.has_rank:
             out[component] = [f"none ({get(part.method).TRAITS.summary})"]
         else:

@@ -9,11 +9,16 @@ Per adapted Linear ``N`` (``lora_unet_...``, ``lora_te_...``, SDXL ``lora_te1_``
 
 A 1x1 convolution (SD1.5's ``proj_in`` / ``proj_out``) stores ``lora_down (r_N, in, 1, 1)`` and
 ``lora_up (out, r_N, 1, 1)``; reading squeezes the kernel dims, writing restores them for the
-modules ``lowrank.conv_kernels`` marks. Larger kernels (LoCon) are refused.
+modules ``lowrank.conv_kernels`` marks; k x k LoCon kernels keep their down kernel (r, in, kh, kw).
 
 Writing uses one alpha for the file (``lowrank.pack``) and, on SDXL, SGM UNet names by default
 (one layout per file, never mixed). Reading accepts SD1.5 and SDXL in both UNet layouts and turns
 the file into plain-LoRA parts (A = lora_down, B = lora_up, alpha -> the LoRA config's alpha).
+
+LyCORIS's modules in the same names (DoRA's ``dora_scale``, LoHa's ``hada_*``, LoKr's ``lokr_*``,
+full's ``diff`` / ``diff_b``: any registered method's ``LYCORIS_MARKER``) are handed whole to that
+method's ``from_lycoris`` through ``formats.lycoris``, which checks their keys; a module carrying
+two methods' markers is refused, and one file component holds one method.
 """
 
 from __future__ import annotations
@@ -48,16 +53,12 @@ def to_tensors(packed: Packed, unet_layout: str = "diffusers") -> dict[str, torc
     return out
 
 
-def lowrank_down(stored: dict) -> torch.Tensor:
-    return stored["lora_down.weight"]
-
-
 def looks_like(keys) -> bool:
     return bool(keys) and all(k.startswith(PREFIXES) for k in keys)
 
 
 def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> AdapterFile:
-    methods_by_marker = lycoris.markers()  # DoRA's dora_scale, ...: read through the method's own hooks
+    methods_by_marker = lycoris.markers()  # DoRA's dora_scale, LoHa's hada_*, ...: read through the method's own hooks
     refuse_unsupported(tensors, where, allowed=tuple(methods_by_marker))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     leftovers = []
@@ -68,7 +69,18 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
         else:
             grouped.setdefault(name, {})[suffix] = value
     refuse_leftovers(leftovers, where, "kohya")
-    incomplete = sorted(n for n, d in grouped.items() if not {"lora_down.weight", "lora_up.weight"} <= d.keys())
+    owners = {n: sorted({methods_by_marker[s] for s in d if s in methods_by_marker}) for n, d in grouped.items()}
+    several = sorted(n for n, ms in owners.items() if len(ms) > 1)
+    if several:
+        name = several[0]
+        keys = [f"{m} ({', '.join(sorted(s for s in grouped[name] if methods_by_marker.get(s) == m))})"
+                for m in owners[name]]
+        raise StudioError(f"{where}: module '{name}' mixes the keys of {' and '.join(keys)}: "
+                          f"the studio reads one method per module (DoRA on LoHa / LoKr is not supported yet): "
+                          f"re-export the file with one method per module")
+    # a module with a method's marker is that method's to check (from_lycoris); the rest are plain LoRAs
+    incomplete = sorted(n for n, d in grouped.items()
+                        if not owners[n] and not {"lora_down.weight", "lora_up.weight"} <= d.keys())
     if incomplete:
         raise StudioError(f"{where}: modules without both lora_down and lora_up: {', '.join(incomplete[:8])}: "
                           f"the file is damaged or incomplete")
@@ -93,12 +105,12 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
         if path in components.get(component, {}) or path in lycoris_modules.get(component, {}):
             raise StudioError(f"{where}: two kohya names map to module '{component}.{path}' (one is '{name}'): "
                               f"the file mixes naming layouts; re-export it with one layout")
-        method = next((m for marker, m in methods_by_marker.items() if marker in parts), None)  # None: plain LoRA
+        method = owners[name][0] if owners[name] else None  # None: plain LoRA
         methods.setdefault(component, set()).add(method)
-        down, up = check_pair(where, name, parts["lora_down.weight"], parts["lora_up.weight"])
         if method is not None:
             lycoris_modules.setdefault(component, {})[path] = parts
             continue
+        down, up = check_pair(where, name, parts["lora_down.weight"], parts["lora_up.weight"])
         r = down.shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else 0.0
         alpha = alpha if alpha != 0.0 else float(r)
@@ -112,28 +124,29 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
 
     mixed = sorted(c for c, ms in methods.items() if len(ms) > 1)
     if mixed:
-        raise StudioError(f"{where}: component(s) {mixed} mix plain LoRA modules with "
-                          f"{sorted(m for m in methods[mixed[0]] if m)} modules: the studio keeps one method per "
-                          f"component; re-export the file with one method")
+        kinds = sorted(m or "plain LoRA" for m in methods[mixed[0]])
+        raise StudioError(f"{where}: component(s) {mixed} mix {' and '.join(kinds)} modules: the studio keeps one "
+                          f"method per component; re-export the file with one method")
     parts = {c: lora_part(mods) for c, mods in components.items()}
-    parts.update({c: lycoris.part(next(iter(methods[c])), mods, where) for c, mods in lycoris_modules.items()})
-    components.update({c: {p: (lowrank_down(t), None, float(t.get("alpha", 0)) or None) for p, t in mods.items()}
-                       for c, mods in lycoris_modules.items()})
+    stored = {c: {p: (int(d.shape[0]), alpha) for p, (d, _, alpha) in mods.items()} for c, mods in components.items()}
+    for c, mods in lycoris_modules.items():
+        parts[c], stored[c] = lycoris.part(next(iter(methods[c])), mods, where, c)
     hint = metadata.get("studio.base")
     if hint is None and metadata.get("ss_base_model_version", "").startswith("sdxl"):
         hint = "sdxl"
     if "te1" in parts and "te2" not in parts and hint != "sdxl" and "te" not in parts:
         if "unet" not in parts or guess_family({"unet": parts["unet"]}) != "sdxl":
             # an SD1.x file written with lora_te1_ (diffusers' convert_state_dict_to_kohya does that)
-            parts["te"], components["te"] = parts.pop("te1"), components.pop("te1")
+            parts["te"], stored["te"] = parts.pop("te1"), stored.pop("te1")
     family = guess_family(parts, hint)
     if family == "sdxl" and "te" in parts:
         if "te1" in parts:
             raise StudioError(f"{where} has both lora_te_ and lora_te1_ modules: re-export it with one prefix")
         parts["te1"] = parts.pop("te")  # ComfyUI reads lora_te_ as CLIP-L on SDXL; so do we
-        components["te1"] = components.pop("te")
-    ranks = {f"{c}.{p}": int(m[0].shape[0]) for c, mods in components.items() for p, m in mods.items()}
-    alphas = {f"{c}.{p}": m[2] or float(m[0].shape[0]) for c, mods in components.items() for p, m in mods.items()}
+        stored["te1"] = stored.pop("te")
+    ranks = {f"{c}.{p}": r for c, mods in stored.items() for p, (r, _) in mods.items() if r is not None}
+    alphas = {f"{c}.{p}": a if a is not None else float(r) for c, mods in stored.items() for p, (r, a) in mods.items()
+              if a is not None or r is not None}
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     source = {"format": "kohya", "unet_layout": (layouts or {"none"}).pop(), "ranks": ranks, "alphas": alphas,
               "dtypes": dtypes}

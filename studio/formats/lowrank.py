@@ -120,22 +120,28 @@ def _full(method, cfg, state: dict, W0: torch.Tensor | None, where: str) -> mix.
     if not method.TRAITS.mergeable:
         raise StudioError(f"module '{where}': a {method.NAME} adapter has no fixed weight delta, so it cannot become "
                           f"a plain LoRA: export it with --format native")
-    dW = method.delta_weight(cfg, state, W0.float()).detach()
+    dW = method.delta_weight(cfg, state, None if W0 is None else W0.float()).detach()  # (W0 only if needs_base)
     _finite(where, dW)
     return mix.dense(dW, rank=min(dW.shape))
 
 
-def bias_deltas(part: Part, model: nn.Module | None, component: str) -> dict[str, torch.Tensor]:
-    """{path: db} of methods that change a bias ((IA)^3 on a key / value projection with a bias)."""
+def bias_deltas(part: Part, model: nn.Module | None, component: str,
+                widths: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """{path: db} of methods that change a bias ((IA)^3 on a key / value projection with a bias, a full delta's
+    diff_b). Without the base, a method that needs none (full) is asked with a zero bias of the module's
+    ``widths`` (its bias delta is stored, not derived from the bias), so a lost bias still counts."""
     method = get(part.method)
-    if getattr(method, "delta_bias", None) is None or model is None:
+    if getattr(method, "delta_bias", None) is None or (model is None and (method.TRAITS.needs_base or widths is None)):
         return {}
     out = {}
     for path, _, cfg, state, _ in states(part, model, component):
-        module = model.get_submodule(resolve_path(model, path))
-        bias = getattr(module.base if isinstance(module, AdaptedLayer) else module, "bias", None)
+        if model is None:
+            bias = torch.zeros(widths[path])
+        else:
+            module = model.get_submodule(resolve_path(model, path))
+            bias = getattr(module.base if isinstance(module, AdaptedLayer) else module, "bias", None)
         db = method.delta_bias(cfg, state, bias.detach().float()) if bias is not None else None
-        if db is not None:
+        if db is not None and db.any():
             out[path] = db.detach()
     return out
 
@@ -190,7 +196,7 @@ def to_lowrank(part: Part, policy: Policy, model: nn.Module | None = None, compo
         for path, method, cfg, state, W0 in states(part, model, component):
             full = _full(method, cfg, state, W0, f"{component}.{path}")
             out[path] = truncate(full if isinstance(full, mix.LowRank) else sorted_full(*full), policy)
-        for path, db in bias_deltas(part, model, component).items():
+        for path, db in bias_deltas(part, model, component, {p: f.up.shape[0] for p, f in out.items()}).items():
             f, lost = out[path], float(db.double().square().sum())
             norm2 = f.norm ** 2 + lost
             out[path] = f._replace(error=math.sqrt(f.error ** 2 + lost), norm=math.sqrt(norm2),
@@ -294,10 +300,11 @@ def is_conv(component: str, path: str, family: str, model: nn.Module | None = No
     return kernel_of(component, path, family, model) is not None
 
 
-def stored_downs(parts: dict[str, Part]) -> dict[str, dict[str, torch.Tensor]]:
-    """{component: {path: stored 4-D down factor}} of parts that keep LoCon kernels (A of shape (r, in, kh, kw))."""
-    return {c: {p: t["A"] for p, t in part.modules().items() if t.get("A") is not None and t["A"].dim() == 4}
-            for c, part in parts.items()}
+def stored_kernels(parts: dict[str, Part]) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {path: a stored 4-D tensor}} of modules that keep a k x k kernel in their canonical tensors
+    (LoCon's A (r, in, kh, kw), a full delta (out, in, kh, kw)): its last two sizes are the kernel."""
+    return {c: {p: k for p, t in part.modules().items() for k in [next((v for v in t.values() if v.dim() == 4), None)]
+                if k is not None} for c, part in parts.items()}
 
 
 def as_kernel(down: torch.Tensor, up: torch.Tensor, kernel: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +317,7 @@ def as_kernel(down: torch.Tensor, up: torch.Tensor, kernel: tuple[int, int] | No
 def conv_kernels(packed: Packed, family: str, models: dict[str, nn.Module] | None = None,
                  parts: dict[str, Part] | None = None) -> Packed:
     """``packed`` with the factors of convolution modules in kohya's 4-D layout."""
-    models, stored = models or {}, stored_downs(parts or {})
+    models, stored = models or {}, stored_kernels(parts or {})
     modules = {c: {p: as_kernel(d, u, kernel_of(c, p, family, models.get(c), stored.get(c, {}).get(p)))
                    for p, (d, u) in mods.items()} for c, mods in packed.modules.items()}
     return packed._replace(modules=modules)
@@ -325,13 +332,23 @@ def lora_part(modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> P
                                  for p, (d, u, a) in modules.items()}, "the file")
 
 
-def uniform_part(method: str, entries: dict[str, tuple[dict, dict]], where: str) -> Part:
+def uniform_part(method: str, entries: dict[str, tuple[dict, dict]], where: str,
+                 kernels: dict[str, tuple[int, int] | None] | None = None) -> Part:
     """Modules {path: (config fields, tensors with A (r, in[, kh, kw]) and B (out, r))} -> one Part.
 
     A Part has one config. Ranks and alphas uniform over the Linear (and 1x1) modules and over the
     k x k convolutions keep the tensors as they are (``rank`` / ``alpha``, ``conv_rank`` / ``conv_alpha``,
     kohya's network_dim and conv_dim). Otherwise each module's scale is folded into B and ranks are
-    zero-padded to the largest, which is exact. Other fields (DoRA's axis) must agree."""
+    zero-padded to the largest, which is exact. Other fields (DoRA's axis) must agree.
+
+    A method whose shapes follow other rules (LoHa, LoKr) gives its own ``uniform(entries, kernels, where)
+    -> (config, {path.tensor: tensor})``, told each module's kernel (``kernels``; None: not a conv or
+    unknown); a method without a rank keeps its tensors as they are."""
+    hook = getattr(get(method), "uniform", None)
+    if hook is not None:
+        config, tensors = hook(entries, kernels or {}, where)
+        return Part(method, config, tensors)
+
     def key(fields):
         return int(fields["rank"]), float(fields["alpha"])
 
@@ -340,6 +357,8 @@ def uniform_part(method: str, entries: dict[str, tuple[dict, dict]], where: str)
         raise StudioError(f"{where}: its {method} modules disagree on {sorted(others)}: the studio keeps one setting "
                           f"per component; re-export the file with one setting")
     common = dict(others.pop()) if others else {}
+    if not get(method).TRAITS.has_rank:  # ((IA)^3, full: nothing per module to reconcile)
+        return Part(method, common, {f"{p}.{k}": v.float() for p, (_, t) in entries.items() for k, v in t.items()})
     conv = {p for p, (_, t) in entries.items() if t["A"].dim() == 4}
     groups = [{key(f) for p, (f, _) in entries.items() if (p in conv) == is_conv_group} for is_conv_group in (False, True)]
     tensors = {}

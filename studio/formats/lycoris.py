@@ -2,13 +2,20 @@
 
 A method that LyCORIS also implements declares, in its own module,
 
-    LYCORIS_MARKER                 the key suffix that identifies it in a file (DoRA: ``dora_scale``)
+    LYCORIS_MARKER                 the key suffix(es) that identify it in a file (DoRA: ``dora_scale``;
+                                   LoHa: any ``hada_*``); a module carrying them is handed whole to
+    from_lycoris(stored, where)    (config fields, canonical tensors) of one module: it checks its own
+                                   keys (missing factors, foreign keys, Tucker cores); ``fields["kernel"]``
+                                   may tell the kernel the stored tensors show (not a config field)
     to_lycoris(cfg, state)         {LyCORIS key suffix: tensor} of one module, canonical shapes
-    from_lycoris(stored, where)    (config fields, canonical tensors) of one module
+    LYCORIS_CONV                   {key: "kernel" | "1x1"}: how a 2-D tensor of that key is stored on a
+                                   convolution (reshaped to the kernel, or given 1x1 dims); others stay
+    LYCORIS_ARGS                   the kohya ``ss_network_args`` a file of it carries
+    uniform(entries, kernels, where)   optional: one component's modules as one config (ranks, factors)
 
-and this module does the rest: kohya names, the 4-D layout of convolutions (down (r, in, kh, kw),
-up (out, r, 1, 1), per-channel vectors (c, 1, 1, 1)), the file dtype, and turning one file's
-modules into one Part (``lowrank.uniform_part``). reference/lycoris.md has the layouts.
+and this module does the rest: kohya names, the 4-D layout of convolutions, the file dtype, and
+turning one file's modules into one Part (``lowrank.uniform_part``, with each module's kernel as
+the tensors show it or, for the UNet, as its names tell). reference/lycoris.md has the layouts.
 """
 
 from __future__ import annotations
@@ -19,13 +26,17 @@ import torch.nn as nn
 from studio.adapters.registry import METHODS, get, make_config
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, Part
-from studio.formats.lowrank import DTYPES, kernel_of, stored_downs, uniform_part
+from studio.formats.lowrank import DTYPES, kernel_of, stored_kernels, uniform_part
 from studio.formats.names import kohya_name
 
 
 def markers() -> dict[str, str]:
     """{key suffix: method} of every registered method with a LyCORIS layout."""
-    return {m.LYCORIS_MARKER: name for name, m in METHODS.items() if hasattr(m, "LYCORIS_MARKER")}
+    out = {}
+    for name, m in METHODS.items():
+        marker = getattr(m, "LYCORIS_MARKER", ())
+        out.update(dict.fromkeys((marker,) if isinstance(marker, str) else marker, name))
+    return out
 
 
 def writes(af: AdapterFile) -> bool:
@@ -33,25 +44,23 @@ def writes(af: AdapterFile) -> bool:
     return all(hasattr(get(p.method), "to_lycoris") for p in af.parts.values())
 
 
-def _conv_layout(key: str, t: torch.Tensor, kernel: tuple[int, int] | None) -> torch.Tensor:
-    if kernel is None or key == "alpha":
+def _conv_layout(rule: str | None, t: torch.Tensor, kernel: tuple[int, int] | None) -> torch.Tensor:
+    if kernel is None or t.dim() != 2 or rule is None:
         return t
-    if key.endswith("down.weight") and t.dim() == 2:
-        return t.reshape(t.shape[0], -1, *kernel)     # (r, in, kh, kw)
-    if t.dim() == 2:
-        return t[:, :, None, None]                    # up (out, r, 1, 1), dora_scale (out, 1, 1, 1)
-    return t
+    if rule == "kernel":
+        return t.reshape(t.shape[0], -1, *kernel)     # (r, in, kh, kw), a full delta (out, in, kh, kw), ...
+    return t[:, :, None, None]                        # "1x1": up (out, r, 1, 1), dora_scale (out, 1, 1, 1)
 
 
 def to_tensors(af: AdapterFile, dtype: str, layout: str, models: dict[str, nn.Module] | None = None) -> dict:
-    models, stored, out = models or {}, stored_downs(af.parts), {}
+    models, stored, out = models or {}, stored_kernels(af.parts), {}
     for component, part in af.parts.items():
         method, cfg = get(part.method), make_config(part.method, part.config)
         for path, tensors in part.modules().items():
             kernel = kernel_of(component, path, af.base, models.get(component), stored[component].get(path))
             name = kohya_name(component, path, layout)
             for key, t in method.to_lycoris(cfg, tensors).items():
-                value = _conv_layout(key, t.float(), kernel).to(DTYPES[dtype])
+                value = _conv_layout(method.LYCORIS_CONV.get(key), t.float(), kernel).to(DTYPES[dtype])
                 if not torch.isfinite(value).all():
                     raise StudioError(f"module '{component}.{path}' does not fit {dtype} (or has NaN values): export "
                                       f"with --dtype fp32")
@@ -59,7 +68,16 @@ def to_tensors(af: AdapterFile, dtype: str, layout: str, models: dict[str, nn.Mo
     return out
 
 
-def part(method: str, modules: dict[str, dict[str, torch.Tensor]], where: str) -> Part:
-    """One component's modules {path: {suffix: tensor}} of ``method`` as one Part."""
-    entries = {path: get(method).from_lycoris(stored, f"{where}: module '{path}'") for path, stored in modules.items()}
-    return uniform_part(method, entries, where)
+def part(method: str, modules: dict[str, dict[str, torch.Tensor]], where: str, component: str
+         ) -> tuple[Part, dict[str, tuple[int | None, float | None]]]:
+    """One component's modules {path: {suffix: tensor}} of ``method`` as one Part, and each module's
+    (rank, alpha) as stored (None where it has none) for ``inspect``."""
+    entries, kernels, stored = {}, {}, {}
+    for path, tensors in modules.items():
+        fields, canonical = get(method).from_lycoris(tensors, f"{where}: module '{path}'")
+        fields = dict(fields)
+        seen = fields.pop("kernel", None)
+        kernels[path] = seen if seen is not None else kernel_of(component, path, "sd-custom")
+        stored[path] = (fields.get("rank"), fields.get("alpha"))
+        entries[path] = (fields, canonical)
+    return uniform_part(method, entries, where, kernels), stored

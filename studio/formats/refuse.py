@@ -1,8 +1,12 @@
 """Adapter algorithms we do not import, recognised by their tensor names and refused by name.
 
-A LoHa, LoKr or DoRA file loaded as if it were a plain LoRA would silently do the wrong thing
+A GLoRA, OFT or (IA)^3 file loaded as if it were a plain LoRA would silently do the wrong thing
 (diffusers, for one, drops ``dora_scale`` with a warning), so every reader calls ``refuse_unsupported``
 before looking at anything else, and raises on any key it did not consume (``refuse_leftovers``).
+
+LyCORIS's LoHa (``hada_*``), LoKr (``lokr_*``), full (``diff``) and DoRA (``dora_scale``) modules are
+read by their methods' own hooks in kohya-named files (``formats.lycoris``; the kohya reader passes
+their markers as ``allowed``); elsewhere (other key layouts) they are refused saying so.
 
 Convolution LoRAs (``(r, in, kh, kw)`` / ``(out, r, 1, 1)``: SD1.5's 1x1 ``proj_in`` / ``proj_out``,
 kohya's ``conv_dim`` LoCon on 3x3 convs) import; other factor shapes are refused as damaged.
@@ -14,9 +18,6 @@ from studio.errors import StudioError
 
 # (marker in a key, algorithm name, why it cannot become a plain LoRA)
 UNSUPPORTED = [
-    ("hada_w", "LyCORIS LoHa", "its delta is a Hadamard product of two low-rank terms"),
-    ("hada_t", "LyCORIS LoHa", "its delta is a Hadamard product of two low-rank terms"),
-    ("lokr_", "LyCORIS LoKr", "its delta is a Kronecker product"),
     ("dora_scale", "DoRA", "its magnitude vectors rescale the weight and cannot be dropped"),
     ("lora_magnitude_vector", "DoRA (PEFT)", "its magnitude vectors rescale the weight and cannot be dropped"),
     ("lora_mid", "LyCORIS LoCon with a Tucker core (lora_mid)", "its convolution core has no Linear equivalent"),
@@ -26,8 +27,10 @@ UNSUPPORTED = [
     (".w_norm", "LyCORIS norm", "it adapts normalisation layers"),
     (".b_norm", "LyCORIS norm", "it adapts normalisation layers"),
 ]
-_ENDINGS = [(".diff", "LyCORIS full (diff)"), (".diff_b", "LyCORIS full (diff)"),
-            (".a1.weight", "GLoRA"), (".b1.weight", "GLoRA")]
+_ENDINGS = [(".a1.weight", "GLoRA"), (".b1.weight", "GLoRA")]
+# read in kohya names only: (marker, whether it ends the key, algorithm name, the suffix family it is read by)
+KOHYA_ONLY = [(".hada_", False, "LyCORIS LoHa", "hada_"), (".lokr_", False, "LyCORIS LoKr", "lokr_"),
+              (".diff", True, "LyCORIS full (diff)", "diff"), (".diff_b", True, "LyCORIS full (diff)", "diff")]
 
 
 def refuse_unsupported(keys, where: str, allowed: tuple[str, ...] = ()) -> None:
@@ -45,6 +48,13 @@ def refuse_unsupported(keys, where: str, allowed: tuple[str, ...] = ()) -> None:
                 raise StudioError(
                     f"{where} is a {name} file (key '{key}'): {name} is not supported; the studio imports "
                     f"plain LoRA files (lora_down/lora_up or lora_A/lora_B): convert or retrain it as a plain LoRA")
+        for marker, at_end, name, family in KOHYA_ONLY:
+            found = key.endswith(marker) if at_end else marker in key
+            if found and not any(a.startswith(family) for a in allowed):
+                raise StudioError(
+                    f"{where} is a {name} file in a key layout the studio does not read for it (key '{key}'): "
+                    f"{name} modules are read from kohya-named files (lora_unet_ / lora_te_ prefixes, as "
+                    f"LyCORIS's kohya wrapper writes them): rename the keys, or convert the file with LyCORIS")
 
 
 def refuse_leftovers(leftovers: list[str], where: str, reader: str) -> None:
