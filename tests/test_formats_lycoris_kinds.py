@@ -114,6 +114,42 @@ def test_what_lycoris_applies_equals_what_the_studio_applies(sd, tmp_path, case)
     _close(_te(ours["te"]), _te(ly["te"]))
 
 
+@pytest.mark.parametrize("algo", ["loha", "lokr", "full"])
+def test_sdxl_layout_files_apply_as_lycoris_applies_them(tmp_path, algo):
+    """The tiny SDXL-layout UNet (text_time conditioning, Linear proj_in / proj_out) and two text encoders
+    (lora_te1_ / lora_te2_)."""
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    from builders import tiny_sdxl_text_encoders, tiny_sdxl_unet
+    torch.manual_seed(0)
+    te1, te2 = tiny_sdxl_text_encoders()
+    base = {"unet": tiny_sdxl_unet().eval(), "te1": te1.eval(), "te2": te2.eval()}
+    ly, ours = copy.deepcopy(base), copy.deepcopy(base)
+    net = lycoris_kohya.create_network(1.0, 2, 1, None, [ly["te1"], ly["te2"]], ly["unet"], algo=algo,
+                                       preset=str(PRESET))
+    net.apply_to([ly["te1"], ly["te2"]], ly["unet"], apply_text_encoder=True, apply_unet=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    net.save_weights(str(tmp_path / "xl.safetensors"), torch.float32, {})
+    af = F.read(tmp_path / "xl.safetensors")
+    assert af.base == "sdxl" and set(af.parts) == {"unet", "te1", "te2"}
+    assert {p.method for p in af.parts.values()} == {algo}
+    F.attach_file(af, ours, "ly")
+
+    def unet(model):
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            return model(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
+                         encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                         added_cond_kwargs={"text_embeds": torch.randn(2, 16, generator=g),
+                                            "time_ids": torch.randn(2, 6, generator=g)}).sample
+
+    _close(unet(ours["unet"]), unet(ly["unet"]))
+    for te in ("te1", "te2"):
+        _close(_te(ours[te]), _te(ly[te]))
+
+
 def _trained(sd, method, fields, seed=1):
     models = copy.deepcopy(sd)
     cfg = A.make_config(method, fields)
