@@ -293,6 +293,40 @@ def test_forward_equals_the_merged_weight(layer, method, fields):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("method,fields", [("loha", {"rank": 3}), ("loha", {"rank": 6}), ("lokr", {"rank": 2}),
+                                           ("lokr", {"rank": 2, "decompose_both": True}), ("lokr", {"rank": 8})])
+def test_the_structured_svd_is_the_delta(method, fields):
+    """LoHa's and LoKr's plain-LoRA exports take dW's SVD from their factors (no (out, in) SVD): it must be one."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 3))
+    A.attach(model, "a", method, A.make_config(method, fields), ["0"])
+    adapter = model[0].adapters["a"]
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    U, g, Vh = adapter.method.svd(adapter.cfg, adapter.state())
+    dW = adapter.delta_weight(model[0].pristine_weight)
+    torch.testing.assert_close(U @ torch.diag(g) @ Vh, dW, atol=1e-5, rtol=1e-4)
+    eye = torch.eye(g.numel())
+    torch.testing.assert_close(U.T @ U, eye, atol=1e-4, rtol=0)
+    torch.testing.assert_close(Vh @ Vh.T, eye, atol=1e-4, rtol=0)
+
+
+def test_lycoris_kinds_bake_with_a_lora_into_one_plain_lora(sd, tmp_path):
+    files = []
+    for i, (method, fields) in enumerate([("loha", {"rank": 2}), ("lokr", {"rank": 2}), ("lora", {"rank": 2})]):
+        models = _trained(sd, method, fields, seed=i)
+        files.append((F.from_models(models, "a"), [0.5, 0.8, -0.3][i], None, models))
+    baked, summary = F.bake([(af, w, tw) for af, w, tw, _ in files])
+    assert summary["energy"] == pytest.approx(1.0) and {p.method for p in baked.parts.values()} == {"lora"}
+    mixed = copy.deepcopy(sd)
+    for j, (af, w, _, _) in enumerate(files):
+        F.attach_file(af, mixed, f"m{j}", weight=w)
+    one = copy.deepcopy(sd)
+    F.attach_file(baked, one, "baked")
+    _close(_unet(one["unet"]), _unet(mixed["unet"]))
+    _close(_te(one["te"]), _te(mixed["te"]))
+
+
 def test_lokr_shapes_follow_lycoris_factorization():
     from studio.adapters.contract import Site
     cfg = lokr.Config(rank=8)

@@ -25,7 +25,8 @@ delta is formed densely.
 
 Forward: dW has rank <= r^2, dW = U V with U[:, p r + q] = w1_a[:, p] * w2_a[:, q] (out, r^2) and
 V[p r + q] = w1_b[p] * w2_b[q] (r^2, in) (the Khatri-Rao products), so when r^2 (out + in) < out * in
-the layer runs x through V then U (a LoCon pair of rank r^2) instead of forming dW.
+the layer runs x through V then U (a LoCon pair of rank r^2) instead of forming dW. The same pair
+gives the exact SVD for a plain-LoRA export (``svd``) from a QR of each factor: exact at rank r^2.
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ def khatri_rao(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     U = (w1_a[:, :, None] * w2_a[:, None, :]).flatten(1)        # (out, r * r)
     V = (w1_b[:, None, :] * w2_b[None, :, :]).flatten(0, 1)     # (r * r, in)
     return V, U
+
+
+def svd(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dW's exact SVD through its rank-r^2 factors (QR of each, then an SVD of the small core), so a plain-LoRA
+    export never takes the SVD of an (out, in) matrix: U (out, k), singular values (k,), Vh (k, in)."""
+    V, U = khatri_rao(state)
+    Qu, Ru = torch.linalg.qr(U * scale(state))                     # (out, k), (k, r^2)
+    Qv, Rv = torch.linalg.qr(V.T)                                  # (in, k'), (k', r^2)
+    Uc, S, Vhc = torch.linalg.svd(Ru @ Rv.T, full_matrices=False)
+    return Qu @ Uc, S, Vhc @ Qv.T
 
 
 def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float, training: bool) -> torch.Tensor:

@@ -27,7 +27,8 @@ with the scale kept, so the delta is the file's. A Tucker W2 (``lokr_t2`` (r, r,
 ``lokr_w2_a`` (r, b), ``lokr_w2_b`` (r, d)) is folded into the flat (b, r) / (r, d K) pair exactly.
 
 Forward on Linear / Conv1D layers: kron(W1, W2) x = vec(W1 X W2^T) with X the input as (c, d), two
-small matmuls instead of forming the (out, in) delta; convolutions run x @ dW.T.
+small matmuls instead of forming the (out, in) delta; convolutions run x @ dW.T. A plain-LoRA export
+takes dW's SVD from the two halves' small SVDs (``svd``): exact at rank rank(W1) rank(W2).
 """
 
 from __future__ import annotations
@@ -158,6 +159,14 @@ def scale(state: dict) -> torch.Tensor | float:
 def delta_weight(cfg: Config, state: dict, W0: torch.Tensor | None) -> torch.Tensor:
     W1, W2 = _half(state["w1"], state["w1_b"]), _half(state["w2"], state["w2_b"])
     return torch.kron(W1 * scale(state), W2)                                        # (a b, c d K) = (out, in)
+
+
+def svd(cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dW's exact SVD from the halves' own: kron(U1 S1 Vh1, U2 S2 Vh2) = kron(U1, U2) kron(S1, S2) kron(Vh1, Vh2)
+    (orthonormal, singular values unsorted), so a plain-LoRA export never takes the SVD of an (out, in) matrix."""
+    U1, S1, Vh1 = torch.linalg.svd(_half(state["w1"], state["w1_b"]), full_matrices=False)   # (a, k1) (k1,) (k1, c)
+    U2, S2, Vh2 = torch.linalg.svd(_half(state["w2"], state["w2_b"]), full_matrices=False)   # (b, k2) (k2,) (k2, d K)
+    return torch.kron(U1, U2), torch.kron(S1, S2) * scale(state), torch.kron(Vh1, Vh2)
 
 
 def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float, training: bool) -> torch.Tensor:

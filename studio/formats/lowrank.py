@@ -106,13 +106,16 @@ def _finite(where: str, *tensors: torch.Tensor) -> None:
                           f"with a lower learning rate or use an earlier checkpoint")
 
 
-def _full(method, cfg, state: dict, W0: torch.Tensor | None, where: str) -> mix.LowRank | tuple:
-    """The exact delta: (down, up) of a low-rank method, else its sorted full-rank SVD (mix.LowRank)."""
+def _full(method, cfg, state: dict, W0: torch.Tensor | None, where: str, policy: Policy | None = None
+          ) -> mix.LowRank | tuple:
+    """The exact delta: (down, up) of a low-rank method, else its sorted full-rank SVD (mix.LowRank). A method's
+    own SVD (SVF, LoHa, LoKr) is gathered only as far as ``policy`` keeps (all singular values still reported)."""
     hook = getattr(method, "svd", None)
     if hook is not None:
         U, g, Vh = hook(cfg, state)
         _finite(where, g)
-        return mix.compress_svd(U, g, Vh, rank=g.numel())
+        k = g.numel() if policy is None else keep(g.abs().sort(descending=True).values, policy)
+        return mix.compress_svd(U, g, Vh, rank=k)
     if method.TRAITS.kind == "low-rank":
         down, up = method.factors(cfg, state)
         _finite(where, down, up)
@@ -194,7 +197,7 @@ def to_lowrank(part: Part, policy: Policy, model: nn.Module | None = None, compo
     with one_thread():
         out = {}
         for path, method, cfg, state, W0 in states(part, model, component):
-            full = _full(method, cfg, state, W0, f"{component}.{path}")
+            full = _full(method, cfg, state, W0, f"{component}.{path}", policy)
             out[path] = truncate(full if isinstance(full, mix.LowRank) else sorted_full(*full), policy)
         for path, db in bias_deltas(part, model, component, {p: f.up.shape[0] for p, f in out.items()}).items():
             f, lost = out[path], float(db.double().square().sum())
