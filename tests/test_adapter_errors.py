@@ -12,8 +12,8 @@ def _mlp():
 
 
 def test_unknown_method():
-    with pytest.raises(A.StudioError, match="unknown adapter method 'loha'.*lora, pissa, milora, svf, dora, ia3"):
-        A.attach(_mlp(), "a", "loha", targets="0")
+    with pytest.raises(A.StudioError, match="unknown adapter method 'glora'.*lora, pissa, milora, svf, dora, ia3"):
+        A.attach(_mlp(), "a", "glora", targets="0")
 
 
 @pytest.mark.parametrize("method", ["lora", "pissa", "milora"])
