@@ -131,7 +131,7 @@ def test_studio_dora_exports_lycoris_layout_and_reloads_exactly(sd, tmp_path):
 def test_what_lycoris_applies_equals_what_the_studio_applies(sd, tmp_path):
     """A DoRA (LoCon + dora_wd) network built by lycoris-lora itself on an SD-layout UNet and CLIP,
     its parameters moved off their init, saved by LyCORIS and loaded by the studio: same outputs."""
-    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    import lycoris.kohya as lycoris_kohya  # a test dependency: never skipped
     ly_models = copy.deepcopy(sd)
     ours = copy.deepcopy(sd)
     net = lycoris_kohya.create_network(1.0, 4, 8, None, ly_models["te"], ly_models["unet"], algo="lora", dora_wd=True,

@@ -74,7 +74,7 @@ def _close(got, want, rel=1e-4):
 
 def _lycoris_network(sd, tmp_path, case):
     """A LyCORIS network of ``case`` on copies of the models, moved off its init and saved by LyCORIS."""
-    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    import lycoris.kohya as lycoris_kohya  # a test dependency: never skipped
     algo, args, key = NETWORKS[case]
     args = dict(args)
     models = copy.deepcopy(sd)
@@ -118,7 +118,7 @@ def test_what_lycoris_applies_equals_what_the_studio_applies(sd, tmp_path, case)
 def test_sdxl_layout_files_apply_as_lycoris_applies_them(tmp_path, algo):
     """The tiny SDXL-layout UNet (text_time conditioning, Linear proj_in / proj_out) and two text encoders
     (lora_te1_ / lora_te2_)."""
-    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    import lycoris.kohya as lycoris_kohya  # a test dependency: never skipped
     from builders import tiny_sdxl_text_encoders, tiny_sdxl_unet
     torch.manual_seed(0)
     te1, te2 = tiny_sdxl_text_encoders()
@@ -211,7 +211,7 @@ def test_studio_adapters_export_lycoris_layout_reimport_exactly_and_load_in_lyco
     F.attach_file(F.read(tmp_path / "n.safetensors"), native, "n")
     assert torch.equal(_unet(native["unet"]), want_unet)
     # and LyCORIS's own loader applies it to the same outputs
-    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    import lycoris.kohya as lycoris_kohya  # a test dependency: never skipped
     from lycoris.utils.preset import read_preset
     lycoris_kohya.LycorisNetworkKohya.apply_preset(read_preset(str(PRESET)))  # (its loader builds a network first)
     # our TE names are kohya's (lora_te_text_model_encoder_...); LyCORIS names the live model's modules,
@@ -333,7 +333,6 @@ def test_lokr_shapes_follow_lycoris_factorization():
     shapes = lokr.expected_shapes(cfg, Site("x", 320, 768))                  # reference/lycoris.md 3's example
     assert shapes == {"w1": (16, 24), "w1_b": (0, 24), "w2": (20, 8), "w2_b": (8, 32), "alpha": ()}
     assert lokr.expected_shapes(lokr.Config(rank=8, factor=8), Site("x", 768, 768))["w1"] == (8, 8)
-    pytest.importorskip("lycoris")
     from lycoris.functional.general import factorization
     for size in list(range(1, 200)) + [320, 640, 768, 1280, 2304, 2560, 3072, 5120, 10240]:
         for factor in (-1, 1, 2, 4, 7, 8, 16):
