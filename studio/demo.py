@@ -74,9 +74,7 @@ def _fit(unet, teacher, method: str, steps: int, seed: int) -> tuple[float, floa
 
 
 def run_demo(method: str = "all", steps: int = 60, seed: int = 0) -> int:
-    methods = list(registry.METHODS) if method == "all" else [method]
-    if any(m not in registry.METHODS for m in methods):
-        raise StudioError(f"unknown method {method!r}: choose all or one of {', '.join(registry.METHODS)}")
+    methods = registry.select(method)
     if steps <= 0:
         raise StudioError(f"--steps must be positive, got {steps}")
     teacher, unet = _teacher(seed), _unet(seed)

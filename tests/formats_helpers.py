@@ -58,3 +58,19 @@ def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             path = path[:-len(".base_layer")] if path.endswith(".base_layer") else path
             out[canonical_te_path(path)] = module.weight.detach().flatten(1).clone()
     return out
+
+
+def tiny_sd() -> dict:
+    """The tiny SD1.5-layout UNet and CLIP in eval mode, seeded (the LyCORIS-kind tests' base)."""
+    from builders import tiny_clip, tiny_unet
+
+    torch.manual_seed(0)
+    return {"unet": tiny_unet().eval(), "te": tiny_clip().eval()}
+
+
+def unet_sample(unet) -> torch.Tensor:
+    """The UNet's output on one fixed batch (two timesteps, a 5-token context)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        return unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
+                    encoder_hidden_states=torch.randn(2, 5, 32, generator=g)).sample

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import studio.adapters as A
 import studio.formats as F
-from builders import tiny_clip, tiny_unet
+from formats_helpers import tiny_sd, unet_sample
 
 PRESET = Path(__file__).parent / "data" / "lycoris_preset.toml"
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"   # Linear 32 -> 32
@@ -27,15 +27,10 @@ CONV1 = "down_blocks.0.resnets.0.conv1"                             # 3x3, 32 ->
 
 @pytest.fixture(scope="module")
 def sd():
-    torch.manual_seed(0)
-    return {"unet": tiny_unet().eval(), "te": tiny_clip().eval()}
+    return tiny_sd()
 
 
-def _run(unet):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        return unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
-                    encoder_hidden_states=torch.randn(2, 5, 32, generator=g)).sample
+_run = unet_sample
 
 
 def _hand_file(tmp_path, module, W0, axis="out", scale=None, rank=4, alpha=2.0):

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import studio.adapters as A
 import studio.formats as F
-from builders import tiny_clip, tiny_unet
+from formats_helpers import tiny_sd
 
 CONV1 = "down_blocks.0.resnets.0.conv1"          # 32 -> 32, 3x3, padding 1
 DOWNSAMPLER = "down_blocks.0.downsamplers.0.conv"  # 32 -> 32, 3x3, stride 2
@@ -21,8 +21,7 @@ DOWNSAMPLER = "down_blocks.0.downsamplers.0.conv"  # 32 -> 32, 3x3, stride 2
 
 @pytest.fixture(scope="module")
 def sd():
-    torch.manual_seed(0)
-    return {"unet": tiny_unet().eval(), "te": tiny_clip().eval()}
+    return tiny_sd()
 
 
 def _fresh(sd):

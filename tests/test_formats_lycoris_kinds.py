@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import studio.adapters as A
 import studio.formats as F
-from builders import tiny_clip, tiny_unet
+from formats_helpers import tiny_sd, unet_sample
 from studio.adapters import lokr
 from studio.errors import StudioError
 
@@ -50,15 +50,10 @@ NETWORKS = {
 
 @pytest.fixture(scope="module")
 def sd():
-    torch.manual_seed(0)
-    return {"unet": tiny_unet().eval(), "te": tiny_clip().eval()}
+    return tiny_sd()
 
 
-def _unet(unet):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        return unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
-                    encoder_hidden_states=torch.randn(2, 5, 32, generator=g)).sample
+_unet = unet_sample
 
 
 def _te(te):

@@ -8,20 +8,13 @@ import pytest
 import studio.adapters as A
 from lm_helpers import pirate_jsonl, tiny_gpt2_lm, tiny_lm, tiny_lm_folder  # noqa: F401  (fixtures)
 from studio import formats
+from cli_helpers import one_error_line
 from studio.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _error(capsys, argv):
-    """Exit code 2, exactly one `error:` line, the last thing printed, and no traceback."""
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error: ")]
-    assert code == 2 and len(errors) == 1 and err[-1] == errors[0], err
-    assert not any("Traceback" in line for line in err)
-    return errors[0]
+_error = one_error_line
 
 
 def _train(data, base, out):

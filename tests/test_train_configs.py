@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from studio.adapters import registry
+from cli_helpers import one_error_line
 from studio.cli import build_parser, main
 from studio.config import build, read_toml, to_toml
 from trainers import commands
@@ -23,15 +24,7 @@ CONFIGS = sorted((ROOT / "sample_data" / "configs").glob("*.toml"))
 STRIPES = "sample_data/styles/stripes"
 
 
-def _error(capsys, argv):
-    """Exit code 2, exactly one `error:` line, the last thing printed, and no traceback."""
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error: ")]
-    assert code == 2 and len(errors) == 1 and err[-1] == errors[0], err
-    assert not any("Traceback" in line for line in err)
-    return errors[0]
+_error = one_error_line
 
 
 def _config(*argv):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import one_error_line
 from studio.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,16 +83,7 @@ def test_resume_after_sigkill_is_bit_identical(data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _error(capsys, argv):
-    """Exit code 2, no traceback, exactly one `error:` line, and it is the last thing printed
-    (a failure during training follows the progress bar, which is not part of the error)."""
-    capsys.readouterr()  # forget what earlier commands printed
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error: ")]
-    assert code == 2 and len(errors) == 1 and err[-1] == errors[0], err
-    assert not any("Traceback" in line for line in err)
-    return errors[0]
+_error = one_error_line
 
 
 def test_bad_input_gives_one_error_line(data, tmp_path, capsys):

@@ -39,6 +39,13 @@ def get(method: str) -> ModuleType:
     return METHODS[method]
 
 
+def select(choice: str) -> list[str]:
+    """The methods a command asked for: 'all', or one registered name (else the registry's error)."""
+    if choice != "all" and choice not in METHODS:
+        raise StudioError(f"unknown method {choice!r}: choose all or one of {', '.join(METHODS)}")
+    return list(METHODS) if choice == "all" else [choice]
+
+
 def option_names(method: str) -> list[str]:
     return [f.name for f in dataclasses.fields(get(method).Config)]
 
