@@ -96,8 +96,8 @@ def states(part: Part, model: nn.Module | None, component: str):
             f"trained on), or export --format native")
     for path, tensors in part.modules().items():
         W0 = base_weight(model, path) if method.TRAITS.needs_base else None
-        site = _site(model, path)._replace(path=path)
-        yield path, method, cfg, method.from_saved(cfg, W0, tensors, site._replace(path=f"{component}.{path}")), W0
+        site = _site(model, path)._replace(path=f"{component}.{path}")  # errors name the component too
+        yield path, method, cfg, method.from_saved(cfg, W0, tensors, site), W0
 
 
 def _finite(where: str, *tensors: torch.Tensor) -> None:
@@ -128,25 +128,19 @@ def _full(method, cfg, state: dict, W0: torch.Tensor | None, where: str, policy:
     return mix.dense(dW, rank=min(dW.shape))
 
 
-def bias_deltas(part: Part, model: nn.Module | None, component: str,
-                widths: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """{path: db} of methods that change a bias ((IA)^3 on a key / value projection with a bias, a full delta's
-    diff_b). Without the base, a method that needs none (full) is asked with a zero bias of the module's
-    ``widths`` (its bias delta is stored, not derived from the bias), so a lost bias still counts."""
-    method = get(part.method)
-    if getattr(method, "delta_bias", None) is None or (model is None and (method.TRAITS.needs_base or widths is None)):
-        return {}
-    out = {}
-    for path, _, cfg, state, _ in states(part, model, component):
-        if model is None:
-            bias = torch.zeros(widths[path])
-        else:
-            module = model.get_submodule(resolve_path(model, path))
-            bias = getattr(module.base if isinstance(module, AdaptedLayer) else module, "bias", None)
-        db = method.delta_bias(cfg, state, bias.detach().float()) if bias is not None else None
-        if db is not None and db.any():
-            out[path] = db.detach()
-    return out
+def _bias_delta(method, cfg, state: dict, model: nn.Module | None, path: str, width: int) -> torch.Tensor | None:
+    """db of a method that changes a bias ((IA)^3 on a key / value projection with a bias, a full delta's
+    diff_b), or None. Without the base, a method that needs none (full) is asked with a zero bias of the
+    module's width (its bias delta is stored, not derived from the bias), so a lost bias still counts."""
+    if getattr(method, "delta_bias", None) is None or (model is None and method.TRAITS.needs_base):
+        return None
+    if model is None:
+        bias = torch.zeros(width)
+    else:
+        module = model.get_submodule(resolve_path(model, path))
+        bias = getattr(module.base if isinstance(module, AdaptedLayer) else module, "bias", None)
+    db = method.delta_bias(cfg, state, bias.detach().float()) if bias is not None else None
+    return db.detach() if db is not None and db.any() else None
 
 
 def exact_factors(part: Part, model: nn.Module | None = None, component: str = "") -> dict[str, tuple]:
@@ -198,12 +192,14 @@ def to_lowrank(part: Part, policy: Policy, model: nn.Module | None = None, compo
         out = {}
         for path, method, cfg, state, W0 in states(part, model, component):
             full = _full(method, cfg, state, W0, f"{component}.{path}", policy)
-            out[path] = truncate(full if isinstance(full, mix.LowRank) else sorted_full(*full), policy)
-        for path, db in bias_deltas(part, model, component, {p: f.up.shape[0] for p, f in out.items()}).items():
-            f, lost = out[path], float(db.double().square().sum())
-            norm2 = f.norm ** 2 + lost
-            out[path] = f._replace(error=math.sqrt(f.error ** 2 + lost), norm=math.sqrt(norm2),
-                                   energy=1.0 if norm2 == 0 else 1.0 - (f.error ** 2 + lost) / norm2)
+            f = truncate(full if isinstance(full, mix.LowRank) else sorted_full(*full), policy)
+            db = _bias_delta(method, cfg, state, model, path, f.up.shape[0])
+            if db is not None:
+                lost = float(db.double().square().sum())
+                norm2 = f.norm ** 2 + lost
+                f = f._replace(error=math.sqrt(f.error ** 2 + lost), norm=math.sqrt(norm2),
+                               energy=1.0 if norm2 == 0 else 1.0 - (f.error ** 2 + lost) / norm2)
+            out[path] = f
         return out
 
 
