@@ -146,3 +146,14 @@ def test_what_lycoris_applies_equals_what_the_studio_applies(sd, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours["te"](input_ids=ids).last_hidden_state,
                                    ly_models["te"](input_ids=ids).last_hidden_state, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [torch.ones(3, 2), -torch.ones(32, 1)])
+def test_bad_dora_files_are_one_error_line_in_the_cli(sd, tmp_path, capsys, scale):
+    from cli_helpers import one_error_line
+
+    path, _ = _hand_file(tmp_path, Q, sd["unet"].get_submodule(Q).weight.detach(), scale=scale)
+    out = tmp_path / "out.safetensors"
+    line = one_error_line(capsys, ["export", str(path), "--format", "kohya", "-o", str(out)])
+    assert Q in line and not out.exists()
+    assert "dora_scale" in one_error_line(capsys, ["inspect", str(path)])
