@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import studio.adapters as A
 from studio import formats
-from studio.adapters import registry
+from studio.adapters import registry, training
 from studio.config import to_toml
 from studio.errors import StudioError
 from studio.formats.export import default_energy
@@ -86,6 +86,8 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
             A.attach(te, name, cfg.method, method_cfg, "te-attn")
             groups.append((A.trainable_parameters(te, name), cfg.lr_te))
     optimizer = loop.make_optimizer(groups)
+    trained_models = ([unet] if cfg.train_unet else []) + (list(base.text_encoders) if cfg.train_te else [])
+    hooked = training.has_hooks(trained_models, name)  # methods with an aux loss / after-step hook
 
     # 3. the schedule of global batches, and the total number of steps
     per_step = cfg.batch_size * world * cfg.grad_accum
@@ -185,7 +187,9 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
             snr = alphas / (1 - alphas)
             clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
             per_sample = per_sample * (clipped / snr if prediction == "epsilon" else clipped / (snr + 1))
-        return weight * per_sample.mean()
+        loss = weight * per_sample.mean()
+        extra_loss = training.aux_loss(trained_models, name) if hooked else None
+        return loss if extra_loss is None else loss + extra_loss
 
     # 5. the loop
     writer = SummaryWriter(str(out / "logs")) if accelerator.is_main_process else None
@@ -210,7 +214,8 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
             loop.guard_finite(loss.detach(), step, last_checkpoint)
             accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.item() / cfg.grad_accum
-        loop.apply_step(accelerator, params, optimizer, schedule, cfg.max_grad_norm, world)
+        loop.apply_step(accelerator, params, optimizer, schedule, cfg.max_grad_norm, world,
+                        after=(lambda: training.after_step(trained_models, name, step, total)) if hooked else None)
         done = step + 1
         loop.report_step(bar, writer, step_loss, schedule.get_last_lr()[0], done)
         if done % cfg.save_every == 0 or done == total:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import studio.adapters as A
+from studio.adapters import training
 from studio import formats
 from studio.config import to_toml
 from studio.models import load_causal_lm
@@ -64,6 +65,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     A.attach(model, name, cfg.method, cfg.method_config(), cfg.target_list)
     params = A.trainable_parameters(model, name)
     optimizer = loop.make_optimizer([(params, cfg.learning_rate)])
+    hooked = training.has_hooks([model], name)  # methods with an aux loss / after-step hook
 
     # 3. the schedule of global batches and the number of steps
     per_step = cfg.batch_size * world * cfg.grad_accum
@@ -88,7 +90,9 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
         mine = indices[rank_index * size:(rank_index + 1) * size]
         batch = {k: v.to(device) for k, v in data_text.collate([examples[i] for i in mine], tokenizer.pad_token_id).items()}
         targets = max(1, sum(examples[i].targets for i in indices))  # the whole micro-batch, every process alike
-        return token_loss(model, batch, targets / world)
+        loss = token_loss(model, batch, targets / world)
+        extra_loss = training.aux_loss([model], name) if hooked else None
+        return loss if extra_loss is None else loss + extra_loss
 
     # 4. the loop
     writer = SummaryWriter(str(out / "logs")) if accelerator.is_main_process else None
@@ -108,7 +112,8 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
             loop.guard_finite(loss.detach(), step, last_checkpoint)
             accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.item() / cfg.grad_accum
-        loop.apply_step(accelerator, params, optimizer, schedule, cfg.max_grad_norm, world)
+        loop.apply_step(accelerator, params, optimizer, schedule, cfg.max_grad_norm, world,
+                        after=(lambda: training.after_step([model], name, step, total)) if hooked else None)
         done = step + 1
         loop.report_step(bar, writer, step_loss, schedule.get_last_lr()[0], done)
         if done % cfg.save_every == 0 or done == total:

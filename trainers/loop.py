@@ -124,9 +124,10 @@ def guard_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) ->
 
 
 def apply_step(accelerator, params: list[torch.nn.Parameter], optimizer, schedule, max_grad_norm: float,
-               world: int) -> None:
+               world: int, after=None) -> None:
     """Average the gradients across processes (by hand, so every trainer does it the same way),
-    clip them, then step the optimizer and the LR schedule."""
+    clip them, then step the optimizer and the LR schedule. ``after()`` runs between the optimizer
+    step and clearing the gradients (methods' ``after_step`` hooks, studio/adapters/training.py)."""
     if world > 1:
         for p in params:
             if p.grad is not None:
@@ -134,6 +135,8 @@ def apply_step(accelerator, params: list[torch.nn.Parameter], optimizer, schedul
     if max_grad_norm:
         accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
+    if after is not None:
+        after()
     optimizer.zero_grad(set_to_none=True)
     schedule.step()
 
