@@ -87,3 +87,48 @@ def test_lm_task_without_the_lm_path_is_one_error_line(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert err.startswith("error: the language-model path (studio.text) is not installed in --task lm: use")
+
+
+def test_a_weight_that_is_not_a_number_is_named(tmp_path, capsys, ui_library):
+    from cli_helpers import one_error_line
+
+    lora = ui_library["lora"]
+    base = ["generate", "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "w")]
+    line = one_error_line(capsys, base + ["--adapter", f"{lora}:abc"])
+    assert line.startswith(f"error: weight 'abc' is not a number in --adapter {lora}:abc: write {lora}:0.8")
+    line = one_error_line(capsys, base + ["--adapter", f"{lora}:0.8:x2"])
+    assert "weight 'x2' is not a number" in line
+    # a missing file is still named as missing, and a weight after it as a weight
+    assert one_error_line(capsys, base + ["--adapter", "/nowhere/x.safetensors:high"]).startswith(
+        "error: weight 'high' is not a number in --adapter /nowhere/x.safetensors:high")
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_steps_below_one_are_refused(tmp_path, capsys, steps):
+    from cli_helpers import one_error_line
+
+    line = one_error_line(capsys, ["generate", "--prompt", "x", "--steps", steps, "--out", str(tmp_path / "s")])
+    assert line == f"error: steps {steps} out of range in --steps: give at least 1 (e.g. --steps 20)"
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_huge_size_is_refused_unless_forced(tmp_path, capsys):
+    from cli_helpers import one_error_line
+
+    from studio.generate_command import check_size
+
+    line = one_error_line(capsys, ["generate", "--prompt", "x", "--steps", "2", "--size", "99999x99999",
+                                   "--out", str(tmp_path / "big")])
+    # the mini base is 64 px: 2048 x 2048 (the renderer's cap) is 1024 x its pixels
+    assert line == ("error: size 99999x99999 in --size is more than 4 x this base's native 64 px per side (about "
+                    "1,024 x the pixels, and the time, of a native image): give at most 256x256, or add "
+                    "--force-size to render it anyway")
+    assert not (tmp_path / "big").exists()
+    (image,), _, out = _generate(tmp_path, capsys, "--size", "256x64")  # 4 x native is still allowed, no note
+    assert image.shape[:2] == (64, 256) and "note:" not in out
+    # forced: rendered, with the cost said first (checked without rendering minutes of pixels)
+    assert check_size(99999, 64, 64, force=True) == [
+        "--force-size: 2048x64 is about 32 x the pixels of this base's native 64x64; expect at least that many "
+        "times the time per image"]
+    assert check_size(512, 512, 512, force=False) == []
