@@ -227,7 +227,8 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
             _save_adapter(cfg, base, name, out / f"{name}-step{done:07d}.safetensors", items, done,
                           time.perf_counter() - began, say=None)
         if accelerator.is_main_process and ((cfg.sample_every and done % cfg.sample_every == 0) or done == total):
-            _render_samples(pipe, samples, out / "samples" / f"step-{done:07d}.png")
+            _render_samples(pipe, samples, out / "samples" / f"step-{done:07d}.png",
+                            preview=out / f"{name}.preview.png" if done == total else None)
     if writer:
         writer.close()
     accelerator.wait_for_everyone()
@@ -270,7 +271,7 @@ def _sample_settings(cfg: DiffusionTrainConfig, items) -> list[Settings]:
     return [Settings(prompt=p, seed=seed, steps=cfg.sample_steps, cfg=cfg.sample_cfg) for p in prompts for seed in (0, 1)]
 
 
-def _render_samples(pipe, settings: list[Settings], path: Path) -> None:
+def _render_samples(pipe, settings: list[Settings], path: Path, preview: Path | None = None) -> None:
     """Render the grid in eval mode, then give every module back its own mode: ``train(mode)`` on
     a parent would set all its children alike, and an adapter may train inside a frozen eval
     model (or the reverse). SDXL's second text encoder and the VAE are included."""
@@ -287,6 +288,8 @@ def _render_samples(pipe, settings: list[Settings], path: Path) -> None:
             module.training = mode
     text = "\n\n".join(f"{s.prompt}\nSeed: {s.seed}, Steps: {s.steps}, CFG scale: {s.cfg:g}" for s in settings)
     save_png(grid(images, cols=2), path, text)
+    if preview is not None:  # the library's card image (A1111's NAME.preview.png): the first sample alone
+        save_png(images[0], preview, text.split("\n\n")[0])
 
 
 def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: float, say) -> None:

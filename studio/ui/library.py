@@ -32,7 +32,8 @@ class Card:
     ranks: str = ""
     family: str = ""
     base: str = ""
-    """Family code: 'sd15', 'sdxl', 'sd-custom' or 'lm' (language-model adapters go to the Text tab)."""
+    """Family code: 'sd15', 'sdxl', 'sd-custom' or 'lm' (language-model adapters go to the Text tab);
+    ``family`` is its label for people ('SD1.5', or 'mini-sd' for an adapter of the embedded base)."""
     triggers: tuple[str, ...] = ()
     hash12: str = ""
     preview: Path | None = None
@@ -70,6 +71,16 @@ def _ranks(info: dict) -> str:
     return "/".join([str(n) for n in numbers] + words) or "-"
 
 
+def _base_label(info: dict) -> str:
+    """'SD1.5', 'SDXL', or for a custom-size SD model the model it was trained on when the file
+    names it (``ss_sd_model_name``: 'mini-sd' for the embedded base) -- a family of one is better
+    told by its name."""
+    trained_on = info["metadata"].get("ss_sd_model_name", "").strip()
+    if info["base"] == "sd-custom" and trained_on:
+        return Path(trained_on).name
+    return info["base_name"]
+
+
 def read_card(root: Path, path: Path) -> Card:
     key = path.relative_to(root).with_suffix("").as_posix()
     try:
@@ -79,7 +90,7 @@ def read_card(root: Path, path: Path) -> Card:
     except Exception as err:  # a damaged file may fail anywhere in a reader: still one card, one line
         return Card(key, path, preview=_preview(path), error=f"cannot read the file ({type(err).__name__}: {err})")
     methods = sorted(set(info["methods"].values()))
-    return Card(key, path, method="+".join(methods), ranks=_ranks(info), family=info["base_name"], base=info["base"],
+    return Card(key, path, method="+".join(methods), ranks=_ranks(info), family=_base_label(info), base=info["base"],
                 triggers=tuple(info["trigger_words"]), hash12=info["hash"]["short"], preview=_preview(path))
 
 
