@@ -148,8 +148,19 @@ def run(args: argparse.Namespace) -> int:
                 report = check(folder, min_size=32, tokenizer=tokenizer)
                 print(format_report(report, folder))
                 problems += report.problems
+        _check_memory(cfg)
         return 0 if problems == 0 else 1
     from trainers.diffusion import train
 
     train(cfg, resume=bool(args.resume))
     return 0
+
+
+def _check_memory(cfg) -> None:
+    """The run's memory estimate (trainers/memory.py) and, with --vram-budget, what to turn on to fit."""
+    from trainers import memory
+
+    estimate = memory.estimate_diffusion(cfg)
+    print(memory.report(estimate, cfg))
+    if cfg.vram_budget is not None:
+        print(memory.advise(estimate, cfg, memory.parse_size(cfg.vram_budget)))

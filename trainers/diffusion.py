@@ -28,7 +28,7 @@ from studio.errors import StudioError
 from studio.formats.export import default_energy
 from studio.models import load_diffusion_base
 from studio.pipeline import Settings, generate, grid, save_png
-from trainers import batches, data_images, loop
+from trainers import batches, blocks, data_images, loop, memory
 from trainers.caches import TensorCache, default_cache_dir, fingerprint
 from trainers.diffusion_config import DiffusionTrainConfig
 from trainers.output import prepare_output, write_text_atomic
@@ -78,13 +78,23 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     # dropout of their own), the others stay in eval: new adapter layers take their model's mode
     if cfg.train_unet:
         unet.train()
-        A.attach(unet, name, cfg.method, method_cfg, cfg.unet_targets)
-        groups.append((A.trainable_parameters(unet, name), cfg.lr_unet))
+        A.attach(unet, name, cfg.method, blocks.unet_config(cfg, base.family), cfg.unet_targets)
+        groups += blocks.lr_groups(unet, name, base.family, cfg.lr_unet,
+                                   blocks.parse(cfg.block_lrs, "--block-lrs", base.family))
     if cfg.train_te:
         for te in base.text_encoders:
             te.train()
             A.attach(te, name, cfg.method, method_cfg, "te-attn")
             groups.append((A.trainable_parameters(te, name), cfg.lr_te))
+    # the memory switches (trainers/memory.py): the adapters stay fp32 whatever the base's dtype;
+    # the UNet is checkpointed whenever anything trains (a text-encoder adapter's gradient flows
+    # back through the whole UNet), a text encoder only when it has adapters
+    base_dtype = memory.DTYPES[cfg.base_dtype]
+    for model in [unet, vae, *base.text_encoders]:
+        memory.cast_frozen(model, base_dtype)
+    if cfg.gradient_checkpointing:
+        for model in [unet] + (list(base.text_encoders) if cfg.train_te else []):
+            memory.enable_checkpointing(model)
     optimizer = loop.make_optimizer(groups)
     trained_models = ([unet] if cfg.train_unet else []) + (list(base.text_encoders) if cfg.train_te else [])
     hooked = training.has_hooks(trained_models, name)  # methods with an aux loss / after-step hook
@@ -129,7 +139,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
             images = [np.ascontiguousarray(fitted[indices[j]][:, ::-1] if flips[j] else fitted[indices[j]])
                       for j in missing]
             with torch.no_grad():
-                dist = vae.encode(_pixels(images, device)).latent_dist
+                dist = vae.encode(_pixels(images, device).to(base_dtype)).latent_dist
             for row, j in enumerate(missing):
                 entry = {"mean": dist.mean[row], "std": dist.std[row]}
                 found[j] = latent_cache.store(keys[j], entry) if keys[j] else entry
@@ -164,7 +174,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
             captions.append(data_images.augment_caption(caption, rng, cfg.shuffle_captions, cfg.keep_tokens,
                                                         cfg.caption_dropout))
             flips.append(cfg.flip and rng.random() < 0.5)
-        stats = posteriors(indices, flips).cpu()  # (G, 2C, h, w)
+        stats = posteriors(indices, flips).cpu().float()  # (G, 2C, h, w); a half VAE gives half
         mean, std = stats.chunk(2, dim=1)
         latents = (mean + std * torch.randn(mean.shape, generator=g)) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
@@ -173,6 +183,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(indices),), generator=g)
         latents, noise, timesteps = latents[mine].to(device), noise[mine].to(device), timesteps[mine].to(device)
         embeds, pooled = text(captions[mine])
+        embeds, pooled = embeds.to(base_dtype), None if pooled is None else pooled.to(base_dtype)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
         extra = {}
@@ -180,7 +191,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
             h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
             time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(latents), dtype=embeds.dtype, device=device)
             extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-        pred = unet(noisy, timesteps, encoder_hidden_states=embeds, **extra).sample
+        pred = unet(noisy.to(base_dtype), timesteps, encoder_hidden_states=embeds, **extra).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
             alphas = noise_scheduler.alphas_cumprod.to(device)[timesteps]
@@ -303,7 +314,8 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
         title=name, output_name=name, trigger_phrase=cfg.trigger, steps=steps, seed=cfg.seed,
         unet_lr=cfg.lr_unet, text_encoder_lr=cfg.lr_te if cfg.train_te else None, optimizer="AdamW",
         num_train_images=len(items), base_model_name=cfg.base or "mini-sd", resolution=cfg.resolution or base.resolution,
-        tag_frequency={cfg.dataset_name: tags}, training_comment=f"studio train, {seconds:.0f} s")
+        tag_frequency={cfg.dataset_name: tags}, training_comment=f"studio train, {seconds:.0f} s",
+        network_args=blocks.network_args(cfg, base.family))  # kohya's ss_network_args (block_dims ...)
     af = formats.from_models(base.components, name, metadata=metadata)
     formats.save(af, path, "native", overwrite=True)
     if say is None:

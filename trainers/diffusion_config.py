@@ -82,6 +82,12 @@ class DiffusionTrainConfig(TrainSpec):
     """Denoising steps of sample images."""
     sample_cfg: float = 4.0
     """Classifier-free guidance of sample images."""
+    block_ranks: str | None = None
+    """Rank per kohya UNet block, comma-separated (SD1.5 and the mini base: 25 = IN00-11, MID, OUT00-11;
+    SDXL: 23); 0 = no adapter in that block (kohya's block_dims). None = --rank everywhere."""
+    block_lrs: str | None = None
+    """--unet-lr multiplier per kohya UNet block, comma-separated like --block-ranks; 0 = the block is
+    not trained (kohya's down / mid / up_lr_weight). None = 1 everywhere."""
 
     DEFAULT_STEPS: ClassVar[int] = DEFAULT_STEPS
     BASE_NAME: ClassVar[str] = "mini-sd"
@@ -95,6 +101,8 @@ class DiffusionTrainConfig(TrainSpec):
             raise StudioError(f"--targets {self.targets!r}: use unet-transformer, unet-attn or unet-full, te-attn, "
                               "or one UNet set plus te-attn, e.g. unet-attn,te-attn")
         self.check_adapter(CONV_TARGETS, parts)
+        from trainers import blocks
+        blocks.check(self)
         checks = [(0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
                   (self.save_adapter_every >= 0, f"save_adapter_every must be >= 0, got {self.save_adapter_every}"),
                   (self.prediction_type in (None, "epsilon", "v_prediction"),
@@ -106,6 +114,10 @@ class DiffusionTrainConfig(TrainSpec):
     @property
     def dataset_name(self) -> str:
         return Path(self.data).expanduser().resolve().name or "dataset"
+
+    @property
+    def identity(self) -> dict:
+        return {**super().identity, "block_ranks": self.block_ranks, "block_lrs": self.block_lrs}
 
     @property
     def lr_unet(self) -> float:

@@ -27,7 +27,7 @@ from studio import formats
 from studio.config import to_toml
 from studio.models import load_causal_lm
 from studio.text import complete
-from trainers import batches, data_text, loop
+from trainers import batches, data_text, loop, memory
 from trainers.language_config import LMTrainConfig
 from trainers.output import prepare_output, write_text_atomic
 
@@ -64,6 +64,9 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
         p.requires_grad_(False)
     A.attach(model, name, cfg.method, cfg.method_config(), cfg.target_list)
     params = A.trainable_parameters(model, name)
+    memory.cast_frozen(model, memory.DTYPES[cfg.base_dtype])  # the adapters stay fp32 (trainers/memory.py)
+    if cfg.gradient_checkpointing:
+        memory.enable_checkpointing(model)
     optimizer = loop.make_optimizer([(params, cfg.learning_rate)])
     hooked = training.has_hooks([model], name)  # methods with an aux loss / after-step hook
 

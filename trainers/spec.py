@@ -110,6 +110,14 @@ class RunSpec:
     """Samples every N steps (and at the end); 0 = only at the end."""
     sample_prompts: list[str] = field(default_factory=list)
     """Prompts of the samples; default: taken from the data."""
+    gradient_checkpointing: bool = False
+    """Recompute the activations of each UNet / transformer block in the backward pass instead of
+    keeping them (less memory, ~20-30 % more time per step; trains the same numbers)."""
+    base_dtype: str = "fp32"
+    """fp32 | bf16 | fp16: the dtype of the frozen base weights; adapters, their gradients and the
+    optimizer state stay fp32 and the saved adapter is fp32 (bf16 is slow on CPUs without it)."""
+    vram_budget: str | None = None
+    """With --check: the accelerator memory the run must fit, e.g. 12GB; --check says what to turn on."""
 
     DEFAULT_STEPS: ClassVar[int]
     """Steps when neither steps nor epochs is given: each task sets its own."""
@@ -129,10 +137,15 @@ class RunSpec:
                   (self.save_every > 0, f"--save-every must be positive, got {self.save_every}"),
                   (self.sample_every >= 0, f"--sample-every must be >= 0, got {self.sample_every}"),
                   (self.mixed_precision in ("no", "fp16", "bf16"),
-                   f"--mixed-precision {self.mixed_precision!r}: use no, fp16 or bf16")]
+                   f"--mixed-precision {self.mixed_precision!r}: use no, fp16 or bf16"),
+                  (self.base_dtype in ("fp32", "bf16", "fp16"),
+                   f"--base-dtype {self.base_dtype!r}: use fp32, bf16 or fp16")]
         for ok, message in checks:
             if not ok:
                 raise StudioError(message)
+        if self.vram_budget is not None:
+            from trainers.memory import parse_size
+            parse_size(self.vram_budget)  # a budget that is not a size fails here, not after loading
 
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.steps or (self.epochs * steps_per_epoch if self.epochs else self.DEFAULT_STEPS)

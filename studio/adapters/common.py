@@ -11,8 +11,10 @@ last of them, so detaching every SVF adapter hands the fp32 U, S, Vh of each wei
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+import re
 import weakref
 from dataclasses import dataclass
 from typing import ClassVar
@@ -46,6 +48,10 @@ class LowRankConfig:
     """Rank on k x k (k > 1) convolutions, kohya's conv_dim; None = rank."""
     conv_alpha: float | None = None
     """Alpha on k x k convolutions, kohya's conv_alpha; None = alpha when conv_rank is None, else conv_rank."""
+    module_ranks: tuple = ()
+    """Per-module ranks: ((regex over module paths, rank), ...); the first rule that fullmatches a
+    layer's path sets its rank, 0 leaves the layer without an adapter (kohya's block_dims). The
+    scale stays ``scale`` (that of rank / alpha) on every layer. Empty = rank everywhere."""
 
     label: ClassVar[str] = "LoRA"
 
@@ -58,6 +64,10 @@ class LowRankConfig:
                                   f"--{name.replace('_', '-')} 4 or more")
         if not 0.0 <= self.dropout < 1.0:
             raise StudioError(f"{self.label} dropout must be in [0, 1), got {self.dropout}")
+        rules = tuple((str(p), r) for p, r in self.module_ranks)  # a file's JSON gives lists
+        if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for _, r in rules):
+            raise StudioError(f"{self.label} module_ranks must map patterns to ranks >= 0, got {list(self.module_ranks)}")
+        object.__setattr__(self, "module_ranks", rules)
 
     @property
     def scale(self) -> float:
@@ -66,6 +76,20 @@ class LowRankConfig:
     def rank_at(self, conv: bool) -> int:
         """r of a layer: conv_rank on k x k convolutions when given."""
         return self.conv_rank if conv and self.conv_rank is not None else self.rank
+
+    def at(self, path: str):
+        """The config of the layer at ``path`` under ``module_ranks`` (None: no adapter there).
+
+        A resolved config has the layer's rank and an alpha that keeps ``scale``, so every method's
+        shapes follow from ``rank_at`` as usual and its factors (which read ``scale_at``) need no path."""
+        for pattern, rank in self.module_ranks:
+            if re.fullmatch(pattern, path):
+                if rank == 0:
+                    return None
+                keep = self.alpha is None and not self.rslora  # scale 1 at every rank
+                alpha = None if keep else self.scale * (math.sqrt(rank) if self.rslora else rank)
+                return dataclasses.replace(self, rank=rank, alpha=alpha, module_ranks=())
+        return self
 
     def scale_at(self, conv: bool) -> float:
         if not conv or (self.conv_rank is None and self.conv_alpha is None):

@@ -126,13 +126,17 @@ def attach(model: nn.Module, name: str, method: str, cfg=None, targets: str | li
     for path, module in layers.items():  # build every state before touching the model
         layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, path)
         W0, site = layer.pristine_weight, layer.site
+        layer_cfg = layer_config(cfg, path)  # a per-module rank rule (block ranks) resolved
         if saved is None:
-            if accepts is not None and not accepts(cfg, site):
+            if layer_cfg is None or (accepts is not None and not accepts(layer_cfg, site)):
                 continue
-            state = module_of_method.init(cfg, W0, site)
+            state = module_of_method.init(layer_cfg, W0, site)
         else:
-            check_shapes(saved[path], module_of_method.expected_shapes(cfg, site), path)
-            state = module_of_method.from_saved(cfg, W0, saved[path], site)
+            if layer_cfg is None:
+                raise StudioError(f"the adapter has tensors for module '{path}', which its module_ranks rule gives "
+                                  f"rank 0: the file is damaged")
+            check_shapes(saved[path], module_of_method.expected_shapes(layer_cfg, site), path)
+            state = module_of_method.from_saved(layer_cfg, W0, saved[path], site)
         states[path] = (layer, {k: v.to(W0.device) for k, v in state.items()})
     if not states:
         raise StudioError(f"method {method!r} adapts none of the layers {targets!r} selects: choose other targets "
@@ -149,6 +153,13 @@ def attach(model: nn.Module, name: str, method: str, cfg=None, targets: str | li
         adapter.weight = float(weight)
         layer.adapters[name] = adapter
     return list(states)
+
+
+def layer_config(cfg, path: str):
+    """A method config as it applies to the layer at ``path``: configs with a per-module rule
+    (``LowRankConfig.at``) resolve it, others apply everywhere. None: no adapter on that layer."""
+    at = getattr(cfg, "at", None)
+    return cfg if at is None else at(path)
 
 
 def _saved_targets(model: nn.Module, saved: dict[str, dict]) -> dict[str, nn.Module]:

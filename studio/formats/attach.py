@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from studio.adapters import METHODS, adapter_config, adapter_names, adapter_state_dict, detach, load_adapter, make_config, set_weight
 from studio.adapters.layer import site_of
+from studio.adapters.targets import layer_config
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, Part, guess_family, model_family, normalise_models
 from studio.formats.names import FAMILY_NAMES, TEXT_ENCODERS, canonical_te_path, resolve_path
@@ -61,7 +62,11 @@ def _resolve(af: AdapterFile, models: dict[str, nn.Module], where: str) -> dict[
             if site is None:
                 raise StudioError(f"{where} does not fit this base ({base}): it adapts '{component}.{path}', which "
                                   f"is not a Linear or convolution layer there; the file seems made for {made_for}")
-            expected = METHODS[part.method].expected_shapes(cfg, site)
+            layer_cfg = layer_config(cfg, name)
+            if layer_cfg is None:
+                raise StudioError(f"{where} is damaged: it has tensors for '{component}.{path}', which its block-rank "
+                                  f"rule leaves without an adapter")
+            expected = METHODS[part.method].expected_shapes(layer_cfg, site)
             for key, want in expected.items():
                 got = tuple(tensors[key].shape) if key in tensors else None
                 if got != tuple(want):

@@ -126,7 +126,7 @@ def export_metadata(carried: dict[str, str], *, base: str, fmt: str, stem: str, 
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(next(iter(ranks))) if ranks and len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": str(alpha) if ranks and len(ranks) == 1 else "Dynamic",
-            "ss_network_args": "{}",
+            "ss_network_args": carried.get("studio.network_args", "{}"),  # the trainer's block_dims / lr weights
             "ss_v2": "False",
             "studio.export_method": "plain LoRA" + (" (exact)" if policy == "exact" else " (truncated SVD)"),
             "studio.export_rank_policy": policy,

@@ -1,0 +1,406 @@
+"""Training memory: gradient checkpointing, a half-precision frozen base, and the estimate of
+what a run needs (``studio train --check``, ``--vram-budget``).
+
+What an adapter run holds on the accelerator, and what this module counts:
+
+    weights      every frozen parameter and buffer, at --base-dtype (UNet, text encoders, VAE)
+    adapters     trainable tensors in fp32 + their fp32 gradients + AdamW's two fp32 moments
+                 (16 bytes a parameter), and the methods' fixed fp32 tensors (PiSSA's A0 / B0)
+    activations  the tensors autograd keeps for the backward pass, per image at the resolution;
+                 with checkpointing, only each block's inputs are kept, plus one block's own
+                 activations while it is recomputed in the backward pass
+    runtime      what the process holds before any model: the CUDA context on a GPU (assumed
+                 0.5 GB), the Python / torch / diffusers libraries on a CPU (measured here)
+
+Activations are *counted*, not guessed: the model is built on the meta device (shapes, no
+memory) with LoRA adapters on the run's targets, one forward runs at batch 1 and the run's
+resolution, and a ``saved_tensors_hooks`` pack hook adds up the distinct storages autograd
+saves. The checkpointing figure comes from the same forward with diffusers' / transformers'
+checkpointing switched on and a checkpoint function that counts each block's saved tensors
+separately. Transient buffers (an attention's scores, a gradient being summed) are not saved
+tensors; they are what the measured peaks exceed the count by (benchmarks/train_step.py
+``BENCH memory_estimate_error_*``).
+
+The frozen base runs in bf16 / fp16 while the adapters stay fp32: the layer casts the input
+of every adapter up to fp32 and its output down to the base's dtype (``AdaptedLayer``), so the
+adapter math, gradients and the optimizer never see half precision. On CPUs without native
+bf16 the base matmuls are much slower in bf16 (see the README).
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from studio.errors import StudioError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GB = 1024 ** 3
+CUDA_CONTEXT = GB // 2
+"""Memory the CUDA context and its kernels take before any tensor (0.3-1 GB by GPU and driver)."""
+ADAMW_BYTES = 16
+"""A trainable fp32 parameter under AdamW: the value, its gradient and two moments, 4 bytes each."""
+
+
+# -- what the trainers call -----------------------------------------------------------------
+def enable_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing on a diffusers model or a transformers model, non-reentrant: the
+    adapters inside a checkpointed block get their gradients although the block's frozen inputs
+    do not require any (the reentrant form would drop them)."""
+    if hasattr(model, "enable_gradient_checkpointing"):  # diffusers: non-reentrant by default
+        model.enable_gradient_checkpointing()
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise StudioError(f"{type(model).__name__} has no gradient checkpointing: drop --gradient-checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def adapter_parameters(model: nn.Module) -> set[int]:
+    from studio.adapters.layer import Adapter
+
+    return {id(t) for m in model.modules() if isinstance(m, Adapter) for t in [*m.parameters(), *m.buffers()]}
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter and buffer of ``model`` outside its adapters to ``dtype`` (floating ones only)."""
+    keep = adapter_parameters(model)
+    with torch.no_grad():
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for key, t in store.items():
+                    if t is None or id(t) in keep or not t.is_floating_point() or t.dtype == dtype:
+                        continue
+                    if isinstance(t, nn.Parameter):
+                        store[key] = nn.Parameter(t.to(dtype), requires_grad=False)
+                    else:
+                        store[key] = t.to(dtype)
+
+
+def parameter_bytes(model: nn.Module) -> dict[str, int]:
+    """{"frozen": bytes, "adapters": bytes} of a model's parameters and buffers as they are stored."""
+    keep = adapter_parameters(model)
+    out = {"frozen": 0, "adapters": 0}
+    seen = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out["adapters" if id(t) in keep else "frozen"] += t.numel() * t.element_size()
+    return out
+
+
+# -- sizes ----------------------------------------------------------------------------------------
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(GB|GIB|G|MB|MIB|M)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'12GB', '12 GiB', '11.5G', '8000MB' -> bytes (GB = GiB = 2^30: what GPU tools call a GB)."""
+    m = _SIZE.fullmatch(str(text))
+    if m is None or float(m.group(1)) <= 0:
+        raise StudioError(f"--vram-budget {text!r} is not a memory size: use e.g. --vram-budget 12GB or 8000MB")
+    unit = (m.group(2) or "GB").upper()
+    return int(float(m.group(1)) * (GB if unit.startswith("G") else 1024 ** 2))
+
+
+def gb(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= GB / 2 else f"{n / 1024 ** 2:.0f} MB"
+
+
+# -- counting saved activations on the meta device ---------------------------------------------
+class _Saved:
+    """Distinct storages saved for backward, in bytes (views of one storage count once)."""
+
+    def __init__(self):
+        self.seen: dict[int, int] = {}
+        self.keep: list[torch.Tensor] = []  # alive while counting, so no storage id is reused
+
+    def add(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+            s = t.untyped_storage()
+            self.seen.setdefault(s._cdata, s.nbytes())
+            self.keep.append(t)
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+@contextmanager
+def _counting(saved: _Saved):
+    with torch.autograd.graph.saved_tensors_hooks(saved.add, lambda t: t):
+        yield
+
+
+@dataclass
+class Activations:
+    plain: int
+    """Saved bytes of one image's forward, everything kept."""
+    outside: int = 0
+    """With checkpointing: bytes kept outside the checkpointed blocks (their inputs included)."""
+    largest_block: int = 0
+    """With checkpointing: the largest block's own saved bytes (live while it is recomputed)."""
+
+    @property
+    def checkpointed(self) -> int:
+        return self.outside + self.largest_block
+
+
+def count_activations(model: nn.Module, run, checkpointable: bool = True) -> Activations:
+    """Saved bytes of ``run(model)`` (a forward on meta tensors), plain and, when the model has
+    checkpointing, with it (each checkpointed call counted on its own)."""
+    plain = _Saved()
+    with _counting(plain):
+        run(model)
+    if not checkpointable:
+        return Activations(plain.total, plain.total, 0)
+    outside, blocks = _Saved(), []
+
+    def counted_block(function, *args, **kwargs):
+        for a in args:  # non-reentrant checkpointing keeps the block's inputs for the recompute
+            if isinstance(a, torch.Tensor):
+                outside.add(a)
+        inner = _Saved()
+        with _counting(inner):
+            out = function(*args, **kwargs)
+        blocks.append(inner.total)
+        return out
+
+    _set_checkpoint_function(model, counted_block)
+    try:
+        with _counting(outside):
+            run(model)
+    finally:
+        _unset_checkpointing(model)
+    return Activations(plain.total, outside.total, max(blocks, default=0))
+
+
+def _set_checkpoint_function(model: nn.Module, function) -> None:
+    if hasattr(model, "enable_gradient_checkpointing"):  # diffusers calls function(module.__call__, *args)
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=lambda module, *a: function(module, *a))
+    else:  # transformers calls function(layer.__call__, *args, **kwargs)
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
+
+
+def _unset_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "disable_gradient_checkpointing"):
+        model.disable_gradient_checkpointing()
+    else:
+        model._set_gradient_checkpointing(enable=False)
+
+
+# -- the estimate -------------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    weights: dict[str, int]
+    """Frozen bytes per component at the base dtype."""
+    base_dtype: str
+    adapter_params: int
+    """Trainable adapter parameters (numel)."""
+    adapter_fixed: int
+    """Bytes of the adapters' fixed tensors (fp32)."""
+    activations: dict[str, Activations]
+    """Per component with trainable adapters, per image."""
+    batch: int
+    runtime: int
+    runtime_note: str
+    resolution: int
+
+    @property
+    def adapter_bytes(self) -> int:
+        return self.adapter_params * ADAMW_BYTES + self.adapter_fixed
+
+    def activation_bytes(self, checkpointing: bool) -> int:
+        per_image = sum(a.checkpointed if checkpointing else a.plain for a in self.activations.values())
+        return per_image * self.batch
+
+    def total(self, checkpointing: bool) -> int:
+        return self.runtime + sum(self.weights.values()) + self.adapter_bytes + self.activation_bytes(checkpointing)
+
+
+def _rss_now() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def runtime_overhead() -> tuple[int, str]:
+    if torch.cuda.is_available():
+        return CUDA_CONTEXT, "the CUDA context, assumed"
+    return _rss_now(), "measured: this process with its libraries loaded, on the CPU"
+
+
+def _meta_parts(base: str | None) -> tuple[str, dict[str, nn.Module]]:
+    """(family, {component: model on the meta device}) of a base, from its configs: a folder (the
+    mini base included) is read without any weights; a single file or a hub id is loaded once."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from studio.models import MINI_BASE
+
+    folder = Path(str(base) if base else MINI_BASE).expanduser()
+    if folder.is_dir() and (folder / "model_index.json").is_file():
+        configs = {"unet": UNet2DConditionModel.load_config(str(folder), subfolder="unet"),
+                   "vae": AutoencoderKL.load_config(str(folder), subfolder="vae"),
+                   "te": CLIPTextConfig.from_pretrained(str(folder / "text_encoder"))}
+        if (folder / "text_encoder_2").is_dir():
+            configs["te2"] = CLIPTextConfig.from_pretrained(str(folder / "text_encoder_2"))
+    else:
+        from studio.models import load_diffusion_base
+        pipe = load_diffusion_base(base, channels_last=()).pipe
+        configs = {"unet": pipe.unet.config, "vae": pipe.vae.config, "te": pipe.text_encoder.config}
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            configs["te2"] = pipe.text_encoder_2.config
+    with torch.device("meta"):
+        parts = {"unet": UNet2DConditionModel.from_config(configs["unet"]),
+                 "vae": AutoencoderKL.from_config(configs["vae"]), "te": CLIPTextModel(configs["te"])}
+        if "te2" in configs:
+            parts["te2"] = CLIPTextModelWithProjection(configs["te2"])
+    return ("sdxl" if "te2" in parts else "sd15"), parts
+
+
+def _adapter_sizes(model: nn.Module, method: str, method_cfg) -> tuple[int, int]:
+    """(trainable numel, fixed fp32 bytes) the run's method would add on the proxy's layers."""
+    from studio.adapters import registry
+    from studio.adapters.targets import adapted_layers
+
+    module = registry.get(method)
+    accepts = getattr(module, "accepts", None)
+    resolve = getattr(method_cfg, "at", None)
+    trainable = fixed = 0
+    for layer in adapted_layers(model).values():
+        site = layer.site
+        layer_cfg = resolve(site.path) if resolve else method_cfg
+        if layer_cfg is None or (accepts is not None and not accepts(layer_cfg, site)):
+            continue
+        for key, shape in module.expected_shapes(layer_cfg, site).items():
+            n = int(torch.Size(shape).numel())
+            if key in module.TRAINABLE:
+                trainable += n
+            else:
+                fixed += 4 * n
+    return trainable, fixed
+
+
+def estimate_diffusion(cfg) -> Estimate:
+    """The memory of ``cfg``'s run (a DiffusionTrainConfig)."""
+    import studio.adapters as A
+    from studio.adapters import lora
+    from trainers import blocks
+
+    family, parts = _meta_parts(cfg.base)
+    dtype = DTYPES[cfg.base_dtype]
+    unet, vae = parts["unet"], parts["vae"]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = cfg.resolution or unet.config.sample_size * scale
+    trained = ({"unet": cfg.unet_targets} if cfg.train_unet else {}) | (
+        {k: "te-attn" for k in parts if k.startswith("te")} if cfg.train_te else {})
+    params = fixed = 0
+    with torch.device("meta"):
+        for name, targets in trained.items():
+            # LoRA stands in for the method in the forward (an adapter's own activations are a
+            # rank-r sliver); the method's own tensors are counted from its shapes
+            A.attach(parts[name], "estimate", "lora", lora.Config(rank=min(cfg.rank, 8)), targets)
+            method_cfg = blocks.unet_config(cfg, family) if name == "unet" else cfg.method_config()
+            p, f = _adapter_sizes(parts[name], cfg.method, method_cfg)
+            params, fixed = params + p, fixed + f
+    for model in parts.values():
+        cast_frozen(model, dtype)
+    weights = {name: parameter_bytes(m)["frozen"] for name, m in parts.items()}  # the proxy is not frozen
+    # the UNet's activations are kept whenever anything trains: a text-encoder adapter's gradient
+    # flows back through the whole UNet to the text embeddings
+    activations = {name: count_activations(parts[name], _forward(name, parts, family, resolution // scale, dtype,
+                                                                 embeds_grad=not cfg.train_unet))
+                   for name in (["unet"] if trained else []) + [k for k in trained if k != "unet"]}
+    runtime, note = runtime_overhead()
+    return Estimate(weights, cfg.base_dtype, params, fixed, activations, cfg.batch_size, runtime, note, resolution)
+
+
+def _forward(name: str, parts: dict, family: str, latent: int, dtype: torch.dtype, embeds_grad: bool = False):
+    """A batch-1 training forward of one component on meta tensors."""
+    unet = parts["unet"]
+
+    def run_unet(model):
+        with torch.device("meta"):
+            width = unet.config.cross_attention_dim
+            extra = ({"added_cond_kwargs": {"text_embeds": torch.zeros(1, parts["te2"].config.projection_dim, dtype=dtype),
+                                            "time_ids": torch.zeros(1, 6, dtype=dtype)}} if family == "sdxl" else {})
+            model(torch.zeros(1, unet.config.in_channels, latent, latent, dtype=dtype), torch.tensor([500]),
+                  encoder_hidden_states=torch.zeros(1, 77, width, dtype=dtype, requires_grad=embeds_grad), **extra)
+
+    def run_te(model):
+        with torch.device("meta"):
+            model(torch.zeros(1, model.config.max_position_embeddings, dtype=torch.long))
+    return run_unet if name == "unet" else run_te
+
+
+# -- the --check report and the --vram-budget advice ---------------------------------------------
+def settings(cfg) -> list[tuple[str, dict]]:
+    """What a run can switch on to need less, cheapest change first: (flags, config changes)."""
+    half = "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp16"
+    options = [("", {})]
+    if not cfg.gradient_checkpointing:
+        options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
+    if cfg.base_dtype == "fp32":
+        options.append((f"--base-dtype {half}", {"base_dtype": half}))
+        if not cfg.gradient_checkpointing:
+            options.append((f"--gradient-checkpointing --base-dtype {half}",
+                            {"gradient_checkpointing": True, "base_dtype": half}))
+    if cfg.batch_size > 1:
+        options += [(f"{flags} --batch-size 1 --grad-accum {cfg.batch_size * cfg.grad_accum}".strip(),
+                     {**changes, "batch_size": 1, "grad_accum": cfg.batch_size * cfg.grad_accum})
+                    for flags, changes in list(options)]
+    return options
+
+
+def total_of(estimate: Estimate, cfg, changes: dict) -> int:
+    """The estimate's total with ``changes`` applied (weights and activations scale with the dtype)."""
+    size = DTYPES[changes.get("base_dtype", cfg.base_dtype)].itemsize / DTYPES[cfg.base_dtype].itemsize
+    checkpointing = changes.get("gradient_checkpointing", cfg.gradient_checkpointing)
+    batch = changes.get("batch_size", cfg.batch_size)
+    per_image = sum(a.checkpointed if checkpointing else a.plain for a in estimate.activations.values())
+    return int(estimate.runtime + size * (sum(estimate.weights.values()) + per_image * batch) + estimate.adapter_bytes)
+
+
+def report(estimate: Estimate, cfg) -> str:
+    e = estimate
+    weights = ", ".join(f"{k} {gb(v)}" for k, v in e.weights.items())
+    per_plain = sum(a.plain for a in e.activations.values())
+    per_ckpt = sum(a.checkpointed for a in e.activations.values())
+    on = "with" if cfg.gradient_checkpointing else "without"
+    return "\n".join([
+        f"memory estimate: {e.resolution} px, batch {cfg.batch_size}, base {e.base_dtype}, "
+        f"{on} gradient checkpointing",
+        f"  weights      {weights} ({e.base_dtype}, frozen)",
+        f"  adapters     {e.adapter_params / 1e6:.2f} M parameters: {gb(e.adapter_bytes)} with their gradients "
+        f"and AdamW state (fp32)",
+        f"  activations  per image {gb(per_plain)}, {gb(per_ckpt)} with --gradient-checkpointing; "
+        f"{gb(e.activation_bytes(cfg.gradient_checkpointing))} at batch {cfg.batch_size}",
+        f"  runtime      {gb(e.runtime)} ({e.runtime_note})",
+        f"  total        {gb(e.total(cfg.gradient_checkpointing))}"])
+
+
+def advise(estimate: Estimate, cfg, budget: int) -> str:
+    """The cheapest settings that fit ``budget``, or a StudioError naming the smallest estimate."""
+    options = [(flags, total_of(estimate, cfg, changes)) for flags, changes in settings(cfg)]
+    if options[0][1] <= budget:
+        return f"fits --vram-budget {gb(budget)}: {gb(options[0][1])} as configured"
+    for flags, total in options[1:]:
+        if total <= budget:
+            return f"to fit --vram-budget {gb(budget)} ({gb(options[0][1])} as configured) turn on: {flags} ({gb(total)})"
+    flags, smallest = min(options, key=lambda o: o[1])
+    raise StudioError(f"no memory setting fits --vram-budget {gb(budget)}: the smallest estimate is {gb(smallest)} "
+                      f"({flags or 'as configured'}): lower --resolution, train fewer --targets, or use a larger GPU")
