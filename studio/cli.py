@@ -84,14 +84,6 @@ def _make_lm_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _formats(name: str) -> Callable:
-    """A function of studio.formats.commands, imported only when the subcommand runs."""
-    def call(arg):
-        from studio.formats import commands
-        return getattr(commands, name)(arg)
-    return call
-
-
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     from trainers.commands import add_arguments
 
@@ -102,6 +94,22 @@ def _train_run(args: argparse.Namespace) -> int:
     from trainers.commands import run
 
     return run(args)
+
+
+def train_config_class(task: str = "image") -> type:
+    """The config dataclass ``studio train --task TASK`` fills. The UI's Train tab builds its form
+    from it and runs the command on what the form gives: the UI reaches trainers only through here."""
+    from trainers.commands import configs
+
+    return configs()[task]
+
+
+def train_config(*layers: tuple[dict, str], task: str = "image"):
+    """``studio train``'s config from (values, source) layers, checked as the command checks it."""
+    from studio.config import build
+    from trainers.commands import checked
+
+    return checked(build(train_config_class(task), *layers))
 
 
 def _module(module: str, name: str) -> Callable:
@@ -122,11 +130,11 @@ COMMANDS: dict[str, Command] = {
     "make-lm": Command("train the embedded mini language model (text world) into a transformers folder",
                        _make_lm_arguments, _make_lm_run),
     "export": Command("write an adapter as a kohya (default), diffusers or native .safetensors LoRA",
-                      _formats("export_arguments"), _formats("export_run")),
+                      _module("file_commands", "export_arguments"), _module("file_commands", "export_run")),
     "inspect": Command("show what an adapter file is: format, base, method, ranks, trigger words, hash, metadata",
-                       _formats("inspect_arguments"), _formats("inspect_run")),
+                       _module("file_commands", "inspect_arguments"), _module("file_commands", "inspect_run")),
     "bake": Command("bake weighted adapters into one LoRA file (exact, or at a rank with the error reported)",
-                    _formats("bake_arguments"), _formats("bake_run")),
+                    _module("file_commands", "bake_arguments"), _module("file_commands", "bake_run")),
     "generate": Command("generate images from a base and a weighted mix of adapters (--task lm: text)",
                         _module("generate_command", "add_arguments"), _module("generate_command", "run")),
     "ui": Command("the web UI: mix adapters with sliders, bake, train, inspect (binds 127.0.0.1)",

@@ -71,7 +71,7 @@ def adapter_spec(spec: str) -> tuple[str, float, float | None]:
     """``FILE[:W[:TE_W]]`` as (file, weight, text-encoder weight). A file name may hold ':' itself,
     so a part that is not a number reads as part of the name; when what precedes it is an adapter
     file, the user meant a weight, and that is what the error names (not a missing file)."""
-    from studio.formats.commands import parse_spec
+    from studio.formats.load import parse_spec
 
     path, weight, te_weight = parse_spec(spec)
     if ":" in path and not Path(path).exists():

@@ -64,7 +64,7 @@ def pirate_metric(model, tokenizer, things=text_world.PIRATE_EVAL) -> dict[str, 
 # -- the CLI (registered by studio.generate_command for --task lm) ---------------------------
 def run_text_generate(args: argparse.Namespace) -> int:
     """``studio generate --task lm --prompt P [--adapter FILE:W ...] [--base LM_FOLDER]``: print the continuation."""
-    from studio.formats.commands import parse_spec
+    from studio.formats.load import parse_spec
 
     if not args.prompt:
         raise StudioError("studio generate --task lm needs --prompt TEXT (e.g. --prompt 'Q: What colour is a frog?\\nA:')")

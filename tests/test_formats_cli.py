@@ -11,7 +11,7 @@ import studio.formats as F
 from builders import tiny_clip, tiny_pipeline, tiny_sdxl_text_encoders, tiny_sdxl_unet, tiny_unet
 from formats_helpers import copies, train
 from studio.cli import main
-from studio.formats.commands import parse_spec
+from studio.formats.load import parse_spec
 from studio.shapes.tokenizer import load_tokenizer, write_tokenizer
 
 LORA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"

@@ -58,7 +58,7 @@ def test_unsupported_algorithms_are_refused_by_name(tmp_path, key, name):
         F.read(path)
 
 
-@pytest.mark.parametrize("key,name", [("lycoris_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.hada_w1_a",
+@pytest.mark.parametrize("key,name", [("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.hada_w1_a",
                                        "LyCORIS LoHa"),
                                       ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.diff",
                                        r"LyCORIS full \(diff\)")])

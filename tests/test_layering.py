@@ -17,8 +17,6 @@ ALLOWED = {
                     "studio.errors"},
     "studio.config": {"studio.errors"},
     "studio.formats": {"studio.formats", "studio.adapters", "studio.errors"},
-    # the CLI glue of export / inspect / bake (cli.py's layer, kept beside the formats) loads bases
-    "studio.formats.commands": {"studio.formats", "studio.adapters", "studio.models", "studio.errors"},
     "studio.pipeline": {"studio.pipeline", "studio.adapters", "studio.formats", "studio.models", "studio.shapes",
                         "studio.errors"},
     "trainers": {"trainers", "studio.allocator", "studio.adapters", "studio.formats", "studio.models", "studio.config",

@@ -29,6 +29,9 @@ from studio.formats.adapter_file import AdapterFile, guess_family
 from studio.formats.lowrank import Packed, check_pair, lora_part
 from studio.formats.names import DIFFUSERS_PREFIX, TEXT_ENCODERS, canonical_te_path, with_text_model
 from studio.formats.refuse import refuse_leftovers, refuse_unsupported
+from studio.formats.writing import ExportReport, WriteOptions, plain_write
+
+NAME = "diffusers"
 
 PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
@@ -65,8 +68,16 @@ def to_tensors(packed: Packed) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, {"lora_adapter_metadata": json.dumps(config, sort_keys=True)}
 
 
-def looks_like(keys) -> bool:
-    return bool(keys) and all(k.split(".", 1)[0] in PREFIXES or k.startswith(_UNET_ROOTS) for k in keys)
+def looks_like(tensors: dict, metadata: dict[str, str]) -> bool:
+    return bool(tensors) and all(k.split(".", 1)[0] in PREFIXES or k.startswith(_UNET_ROOTS) for k in tensors)
+
+
+def keeps_exactly(af: AdapterFile) -> bool:
+    return False
+
+
+def write(af: AdapterFile, path, opts: WriteOptions) -> ExportReport:
+    return plain_write(af, path, opts, NAME, lambda packed, layout: to_tensors(packed))
 
 
 def _module_and_role(component: str, rest: str) -> tuple[str, str] | None:

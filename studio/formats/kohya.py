@@ -31,7 +31,9 @@ from studio.formats import lycoris
 from studio.formats.lowrank import Packed, check_pair, lora_part
 from studio.formats.names import canonical_te_path, is_sgm, kohya_name, sgm_to_diffusers, split_kohya_name
 from studio.formats.refuse import refuse_leftovers, refuse_unsupported
+from studio.formats.writing import ExportReport, WriteOptions, plain_write
 
+NAME = "kohya"
 PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
@@ -53,8 +55,19 @@ def to_tensors(packed: Packed, unet_layout: str = "diffusers") -> dict[str, torc
     return out
 
 
-def looks_like(keys) -> bool:
-    return bool(keys) and all(k.startswith(PREFIXES) for k in keys)
+def looks_like(tensors: dict, metadata: dict[str, str]) -> bool:
+    return bool(tensors) and all(k.startswith(PREFIXES) for k in tensors)
+
+
+def keeps_exactly(af: AdapterFile) -> bool:
+    """Without --rank / --energy, LyCORIS kinds are written in their own (exact) layout in kohya names."""
+    return lycoris.writes(af)
+
+
+def write(af: AdapterFile, path, opts: WriteOptions) -> ExportReport:
+    if opts.exact and lycoris.writes(af):
+        return lycoris.write(af, path, opts)
+    return plain_write(af, path, opts, NAME, lambda packed, layout: (to_tensors(packed, layout), {}))
 
 
 def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> AdapterFile:

@@ -20,14 +20,20 @@ the tensors show it or, for the UNet, as its names tell). reference/lycoris.md h
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
 from studio.adapters.registry import METHODS, get, make_config
 from studio.errors import StudioError
+from studio.formats import files
 from studio.formats.adapter_file import AdapterFile, Part
 from studio.formats.lowrank import DTYPES, kernel_of, stored_kernels, uniform_part
+from studio.formats.metadata import export_metadata
 from studio.formats.names import kohya_name
+from studio.formats.writing import ExportReport, WriteOptions, sd_dtype_and_layout
 
 
 def markers() -> dict[str, str]:
@@ -81,3 +87,23 @@ def part(method: str, modules: dict[str, dict[str, torch.Tensor]], where: str, c
         stored[path] = (fields.get("rank"), fields.get("alpha"))
         entries[path] = (fields, canonical)
     return uniform_part(method, entries, where, kernels), stored
+
+
+def write(af: AdapterFile, path, opts: WriteOptions, fmt: str = "kohya") -> ExportReport:
+    """A kohya-named file in LyCORIS's layout (DoRA's dora_scale, LoHa, LoKr, full): exact, no base needed."""
+    target = files.check_target(path, opts.overwrite)
+    dtype, layout = sd_dtype_and_layout(af, opts, fmt)
+    tensors = to_tensors(af, dtype, layout, opts.models)
+    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+                   or {r for p in af.parts.values() for r in (p.config.get("rank"), p.config.get("conv_rank")) if r})
+    meta = export_metadata(af.metadata, base=af.base, fmt="kohya", stem=Path(path).stem, methods=af.methods,
+                           ranks=set(ranks), alpha=None, dtype=dtype, sgm=layout == "sgm")
+    meta.update({"ss_network_module": "lycoris.kohya", "studio.format": fmt,
+                 "studio.export_method": f"LyCORIS layout ({', '.join(af.methods)}, exact)",
+                 "ss_network_args": json.dumps({k: v for p in af.parts.values()
+                                                for k, v in get(p.method).LYCORIS_ARGS.items()})})
+    if len(ranks) == 1:
+        alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
+        meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+    digest = files.write(target, tensors, meta, overwrite=opts.overwrite)
+    return ExportReport(str(target), fmt, dtype, None, ranks, af.module_counts(), 1.0, 0.0, {}, [], digest)

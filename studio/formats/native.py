@@ -13,19 +13,45 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 
 from studio.adapters import METHODS, make_config
 from studio.errors import StudioError
+from studio.formats import files
 from studio.formats.adapter_file import AdapterFile, Part
+from studio.formats.metadata import export_metadata
 from studio.formats.refuse import refuse_leftovers
+from studio.formats.writing import ExportReport, WriteOptions
 
 FORMAT_VERSION = "1"
 
 
-def looks_like(metadata: dict[str, str]) -> bool:
+NAME = "native"
+
+
+def looks_like(tensors: dict, metadata: dict[str, str]) -> bool:
     return metadata.get("studio.format") == "native"
+
+
+def keeps_exactly(af: AdapterFile) -> bool:
+    return True
+
+
+def write(af: AdapterFile, path, opts: WriteOptions) -> ExportReport:
+    target = files.check_target(path, opts.overwrite)
+    if not opts.exact:
+        raise StudioError("--format native keeps the adapter exactly: --rank / --energy apply to kohya and "
+                          "diffusers exports")
+    if opts.dtype not in (None, "fp32"):
+        raise StudioError("--format native is written in fp32 (exact resume and mixing): use --format kohya "
+                          "for a half-precision file")
+    tensors, layout = to_tensors(af)
+    meta = export_metadata(af.metadata, base=af.base, fmt="native", stem=Path(path).stem, methods=af.methods)
+    meta.update(layout)
+    digest = files.write(target, tensors, meta, overwrite=opts.overwrite)
+    return ExportReport(str(target), NAME, "fp32", None, [], af.module_counts(), 1.0, 0.0, {}, [], digest)
 
 
 def to_tensors(af: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -33,6 +33,18 @@ from studio.formats import files
 from studio.formats.adapter_file import AdapterFile
 from studio.formats.lowrank import DTYPES, Policy, pack
 from studio.formats.metadata import export_metadata
+from studio.formats.writing import ExportReport, WriteOptions, plain_lora
+
+NAME = "peft"
+read = None  # (importing PEFT adapter folders is not supported yet)
+
+
+def looks_like(tensors: dict, metadata: dict[str, str]) -> bool:
+    return False
+
+
+def keeps_exactly(af: AdapterFile) -> bool:
+    return False
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -87,12 +99,9 @@ def _uses_conv1d(paths, model: nn.Module | None) -> bool:
     return all(path.rpartition(".")[2] in CONV1D_LEAVES for path in paths)
 
 
-def save_peft(af: AdapterFile, out: str | os.PathLike, plain_lora, *, rank: int | None = None,
-              energy: float | None = None, dtype: str | None = None, models: dict[str, nn.Module] | None = None,
-              overwrite: bool = False):
-    """Write ``af`` as a PEFT adapter folder; returns (stored modules, alpha, energy summary, sha256, notes).
-
-    ``plain_lora`` is ``export.plain_lora`` (passed in: it lives in the dispatching module)."""
+def write(af: AdapterFile, out: str | os.PathLike, opts: WriteOptions) -> ExportReport:
+    """Write ``af`` as a PEFT adapter folder (adapter_model.safetensors + adapter_config.json)."""
+    rank, energy, dtype, models, overwrite = opts.rank, opts.energy, opts.dtype, opts.models, opts.overwrite
     if af.base != "lm" or set(af.parts) != {"lm"}:
         raise StudioError(f"--format peft writes language-model adapters; {af.source.get('path') or af.name} is a "
                           f"Stable Diffusion adapter: export it with --format kohya or diffusers")
@@ -129,4 +138,5 @@ def save_peft(af: AdapterFile, out: str | os.PathLike, plain_lora, *, rank: int 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return modules, packed.alpha, summary, digest, packed.notes
+    return ExportReport(str(out), NAME, dtype, packed.alpha, ranks, af.module_counts(), summary["energy"],
+                        summary["relative_error"], summary["per_module"], packed.notes, digest)

@@ -1,7 +1,7 @@
 """The ``studio export``, ``studio inspect`` and ``studio bake`` subcommands (registered in cli.py).
 
-This is CLI glue at cli.py's layer, kept beside the formats: it alone in studio/formats may import
-``studio.models`` (to load ``--base``), which the layering test allows for this module only.
+CLI glue at cli.py's layer, beside ``generate_command.py``: it loads ``--base`` through ``studio.models``
+and writes through ``studio.formats``; ``--format``'s choices and help come from ``formats.layouts``.
 
 Each ``*_arguments`` fills an argparse parser; each ``*_run`` takes the parsed namespace, prints
 what happened and returns the exit code. Errors are StudioErrors (cli.py prints ``error: ...``
@@ -15,9 +15,10 @@ from pathlib import Path
 
 from studio.adapters.registry import get
 from studio.errors import StudioError
+from studio.formats.layouts import DEFAULT, NAMES, describe, layout
+from studio.formats.load import parse_spec
 from studio.formats.names import FAMILY_NAMES
 
-FORMAT_CHOICES = ("kohya", "diffusers", "native", "peft")
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 
 
@@ -69,8 +70,7 @@ def _policy_arguments(p: argparse.ArgumentParser, exact_flag: bool) -> None:
 
 
 def _output_arguments(p: argparse.ArgumentParser, default_format: str) -> None:
-    p.add_argument("--format", choices=FORMAT_CHOICES, default=default_format,
-                   help="kohya (loads everywhere, default), diffusers (diffusers only), native (studio, exact)")
+    p.add_argument("--format", choices=NAMES, default=default_format, help=f"default {default_format}; {describe()}")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="tensor dtype (default fp16; native is always fp32)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors file (--format peft: an output folder)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -101,9 +101,7 @@ def _models_for(args, files_) -> dict | None:
     are 1x1 convolutions (else the family rule decides, see ``lowrank.conv_kernels``)."""
     if args.format == "native":
         return None
-    from studio.formats.lycoris import writes
-
-    lossless = args.format == "kohya" and args.rank is None and args.energy is None and all(writes(af) for af in files_)
+    lossless = args.rank is None and args.energy is None and all(layout(args.format).keeps_exactly(af) for af in files_)
     needing = [] if lossless else _needing_base(af for af in files_)
     if needing and not args.base:
         raise StudioError(f"{', '.join(needing)} adapters become plain LoRAs only with their base model's weights: "
@@ -122,7 +120,7 @@ def _needing_base(files_) -> list[str]:
 def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter .safetensors file (native, kohya or diffusers)")
     _policy_arguments(p, exact_flag=False)
-    _output_arguments(p, "kohya")
+    _output_arguments(p, DEFAULT)
 
 
 def export_run(args: argparse.Namespace) -> int:
@@ -161,27 +159,10 @@ def inspect_run(args: argparse.Namespace) -> int:
 
 
 # -- bake --------------------------------------------------------------------------------------
-def parse_spec(spec: str) -> tuple[str, float, float | None]:
-    """'FILE[:WEIGHT[:TE_WEIGHT]]' (a file name may itself contain ':')."""
-    numbers: list[float] = []
-    rest = spec
-    while len(numbers) < 2 and ":" in rest:
-        head, _, tail = rest.rpartition(":")
-        try:
-            numbers.insert(0, float(tail))
-        except ValueError:
-            break
-        rest = head
-    if not rest:
-        raise StudioError(f"bad adapter spec {spec!r}: use FILE:WEIGHT or FILE:WEIGHT:TE_WEIGHT")
-    weight = numbers[0] if numbers else 1.0
-    return rest, weight, numbers[1] if len(numbers) > 1 else None
-
-
 def bake_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapters", nargs="+", metavar="FILE:W[:TE_W]", help="adapters with weights, e.g. a.safetensors:0.8")
     _policy_arguments(p, exact_flag=True)
-    _output_arguments(p, "kohya")
+    _output_arguments(p, DEFAULT)
 
 
 def bake_run(args: argparse.Namespace) -> int:
