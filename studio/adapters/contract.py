@@ -26,8 +26,13 @@ as (IA)^3 adapts keys, values and the feed-forward's second projection), and, by
                  Without ``forward`` it runs as x @ dW.T (a convolution with dW as kernel).
                  Optionally ``output(...)`` with forward's arguments -> y + delta, used when the
                  adapter is its layer's only live one (training): one pass less over the output.
-    functional   forward(cfg, state, x, base, weight, training) -> the output delta, and no
+    functional   forward(cfg, state, x, base, weight, training, scratch) -> the output delta, and no
                  fixed weight delta (routed experts): never merged, no plain-LoRA export.
+                 ``scratch`` is the adapter's own dict (``Adapter.scratch``, never saved) where the
+                 forward leaves what its training hooks or the UI read (a router's statistics).
+
+and optionally ``prepare(cfg, paths) -> cfg``: a config resolved against the targeted module paths
+before any layer is built (MoLA's per-block expert counts); the result is what a file stores.
 
 A method whose delta is already an SVD (SVF) may add ``svd(cfg, state) -> (U, g, Vh)`` with signed,
 unsorted g: its plain-LoRA export then sorts g instead of taking a new SVD.

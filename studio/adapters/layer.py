@@ -88,6 +88,7 @@ class Adapter(nn.Module):
         self.kind = method.TRAITS.kind
         self.weight = 1.0
         self.enabled = True
+        self.scratch: dict = {}  # a functional method's per-forward notes (routing stats), never saved
         for key, value in state.items():
             if key in method.TRAINABLE:
                 self.register_parameter(key, nn.Parameter(value))
@@ -228,6 +229,8 @@ class AdaptedLayer(nn.Module):
 
     def _run(self, a: Adapter, x: torch.Tensor, base: Base) -> torch.Tensor:
         forward = getattr(a.method, "forward", None)
+        if a.kind == "functional":  # the one extra argument: where a router leaves its statistics
+            return forward(a.cfg, a.state(), x, base, a.weight, a.training, a.scratch)
         if forward is not None:
             return forward(a.cfg, a.state(), x, base, a.weight, a.training)
         dW = a.delta_weight(base.W0) * a.weight

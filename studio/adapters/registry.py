@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from types import ModuleType
 
-from studio.adapters import dora, full, ia3, loha, lokr, lora, milora, pissa, svf
+from studio.adapters import dora, full, ia3, loha, lokr, lora, lora_xs, loramoe, milora, mola, molora, mov, pissa, svf
 from studio.adapters.contract import check_method
 from studio.errors import StudioError
 
@@ -19,11 +19,16 @@ METHODS: dict[str, ModuleType] = {m.NAME: m for m in (
     pissa,
     milora,
     svf,
+    lora_xs,
     dora,
     ia3,
     loha,
     lokr,
     full,
+    molora,
+    mov,
+    mola,
+    loramoe,
 )}
 
 for _module in METHODS.values():

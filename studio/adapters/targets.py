@@ -121,6 +121,9 @@ def attach(model: nn.Module, name: str, method: str, cfg=None, targets: str | li
     if name in adapter_names(model):
         raise StudioError(f"an adapter named {name!r} is already attached: detach it first or choose another name")
     layers = find_targets(model, targets) if saved is None else _saved_targets(model, saved)
+    prepare = getattr(module_of_method, "prepare", None)
+    if prepare is not None:  # a config that depends on the targets (per-block counts), resolved once
+        cfg = prepare(cfg, list(layers))
     accepts = getattr(module_of_method, "accepts", None)
     states = {}
     for path, module in layers.items():  # build every state before touching the model

@@ -1,0 +1,204 @@
+"""Routed mixtures of adapter experts: the math MoLoRA, MoV, MoLA and LoRAMoE share.
+
+A router per adapted layer reads the layer input token by token (a convolution: the receptive
+field of each output position, with the base's geometry) and weighs E experts:
+
+    p(x) = softmax(R x + c)            R: (E, in), c: (E,)        per token
+    g(x) = p(x)                        soft merging (MoLoRA, MoV, LoRAMoE; arXiv 2309.05444, 2312.09979)
+    g(x) = topk_k(p) / sum topk_k(p)   top-k, renormalised over the k kept (MoLA, arXiv 2402.08562)
+
+    LoRA experts:   y = W0 x + b + w * sum_i g_i(x) s B_i A_i x
+                    run as one stacked pair: hidden = A_cat x (E r rows), each expert's r rows
+                    scaled by its gate, then B_cat: the cost of one rank-E r LoRA plus the router.
+
+The gates depend on the input, so there is no fixed weight delta: these adapters are the
+"functional" kind (never merged, no plain-LoRA export; ``studio bake --freeze-gates`` writes the
+static mix at the average gates instead). The router's bias c is ours: with R = 0 it makes the gates a
+constant (a static weighted mix) and lets a test force one expert exactly.
+
+Routing statistics for the balance losses go to the adapter's ``scratch`` dict, which the layer
+passes to a functional forward (``layer.Adapter.scratch``, never saved): ``probs`` (tokens, E)
+with its graph while training, ``mask`` (tokens, E) of the kept experts, and ``mean_gate`` (E,),
+detached, for the UI's heat map.
+
+Per-layer expert counts (MoLA's "higher layers need more experts"): ``--experts 8``, a profile over
+quarters of the depth, or an explicit list, one count per block. A block is a module path up to its
+last numbered component followed by two or more names (``model.layers.3``, ``h.3``,
+``...transformer_blocks.0``), in module order; ``prepare`` (called by ``targets.attach`` before the
+layers are built) resolves them once to ``layout``, (block, experts) pairs a file stores.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from studio.adapters.common import LowRankConfig, check_rank
+from studio.adapters.contract import Base, Site
+from studio.errors import StudioError
+
+PROFILES = {"triangle": (8, 6, 4, 2), "inverted": (2, 4, 6, 8), "hourglass": (8, 2, 2, 8), "square": (5, 5, 5, 5)}
+"""MoLA's layer profiles (paper 4.1): experts per quarter of the depth, lowest quarter first."""
+
+
+@dataclass(frozen=True)
+class MixtureConfig(LowRankConfig):
+    """rank, alpha, ... of each LoRA expert (``common.LowRankConfig``) and the router."""
+
+    experts: int = 4
+    """E: experts per layer (when neither ``profile`` nor ``counts`` is given)."""
+    top_k: int = 0
+    """Experts kept per token; 0 = all (soft merging)."""
+    balance: float = 0.0
+    """Weight of the load-balancing loss (0: none)."""
+    profile: str = ""
+    """MoLA layer profile: triangle | inverted | hourglass | square (experts per quarter of depth)."""
+    counts: tuple = ()
+    """Explicit experts per block, lowest block first (or from ``profile``)."""
+    layout: tuple = ()
+    """(block, experts) pairs, resolved from ``counts`` / ``profile`` when the adapter is made (stored in files)."""
+
+    label = "mixture"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "counts", tuple(int(c) for c in self.counts))
+        object.__setattr__(self, "layout", tuple((str(b), int(n)) for b, n in self.layout))  # JSON gives lists
+        if self.profile and self.profile not in PROFILES:
+            raise StudioError(f"unknown expert profile {self.profile!r}: choose one of {', '.join(PROFILES)}")
+        every = self.counts or PROFILES.get(self.profile, ()) or (self.experts,)
+        if any(c <= 0 for c in every):
+            raise StudioError(f"expert counts must be positive, got {list(every)}: use e.g. --experts 4")
+        if self.top_k < 0 or self.top_k > min(every):
+            raise StudioError(f"top-k {self.top_k} is larger than the {min(every)} experts of a layer: use "
+                              f"--method-args top_k={min(every)} or fewer, or more experts")
+
+
+def block_of(path: str) -> str:
+    """The block a module belongs to: its path up to the last number followed by two or more names."""
+    parts = path.split(".")
+    for i in range(len(parts) - 3, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i + 1])
+    return ""
+
+
+def prepare(cfg: MixtureConfig, paths: list[str]) -> MixtureConfig:
+    """Resolve the experts of each block of these target paths (a profile: per quarter of the depth)."""
+    if cfg.layout or not (cfg.counts or cfg.profile):
+        return cfg
+    blocks = list(dict.fromkeys(block_of(p) for p in paths))
+    if cfg.counts and len(cfg.counts) != len(blocks):
+        raise StudioError(f"expert counts {list(cfg.counts)} give {len(cfg.counts)} blocks but the targets have "
+                          f"{len(blocks)}: give one count per block, or use --expert-profile")
+    quarters = PROFILES.get(cfg.profile)
+    counts = cfg.counts or tuple(quarters[min(3, 4 * b // len(blocks))] for b in range(len(blocks)))
+    return replace(cfg, layout=tuple(zip(blocks, counts)))
+
+
+def experts_at(cfg: MixtureConfig, site: Site) -> int:
+    if not cfg.layout:
+        return cfg.experts
+    counts = dict(cfg.layout)
+    block = block_of(site.path)
+    if block not in counts:
+        raise StudioError(f"module '{site.path}' is in none of the blocks of this adapter's expert counts: the "
+                          f"adapter was made for another base")
+    return counts[block]
+
+
+# -- the router ---------------------------------------------------------------------------------
+def channel_dim(base: Base) -> int:
+    """Where a layer keeps its channels: 1 for a convolution's NCHW, -1 otherwise."""
+    return 1 if base.channels(torch.zeros(1)).dim() == 4 else -1
+
+
+def router_init(E: int, width: int, generator: torch.Generator | None) -> dict:
+    """R as nn.Linear initialises (uniform +-1/sqrt(in)): distinct experts from the first step; c = 0."""
+    bound = 1.0 / math.sqrt(width)
+    return {"R": torch.empty(E, width).uniform_(-bound, bound, generator=generator), "c": torch.zeros(E)}
+
+
+def route(logits: torch.Tensor, top_k: int, dim: int, scratch: dict | None, training: bool) -> torch.Tensor:
+    """Gates (same shape as logits) from router logits, recording the statistics in ``scratch``."""
+    probs = logits.softmax(dim)
+    if top_k and top_k < logits.shape[dim]:
+        kept, index = probs.topk(top_k, dim)
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(dim, index, True)
+        gates = torch.zeros_like(probs).scatter(dim, index, kept / kept.sum(dim, keepdim=True))
+    else:
+        mask, gates = None, probs
+    if scratch is not None:
+        flat = probs.movedim(dim, -1).reshape(-1, probs.shape[dim])        # (tokens, E)
+        scratch["mean_gate"] = gates.detach().movedim(dim, -1).reshape(flat.shape).mean(0)
+        if training:
+            scratch["probs"] = flat
+            scratch["mask"] = None if mask is None else mask.movedim(dim, -1).reshape(flat.shape)
+    return gates
+
+
+def gates_of(cfg: MixtureConfig, state: dict, x: torch.Tensor, base: Base, scratch, training) -> torch.Tensor:
+    """Per-position gates over the experts, at the layer's output positions: (..., E) or (N, E, H, W)."""
+    logits = base.apply(x, state["R"]) + base.channels(state["c"])
+    return route(logits, cfg.top_k, channel_dim(base), scratch, training)
+
+
+# -- LoRA experts -------------------------------------------------------------------------------
+def lora_experts_init(cfg: MixtureConfig, W0: torch.Tensor, site: Site, generator=None) -> dict:
+    """E LoRA experts (A random as LoRA's, B = 0: a no-op) and the router."""
+    E, rank = experts_at(cfg, site), cfg.rank_at(site.is_conv)
+    check_rank(rank, W0.shape, site.path)
+    bound = 1.0 / math.sqrt(site.in_features)
+    A = torch.empty(E, rank, site.in_features).uniform_(-bound, bound, generator=generator)  # (E, r, in)
+    return {"A": A, "B": torch.zeros(E, site.out_features, rank), **router_init(E, site.in_features, generator),
+            "s": torch.tensor(cfg.scale_at(site.is_conv))}
+
+
+def lora_experts_from_saved(cfg: MixtureConfig, tensors: dict, site: Site) -> dict:
+    return {**{k: tensors[k].float() for k in ("A", "B", "R", "c")}, "s": torch.tensor(cfg.scale_at(site.is_conv))}
+
+
+def lora_experts_shapes(cfg: MixtureConfig, site: Site) -> dict:
+    E, rank = experts_at(cfg, site), cfg.rank_at(site.is_conv)
+    return {"A": (E, rank, site.in_features), "B": (E, site.out_features, rank), "R": (E, site.in_features),
+            "c": (E,)}
+
+
+def lora_experts_forward(cfg: MixtureConfig, state: dict, x: torch.Tensor, base: Base, weight: float,
+                         training: bool, scratch: dict | None = None) -> torch.Tensor:
+    A, B = state["A"], state["B"]                                          # (E, r, in), (E, out, r)
+    E, r = A.shape[0], A.shape[1]
+    if training and cfg.dropout > 0:
+        x = F.dropout(x, cfg.dropout, training=True)
+    gates = gates_of(cfg, state, x, base, scratch, training)
+    hidden = base.apply(x, A.reshape(E * r, -1))                           # (..., E r) / (N, E r, H, W)
+    hidden = hidden * gates.repeat_interleave(r, dim=channel_dim(base))
+    up = B.permute(1, 0, 2).reshape(B.shape[1], E * r) * (state["s"] * weight)   # (out, E r)
+    return base.project(hidden, up)
+
+
+def lora_expert_factors(state: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each expert as a plain LoRA (down (r, in), up (out, r)) with the scale s folded in."""
+    return [(state["A"][i], state["B"][i] * state["s"]) for i in range(state["A"].shape[0])]
+
+
+# -- balance losses -----------------------------------------------------------------------------
+def switch_balance(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """E * sum_i f_i P_i (Switch Transformer, as MoLA uses it): f_i the share of the token-to-expert
+    assignments expert i gets, P_i its mean router probability; 1 when perfectly balanced."""
+    E = probs.shape[-1]
+    chosen = torch.ones_like(probs) if mask is None else mask.float()
+    f = chosen.sum(0) / chosen.sum()                                       # (E,)
+    return E * (f * probs.mean(0)).sum()
+
+
+def mean_over_layers(adapters, term) -> torch.Tensor | None:
+    """cfg.balance * the mean of ``term(adapter)`` over the layers that routed in the last forward."""
+    terms = [term(a) for a in adapters if "probs" in a.scratch]
+    if not terms or adapters[0].cfg.balance == 0:
+        return None
+    return adapters[0].cfg.balance * torch.stack(terms).mean()
