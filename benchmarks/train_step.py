@@ -24,15 +24,22 @@ Memory: the reference and the plain studio each run alone in a fresh process, ``
 times in turn; peak RSS is each process's maximum resident set, and the medians are compared.
 
 Prints BENCH train_step_vs_reference, train_step_cached_vs_reference, train_rss_vs_reference.
-Run: OMP_NUM_THREADS=1 python benchmarks/train_step.py [--model sd15|mini] [--steps N] [--skip N] [--batch N]
-     [--rank 8] [--resolution PX]   (sd15: about 25 minutes on one core and 11 GB in two processes; mini: about 3 minutes)
+
+``--part memory``: the studio alone, plain and with --gradient-checkpointing, each in a fresh
+process (``--memory-batch``, default 2): the peak RSS and the median step ratios
+(BENCH checkpointing_rss_vs_plain, checkpointing_step_vs_plain), and how far the
+``studio train --check`` estimate, computed in that same process before it trains, is from the
+process's measured peak (BENCH memory_estimate_error_<model>_plain / _checkpointing, signed:
+estimate / measured - 1).
+Run: OMP_NUM_THREADS=1 python benchmarks/train_step.py [--model sd15|mini] [--part all|speed|memory] [--steps N]
+     [--skip N] [--batch N] [--rank 8] [--resolution PX]   (sd15: about 25 minutes on one core and 11 GB in two
+     processes, --part memory about 8 minutes; mini: about 3 minutes)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,6 +53,7 @@ MINI = ROOT / "sample_data" / "mini-sd"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 from timing import bench  # noqa: E402
+from trainers import memory  # noqa: E402  (the one peak-RSS reading)
 
 DEFAULTS = {"sd15": {"steps": 10, "skip": 2, "batch": 1, "resolution": 256},
             "mini": {"steps": 40, "skip": 5, "batch": 8, "resolution": 64}}
@@ -114,8 +122,10 @@ def reference_loop(base: Path, batch: int, rank: int, resolution: int):
     return step
 
 
-def studio(base: Path, steps: int, batch: int, rank: int, resolution: int, cached: bool, after_step=None) -> None:
-    """``studio train`` for ``steps`` steps; ``after_step()`` runs at the end of each step."""
+def studio(base: Path, steps: int, batch: int, rank: int, resolution: int, cached: bool, after_step=None,
+           checkpointing: bool = False, before=None) -> None:
+    """``studio train`` for ``steps`` steps; ``after_step()`` runs at the end of each step, ``before(cfg)``
+    before the trainer starts."""
     from studio.allocator import keep_freed_memory
     from trainers import diffusion, loop
     from trainers.diffusion_config import DiffusionTrainConfig
@@ -138,7 +148,9 @@ def studio(base: Path, steps: int, batch: int, rank: int, resolution: int, cache
                                    targets="unet-attn",  # the reference's layers
                                    sample_every=0, save_every=10 ** 9, sample_steps=1, cache_latents=cached,
                                    cache_text=cached, cache_dir=f"{tmp}/cache" if not cached else None,
-                                   min_snr_gamma=None)
+                                   min_snr_gamma=None, gradient_checkpointing=checkpointing)
+        if before:
+            before(cfg)
         try:
             diffusion.train(cfg, say=lambda *_: None)
         finally:
@@ -202,6 +214,9 @@ def child(kind: str, base: Path, args) -> None:
     if kind == "reference-server":
         serve_reference(base, args)
         return
+    if kind in ("plain", "checkpointing"):
+        print(json.dumps(memory_child(base, args, kind == "checkpointing")))
+        return
     shape = (args.batch, args.rank, args.resolution)
     if kind == "reference":
         step = reference_loop(base, *shape)
@@ -209,11 +224,12 @@ def child(kind: str, base: Path, args) -> None:
             step()
     else:
         studio(base, args.steps, *shape, cached=False)
-    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"rss_mb": memory.peak_rss() / 1024 ** 2}))
 
 
 def _flags(args, steps: int) -> list[str]:
-    return [f"--{k}={getattr(args, k)}" for k in ("model", "skip", "batch", "rank", "resolution")] + [f"--steps={steps}"]
+    return [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("model", "skip", "batch", "rank", "resolution",
+                                                                    "memory_batch")] + [f"--steps={steps}"]
 
 
 def run(kind: str, base: Path, args, steps: int | None = None) -> dict:
@@ -233,6 +249,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--rss-runs", type=int, default=3, help="processes per side for peak RSS")
+    parser.add_argument("--part", choices=("all", "speed", "memory"), default="all")
+    parser.add_argument("--memory-batch", type=int, default=2, help="batch of the --part memory runs")
     parser.add_argument("--child", default=None)
     parser.add_argument("--base", default=None)
     args = parser.parse_args()
@@ -251,7 +269,40 @@ def _spread(values: list[float]) -> str:
     return f"({min(values):.0f}-{max(values):.0f})"
 
 
+def memory_child(base: Path, args, checkpointing: bool) -> dict:
+    """One studio run alone in this process: its step seconds, peak RSS and its own --check estimate."""
+
+    marks, estimate = [time.perf_counter()], {}
+
+    def after_step():
+        marks.append(time.perf_counter())
+
+    def before(cfg):
+        estimate["bytes"] = memory.estimate_diffusion(cfg).total(checkpointing)
+    studio(base, args.steps, args.memory_batch, args.rank, args.resolution, cached=False, after_step=after_step,
+           checkpointing=checkpointing, before=before)
+    steps = [b - a for a, b in zip(marks, marks[1:])][args.skip:]
+    return {"rss_mb": memory.peak_rss() / 1024 ** 2, "step_s": statistics.median(steps),
+            "estimate_mb": estimate["bytes"] / 1024 ** 2}
+
+
+def measure_memory(base: Path, args) -> None:
+    sides = {kind: run(kind, base, args, steps=args.skip + 3) for kind in ("plain", "checkpointing")}
+    for kind, r in sides.items():
+        print(f"{kind:13s} peak RSS {r['rss_mb']:.0f} MB, estimate {r['estimate_mb']:.0f} MB, "
+              f"{r['step_s']:.2f} s/step  [{args.model}, {args.resolution} px, batch {args.memory_batch}]", flush=True)
+    plain, ckpt = sides["plain"], sides["checkpointing"]
+    bench("checkpointing_rss_vs_plain", ckpt["rss_mb"] / plain["rss_mb"], "<= 0.6")
+    bench("checkpointing_step_vs_plain", ckpt["step_s"] / plain["step_s"], "<= 1.4")
+    for kind, r in sides.items():
+        bench(f"memory_estimate_error_{args.model}_{kind}", r["estimate_mb"] / r["rss_mb"] - 1, "within +-0.25")
+
+
 def measure(base: Path, args) -> None:
+    if args.part in ("all", "memory"):
+        measure_memory(base, args)
+    if args.part == "memory":
+        return
     timing = run("paired", base, args)
     for kind in ("studio", "cached"):
         t = timing[kind]

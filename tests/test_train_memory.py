@@ -2,7 +2,6 @@
 and keeps the adapters fp32, and the --check estimate matches the measured peak on the mini base."""
 
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -120,9 +119,8 @@ def test_check_estimate_matches_measured_peak_on_the_mini_base(data, tmp_path):
                            text=True, cwd=ROOT, check=True).stdout
     total = re.search(r"total\s+([0-9.]+) (GB|MB)", check)
     estimate = float(total.group(1)) * (1024 if total.group(2) == "GB" else 1)
-    run = subprocess.run([sys.executable, "-c", "import resource, sys; from studio.cli import main; "
-                          "assert main(['train', *sys.argv[1:]]) == 0; "
-                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)", *args],
+    run = subprocess.run([sys.executable, "-c", "import sys; from studio.cli import main; from trainers import memory; "
+                          "assert main(['train', *sys.argv[1:]]) == 0; print(memory.peak_rss() / 1024 ** 2)", *args],
                          capture_output=True, text=True, cwd=ROOT, check=True).stdout
     measured = float(run.strip().splitlines()[-1])
     assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured, check)

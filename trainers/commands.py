@@ -122,7 +122,12 @@ def build_config(args: argparse.Namespace):
     task = next((layer["task"] for layer, _ in reversed(layers) if "task" in layer), "image")
     if task not in classes:
         raise StudioError(f"task = {task!r}: studio train has the tasks {', '.join(classes)}")
-    cfg = build(classes[task], *layers)
+    return checked(build(classes[task], *layers))
+
+
+def checked(cfg):
+    """What ``studio train`` refuses besides the config's own checks (the UI's Train tab builds
+    its configs through here too)."""
     resolution = getattr(cfg, "resolution", None)
     if resolution is not None and resolution <= 0:  # `cfg.resolution or native` would read 0 as "the default"
         raise StudioError(f"--resolution {resolution} in the train config is not a size: give the training size in "

@@ -2,7 +2,8 @@
 
 Layout: ``DATA_DIR/*.png|jpg|...`` with ``name.txt`` beside each image, or kohya's
 ``DATA_DIR/<repeats>_<name>/`` sub-folders (the images of such a folder are seen ``repeats``
-times per epoch; its ``<name>`` is the caption of images that have no .txt). Every image is
+times per epoch; its ``<name>`` is the caption of images that have no .txt). ``name.mask.png``
+beside an image is its loss mask (trainers/masks.py), never a training image. Every image is
 opened and decoded before training starts, so a damaged file fails the run at once, naming
 the file, before anything is written.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from studio.errors import StudioError
+from trainers import masks
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -30,6 +32,7 @@ class ImageItem:
     caption: str
     repeats: int = 1
     caption_file: Path | None = None
+    mask: Path | None = None
 
 
 def read_caption(path: Path) -> str:
@@ -45,14 +48,15 @@ def read_caption(path: Path) -> str:
 
 def _folder_items(folder: Path, repeats: int, default_caption: str | None) -> list[ImageItem]:
     items = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in sorted(p for p in folder.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not masks.is_mask(p)):
         caption_file = path.with_suffix(".txt")
         if caption_file.is_file():
             caption = read_caption(caption_file)
         else:
             caption_file = None
             caption = default_caption or ""
-        items.append(ImageItem(path, caption, repeats, caption_file))
+        items.append(ImageItem(path, caption, repeats, caption_file, masks.find_mask(path, IMAGE_SUFFIXES)))
     return items
 
 

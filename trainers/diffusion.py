@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import studio.adapters as A
 from studio import formats
@@ -28,7 +27,8 @@ from studio.errors import StudioError
 from studio.formats.export import default_energy
 from studio.models import load_diffusion_base
 from studio.pipeline import Settings, generate, grid, save_png
-from trainers import batches, blocks, data_images, loop, memory
+from trainers import batches, blocks, data_images, loop, masks, memory, validation
+from trainers import extras, optimizers, relora
 from trainers.caches import TensorCache, default_cache_dir, fingerprint
 from trainers.diffusion_config import DiffusionTrainConfig
 from trainers.output import prepare_output, write_text_atomic
@@ -44,9 +44,11 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     # 1. everything that can fail on user input fails here, before anything is written
-    items = data_images.scan(cfg.data)
+    items, val_items = validation.select(cfg, data_images.scan(cfg.data))
     reg_items = data_images.scan(cfg.reg_data) if cfg.reg_data else []
-    pictures = [data_images.load_image(i.path) for i in items + reg_items]
+    every = items + reg_items + val_items  # one index space: training, regularisation, held-out images
+    pictures = [data_images.load_image(i.path) for i in every]
+    mask_arrays = masks.load_all(every, pictures)  # a mask of another size than its image fails here
     out = cfg.out_dir
     identity = cfg.identity
     start_checkpoint = prepare_output(out, resume, identity)
@@ -67,6 +69,8 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
                    if cfg.buckets else [(resolution, resolution)])
     buckets_of = [batches.nearest_bucket(p.shape[1], p.shape[0], bucket_list) for p in pictures]
     fitted = [batches.fit_to_bucket(p, b) for p, b in zip(pictures, buckets_of)]
+    latent_masks = masks.LatentMasks(mask_arrays, buckets_of, pipe.vae_scale_factor)
+    del mask_arrays
 
     # 2. adapters on the UNet and / or the text encoders; the base stays frozen
     torch.manual_seed(cfg.seed)
@@ -95,20 +99,25 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     if cfg.gradient_checkpointing:
         for model in [unet] + (list(base.text_encoders) if cfg.train_te else []):
             memory.enable_checkpointing(model)
-    optimizer = loop.make_optimizer(groups)
     trained_models = ([unet] if cfg.train_unet else []) + (list(base.text_encoders) if cfg.train_te else [])
+    groups = optimizers.loraplus_groups(groups, trained_models, name, cfg.loraplus_ratio)  # LoRA+: B at ratio x lr
+    optimizer = loop.make_optimizer(groups, cfg.optimizer, cfg.optimizer_args, cfg.warmup_steps)
     hooked = training.has_hooks(trained_models, name)  # methods with an aux loss / after-step hook
 
     # 3. the schedule of global batches, and the total number of steps
     per_step = cfg.batch_size * world * cfg.grad_accum
     n = len(items)
     order = batches.BatchOrder([bucket_list.index(b) for b in buckets_of[:n]], [i.repeats for i in items], per_step, cfg.seed)
-    reg_order = (batches.BatchOrder([bucket_list.index(b) for b in buckets_of[n:]], [1] * len(reg_items), per_step,
-                                    cfg.seed + 1) if reg_items else None)
+    reg_buckets = [bucket_list.index(b) for b in buckets_of[n:n + len(reg_items)]]
+    reg_order = batches.BatchOrder(reg_buckets, [1] * len(reg_items), per_step, cfg.seed + 1) if reg_items else None
     total = cfg.total_steps(order.steps_per_epoch)
-    schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total)
+    if cfg.relora_every:
+        relora.check_steps(cfg.relora_every, total)  # a run given in epochs knows its length only here
+    schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total, cfg.optimizer,
+                                  cfg.relora_every or 0, relora.rewarm_steps(cfg.relora_every or 0, cfg.relora_warmup))
     optimizer = accelerator.prepare(optimizer)  # gradients are averaged across processes by hand below
     params = [p for group, _ in groups for p in group]
+    extra = extras.Extras(cfg, base.components, name, optimizer, params)  # ReLoRA, EMA, schedule-free's weights
     start = 0
     if start_checkpoint is not None:
         start, tensors, states, saved_identity = loop.load_checkpoint(start_checkpoint)
@@ -116,6 +125,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         _restore(base, name, tensors)
         optimizer.load_state_dict(states["optimizer"])
         schedule.load_state_dict(states["schedule"])
+        extra.load_state_dict(states)
         say(f"resumed from {start_checkpoint} at step {start}")
     if accelerator.is_main_process:
         write_text_atomic(out / "config.toml", to_toml(cfg))
@@ -128,7 +138,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     latent_cache = TensorCache(cache_root / "latents" / fingerprint(encoder, base.source) if cfg.cache_latents else None)
     text_cache = TensorCache(cache_root / "text" / fingerprint(base.text_encoders[0], base.source)
                              if cfg.cache_text and not cfg.train_te else None)
-    hashes = [data_images.file_hash(i.path) for i in items + reg_items] if cfg.cache_latents else []
+    hashes = [data_images.file_hash(i.path) for i in every] if cfg.cache_latents else []
 
     def posteriors(indices: list[int], flips: list[bool]) -> torch.Tensor:
         """(G, 2C, h, w) VAE posterior mean and std; misses are encoded in one batch."""
@@ -160,6 +170,22 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         pooled = torch.stack([r["pooled"][0] for r in rows]).to(device) if "pooled" in rows[0] else None
         return embeds, pooled
 
+    def denoise(latents, noise, timesteps, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapted UNet's prediction on noised ``latents`` and its training target."""
+        embeds, pooled = text(captions)
+        embeds, pooled = embeds.to(base_dtype), None if pooled is None else pooled.to(base_dtype)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        extra = {}
+        if base.family == "sdxl":
+            h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(latents), dtype=embeds.dtype, device=device)
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        pred = unet(noisy.to(base_dtype), timesteps, encoder_hidden_states=embeds, **extra).sample
+        return pred, target
+
+    sampler = cfg.timestep_sampler
+
     def micro_loss(step: int, micro: int, indices: list[int], offset: int, weight: float) -> torch.Tensor:
         """Loss of this process's share of one micro-batch; randomness keyed by global position."""
         purpose = f"{micro}/{offset}"
@@ -169,7 +195,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         captions, flips = [], []
         for position, index in enumerate(indices):
             rng = random.Random(f"{cfg.seed}/{step}/{purpose}/{position}")
-            item = (items + reg_items)[index]
+            item = every[index]
             caption = data_images.with_trigger(item.caption, cfg.trigger if index < n else None)
             captions.append(data_images.augment_caption(caption, rng, cfg.shuffle_captions, cfg.keep_tokens,
                                                         cfg.caption_dropout))
@@ -180,19 +206,11 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         noise = torch.randn(latents.shape, generator=g)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(indices),), generator=g)
+        timesteps = sampler.draw(len(indices), noise_scheduler.config.num_train_timesteps, g)
         latents, noise, timesteps = latents[mine].to(device), noise[mine].to(device), timesteps[mine].to(device)
-        embeds, pooled = text(captions[mine])
-        embeds, pooled = embeds.to(base_dtype), None if pooled is None else pooled.to(base_dtype)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-        extra = {}
-        if base.family == "sdxl":
-            h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(latents), dtype=embeds.dtype, device=device)
-            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-        pred = unet(noisy.to(base_dtype), timesteps, encoder_hidden_states=embeds, **extra).sample
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        pred, target = denoise(latents, noise, timesteps, captions[mine])
+        weights = latent_masks.batch(indices[mine], flips[mine], tuple(latents.shape[-2:]))  # None: no masks
+        per_sample = masks.weighted_mse(pred, target, weights)
         if cfg.min_snr_gamma:
             alphas = noise_scheduler.alphas_cumprod.to(device)[timesteps]
             snr = alphas / (1 - alphas)
@@ -205,6 +223,24 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     # 5. the loop
     writer = SummaryWriter(str(out / "logs")) if accelerator.is_main_process else None
     samples = _sample_settings(cfg, items)
+    log = validation.LossLog(out, start) if accelerator.is_main_process else None
+    validator = (validation.Validator(list(range(len(every) - len(val_items), len(every))),
+                                      [data_images.with_trigger(i.caption, cfg.trigger) for i in val_items],
+                                      buckets_of[len(every) - len(val_items):], cfg.batch_size, cfg.seed,
+                                      noise_scheduler.config.num_train_timesteps) if val_items else None)
+
+    def validate(done: int) -> float | None:
+        """The validation loss at step ``done`` when one is due (main process only), else None."""
+        if validator is None or not ((cfg.val_every and done % cfg.val_every == 0) or done == total):
+            return None
+        with validation.evaluating([unet, *base.text_encoders, vae]), accelerator.autocast():
+            value = validator.loss(posteriors, denoise, latent_masks, vae.config.scaling_factor, device)
+        writer.add_scalar("val_loss", value, done)
+        if cfg.keep_best and log.improved(value):
+            _save_adapter(cfg, base, name, out / f"{name}-best.safetensors", items, done,
+                          time.perf_counter() - began, say=None)
+        return value
+
     last_checkpoint = start_checkpoint
     from tqdm.auto import tqdm
 
@@ -226,26 +262,36 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
             accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.item() / cfg.grad_accum
         loop.apply_step(accelerator, params, optimizer, schedule, cfg.max_grad_norm, world,
-                        after=(lambda: training.after_step(trained_models, name, step, total)) if hooked else None)
+                        after=[(lambda: training.after_step(trained_models, name, step, total)) if hooked else None,
+                               *extra.hooks(step, total)])
         done = step + 1
         loop.report_step(bar, writer, step_loss, schedule.get_last_lr()[0], done)
+        if accelerator.is_main_process:  # before the checkpoint: a checkpoint of step N has its record
+            log.write(done, step_loss, schedule.get_last_lr()[0], validate(done))
         if done % cfg.save_every == 0 or done == total:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(base, name),
-                                                       optimizer, schedule, identity)
+                                                       optimizer, schedule, identity, extra.state_dict())
         if accelerator.is_main_process and cfg.save_adapter_every and done % cfg.save_adapter_every == 0 and done < total:
-            _save_adapter(cfg, base, name, out / f"{name}-step{done:07d}.safetensors", items, done,
-                          time.perf_counter() - began, say=None)
+            with extra.for_file():
+                _save_adapter(cfg, base, name, out / f"{name}-step{done:07d}.safetensors", items, done,
+                              time.perf_counter() - began, say=None)
         if accelerator.is_main_process and ((cfg.sample_every and done % cfg.sample_every == 0) or done == total):
-            _render_samples(pipe, samples, out / "samples" / f"step-{done:07d}.png",
-                            preview=out / f"{name}.preview.png" if done == total else None)
+            with extra.for_samples():  # the EMA when on
+                _render_samples(pipe, samples, out / "samples" / f"step-{done:07d}.png",
+                                preview=out / f"{name}.preview.png" if done == total else None)
     if writer:
         writer.close()
     accelerator.wait_for_everyone()
     path = out / f"{name}.safetensors"
     if accelerator.is_main_process:
-        _save_adapter(cfg, base, name, path, items, total, time.perf_counter() - began, say)
+        with extra.for_file():
+            _save_adapter(cfg, base, name, path, items, total, time.perf_counter() - began, say)
+        if extra.ema is not None:
+            with extra.for_file(ema=True):
+                _save_adapter(cfg, base, name, out / f"{name}-ema.safetensors", items, total,
+                              time.perf_counter() - began, say=None)
     return path
 
 
@@ -312,10 +358,11 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
                 tags[tag] = tags.get(tag, 0) + 1
     metadata = formats.training_metadata(
         title=name, output_name=name, trigger_phrase=cfg.trigger, steps=steps, seed=cfg.seed,
-        unet_lr=cfg.lr_unet, text_encoder_lr=cfg.lr_te if cfg.train_te else None, optimizer="AdamW",
+        unet_lr=cfg.lr_unet, text_encoder_lr=cfg.lr_te if cfg.train_te else None,
         num_train_images=len(items), base_model_name=cfg.base or "mini-sd", resolution=cfg.resolution or base.resolution,
         tag_frequency={cfg.dataset_name: tags}, training_comment=f"studio train, {seconds:.0f} s",
-        network_args=blocks.network_args(cfg, base.family))  # kohya's ss_network_args (block_dims ...)
+        network_args=extras.network_args(cfg, blocks.network_args(cfg, base.family)),  # kohya's ss_network_args
+        **extras.metadata(cfg))  # optimizer, ReLoRA, EMA
     af = formats.from_models(base.components, name, metadata=metadata)
     formats.save(af, path, "native", overwrite=True)
     if say is None:

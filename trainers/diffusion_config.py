@@ -14,6 +14,7 @@ from typing import ClassVar
 from studio.adapters import registry
 from studio.errors import StudioError
 from trainers.spec import TrainSpec
+from trainers.timesteps import TimestepSampling
 
 UNET_TARGETS = ("unet-attn", "unet-transformer", "unet-full")
 """The UNet target presets of ``studio.adapters.targets``; the default is kohya's (unet-transformer)."""
@@ -78,6 +79,22 @@ class DiffusionTrainConfig(TrainSpec):
     """epsilon or v_prediction; None = the base scheduler's."""
     save_adapter_every: int = 0
     """Also write DIR/<name>-step<N>.safetensors every N steps (kohya's save_every_n_steps); 0 = off."""
+    val_data: str | None = None
+    """Folder of held-out images, captioned like the data, scored for the validation loss (trainers/validation.py)."""
+    val_split: float = 0.0
+    """Fraction of the data's images held out (picked by the seed) for the validation loss; 0 = none."""
+    val_every: int = 100
+    """Validation loss every N steps (and at the end), to TensorBoard and OUT/losses.jsonl; 0 = only at the end."""
+    keep_best: bool = False
+    """Also write DIR/<name>-best.safetensors: the adapter at the lowest validation loss."""
+    timestep_sampling: str = "uniform"
+    """Noise levels training sees: uniform, logit-normal (SD3) or shift (logit-normal then SD3's shift); trainers/timesteps.py."""
+    timestep_mean: float = 0.0
+    """Mean of the logit-normal draw (logit-normal, shift); > 0 favours noisier timesteps."""
+    timestep_std: float = 1.0
+    """Standard deviation of the logit-normal draw (logit-normal, shift)."""
+    timestep_shift: float = 3.0
+    """Shift s of --timestep-sampling shift: u -> s u / (1 + (s - 1) u); > 1 favours noisier timesteps."""
     sample_steps: int = 20
     """Denoising steps of sample images."""
     sample_cfg: float = 4.0
@@ -106,10 +123,25 @@ class DiffusionTrainConfig(TrainSpec):
         checks = [(0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
                   (self.save_adapter_every >= 0, f"save_adapter_every must be >= 0, got {self.save_adapter_every}"),
                   (self.prediction_type in (None, "epsilon", "v_prediction"),
-                   f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")]
+                   f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}"),
+                  (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}: use e.g. 0.1"),
+                  (not (self.val_split and self.val_data), "--val-split and --val-data both given: hold out part "
+                                                           "of the data or give a folder, not both"),
+                  (self.val_every >= 0, f"--val-every must be >= 0 (0 = only at the end), got {self.val_every}"),
+                  (not self.keep_best or self.validates, "--keep-best needs a validation loss: add --val-data DIR "
+                                                         "or --val-split 0.1")]
         for ok, message in checks:
             if not ok:
                 raise StudioError(message)
+        self.timestep_sampler  # an unknown sampler or a bad option is refused here, not mid-run
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.val_data or self.val_split)
+
+    @property
+    def timestep_sampler(self) -> TimestepSampling:
+        return TimestepSampling(self.timestep_sampling, self.timestep_mean, self.timestep_std, self.timestep_shift)
 
     @property
     def dataset_name(self) -> str:

@@ -28,6 +28,7 @@ from studio.config import to_toml
 from studio.models import load_causal_lm
 from studio.text import complete
 from trainers import batches, data_text, loop, memory
+from trainers import extras, optimizers, relora
 from trainers.language_config import LMTrainConfig
 from trainers.output import prepare_output, write_text_atomic
 
@@ -67,15 +68,20 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     memory.cast_frozen(model, memory.DTYPES[cfg.base_dtype])  # the adapters stay fp32 (trainers/memory.py)
     if cfg.gradient_checkpointing:
         memory.enable_checkpointing(model)
-    optimizer = loop.make_optimizer([(params, cfg.learning_rate)])
+    groups = optimizers.loraplus_groups([(params, cfg.learning_rate)], [model], name, cfg.loraplus_ratio)  # LoRA+
+    optimizer = loop.make_optimizer(groups, cfg.optimizer, cfg.optimizer_args, cfg.warmup_steps)
     hooked = training.has_hooks([model], name)  # methods with an aux loss / after-step hook
 
     # 3. the schedule of global batches and the number of steps
     per_step = cfg.batch_size * world * cfg.grad_accum
     order = batches.BatchOrder([0] * len(examples), [1] * len(examples), per_step, cfg.seed)
     total = cfg.total_steps(order.steps_per_epoch)
-    schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total)
+    if cfg.relora_every:
+        relora.check_steps(cfg.relora_every, total)  # a run given in epochs knows its length only here
+    schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total, cfg.optimizer,
+                                  cfg.relora_every or 0, relora.rewarm_steps(cfg.relora_every or 0, cfg.relora_warmup))
     optimizer = accelerator.prepare(optimizer)  # gradients are averaged across processes by hand below
+    extra = extras.Extras(cfg, {COMPONENT: model}, name, optimizer, params)  # ReLoRA, EMA, schedule-free's weights
     start = 0
     if start_checkpoint is not None:
         start, tensors, states, saved_identity = loop.load_checkpoint(start_checkpoint)
@@ -83,6 +89,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
         _restore(model, name, tensors)
         optimizer.load_state_dict(states["optimizer"])
         schedule.load_state_dict(states["schedule"])
+        extra.load_state_dict(states)
         say(f"resumed from {start_checkpoint} at step {start}")
     if accelerator.is_main_process:
         write_text_atomic(out / "config.toml", to_toml(cfg))
@@ -116,22 +123,29 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
             accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.item() / cfg.grad_accum
         loop.apply_step(accelerator, params, optimizer, schedule, cfg.max_grad_norm, world,
-                        after=(lambda: training.after_step([model], name, step, total)) if hooked else None)
+                        after=[(lambda: training.after_step([model], name, step, total)) if hooked else None,
+                               *extra.hooks(step, total)])
         done = step + 1
         loop.report_step(bar, writer, step_loss, schedule.get_last_lr()[0], done)
         if done % cfg.save_every == 0 or done == total:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(model, name),
-                                                       optimizer, schedule, identity)
+                                                       optimizer, schedule, identity, extra.state_dict())
         if accelerator.is_main_process and ((cfg.sample_every and done % cfg.sample_every == 0) or done == total):
-            _write_samples(model, tokenizer, cfg, writer, out / "samples.txt", done)
+            with extra.for_samples():  # the EMA when on
+                _write_samples(model, tokenizer, cfg, writer, out / "samples.txt", done)
     if writer:
         writer.close()
     accelerator.wait_for_everyone()
     path = out / f"{name}.safetensors"
     if accelerator.is_main_process:
-        _save_adapter(cfg, model, name, path, len(examples), total, time.perf_counter() - began)
+        with extra.for_file():
+            _save_adapter(cfg, model, name, path, len(examples), total, time.perf_counter() - began)
+        if extra.ema is not None:
+            with extra.for_file(ema=True):
+                _save_adapter(cfg, model, name, out / f"{name}-ema.safetensors", len(examples), total,
+                              time.perf_counter() - began)
         say(f"adapter: {path} (native; `studio export {path} --format peft -o DIR` for PEFT)")
     return path
 
@@ -193,8 +207,8 @@ def _write_samples(model, tokenizer, cfg: LMTrainConfig, writer, path: Path, ste
 def _save_adapter(cfg: LMTrainConfig, model, name: str, path: Path, examples: int, steps: int, seconds: float) -> None:
     metadata = formats.training_metadata(
         title=name, output_name=name, steps=steps, seed=cfg.seed, learning_rate=cfg.learning_rate,
-        optimizer="AdamW", base_model_name=cfg.base or "mini-lm", training_comment=f"studio train --task lm, "
+        base_model_name=cfg.base or "mini-lm", training_comment=f"studio train --task lm, "
         f"{seconds:.0f} s", lm_architecture=model.config.model_type, lm_examples=examples,
-        lm_data=Path(cfg.data).name)
+        lm_data=Path(cfg.data).name, network_args=extras.network_args(cfg, None), **extras.metadata(cfg))
     af = formats.from_models({COMPONENT: model}, name, base="lm", metadata=metadata)
     formats.save(af, path, "native", overwrite=True)

@@ -19,6 +19,7 @@ import torch
 
 from studio.allocator import keep_freed_memory
 from studio.errors import StudioError
+from trainers import optimizers
 
 SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 
@@ -44,32 +45,44 @@ def make_accelerator(mixed_precision: str, grad_accum: int):
     return accelerator
 
 
-def make_optimizer(groups: list[tuple[list[torch.nn.Parameter], float]], weight_decay: float = 1e-2):
-    """AdamW over parameter groups (e.g. UNet and text encoder) with their own learning rates.
+def make_optimizer(groups: list[tuple[list[torch.nn.Parameter], float]], name: str = "adamw",
+                   args: dict | None = None, warmup_steps: int = 0):
+    """The run's optimizer (trainers/optimizers.py: AdamW by default) over parameter groups (UNet,
+    text encoder, LoRA+'s up factors) with their own learning rates.
 
-    The fused kernel (CPU and CUDA) updates every adapter tensor in one pass: on the mini base's
+    AdamW's fused kernel (CPU and CUDA) updates every adapter tensor in one pass: on the mini base's
     112 LoRA tensors, clip + step takes 1.3 ms instead of 5.5 ms for the per-tensor loop.
     """
-    param_groups = [{"params": params, "lr": lr} for params, lr in groups if params]
-    if not param_groups:
-        raise StudioError("nothing to train: the targets matched no layer with trainable adapter parameters")
-    fused = all(p.device.type in ("cpu", "cuda") for group, _ in groups for p in group)
-    return torch.optim.AdamW(param_groups, weight_decay=weight_decay, fused=fused or None)
+    return optimizers.build(groups, name, args, warmup_steps)
 
 
-def make_schedule(optimizer, name: str, warmup_steps: int, total_steps: int):
+def make_schedule(optimizer, name: str, warmup_steps: int, total_steps: int, optimizer_name: str = "adamw",
+                  restart_every: int = 0, rewarm_steps: int = 0):
+    """The LR schedule; schedule-free optimizers get a constant one (they warm up themselves), and
+    ReLoRA's restarts multiply it by a short linear re-warmup after each restart (its jagged schedule)."""
     from diffusers.optimization import get_scheduler
+    from torch.optim.lr_scheduler import LambdaLR
 
     if name not in SCHEDULES:
         raise StudioError(f"unknown LR schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+    if optimizers.get(optimizer_name).schedule_free:
+        name, warmup_steps = "constant", 0
     if name == "constant" and warmup_steps:
         name = "constant_with_warmup"
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    schedule = get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    if not restart_every:
+        return schedule
+    from trainers.relora import rewarm_factor
+
+    return LambdaLR(optimizer, [lambda t, f=f: f(t) * rewarm_factor(t, restart_every, rewarm_steps)
+                                for f in schedule.lr_lambdas])
 
 
 def save_checkpoint(folder: Path, step: int, adapter: dict[str, torch.Tensor], optimizer, schedule,
-                    identity: dict) -> Path:
-    """``folder/step-N`` written atomically; keeps only the newest two checkpoints."""
+                    identity: dict, extra: dict | None = None) -> Path:
+    """``folder/step-N`` written atomically; keeps only the newest two checkpoints. ``extra``: more
+    training state (EMA weights, ReLoRA's accumulated delta), returned by ``load_checkpoint`` beside
+    the optimizer and schedule states."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,7 +90,8 @@ def save_checkpoint(folder: Path, step: int, adapter: dict[str, torch.Tensor], o
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
     try:
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp / "state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), **(extra or {})},
+                   tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **identity}, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
@@ -126,8 +140,9 @@ def guard_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) ->
 def apply_step(accelerator, params: list[torch.nn.Parameter], optimizer, schedule, max_grad_norm: float,
                world: int, after=None) -> None:
     """Average the gradients across processes (by hand, so every trainer does it the same way),
-    clip them, then step the optimizer and the LR schedule. ``after()`` runs between the optimizer
-    step and clearing the gradients (methods' ``after_step`` hooks, studio/adapters/training.py)."""
+    clip them, then step the optimizer and the LR schedule. ``after()`` (one callable, or a list run
+    in order, None entries skipped) runs between the optimizer step and clearing the gradients:
+    methods' ``after_step`` hooks (studio/adapters/training.py), ReLoRA's restarts, the EMA update."""
     if world > 1:
         for p in params:
             if p.grad is not None:
@@ -135,8 +150,9 @@ def apply_step(accelerator, params: list[torch.nn.Parameter], optimizer, schedul
     if max_grad_norm:
         accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    if after is not None:
-        after()
+    for hook in after if isinstance(after, (list, tuple)) else [after]:
+        if hook is not None:
+            hook()
     optimizer.zero_grad(set_to_none=True)
     schedule.step()
 

@@ -235,6 +235,17 @@ def _rss_now() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_rss() -> int:
+    """This process's peak resident bytes since it started (VmHWM: exec starts it afresh; ``ru_maxrss``
+    would carry a forking parent's peak, such as a test runner's, into its child)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def runtime_overhead() -> tuple[int, str]:
     if torch.cuda.is_available():
         return CUDA_CONTEXT, "the CUDA context, assumed"

@@ -102,6 +102,25 @@ class RunSpec:
     """Linear LR warmup steps."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit | adafactor | prodigy | schedulefree (trainers/optimizers.py; the optional ones
+    need pip install -e ".[gpu]")."""
+    optimizer_args: dict = field(default_factory=dict)
+    """Keyword arguments of the optimizer, e.g. d_coef=0.5 for prodigy (an unknown one is refused by name)."""
+    loraplus_ratio: float | None = None
+    """LoRA+: the up factors' (B's) learning rate is this times the down factors' (the paper's 16 for LMs);
+    None = off."""
+    relora_every: int | None = None
+    """ReLoRA: every N steps merge the low-rank update into a frozen accumulated delta and restart the
+    factors (jagged LR schedule); None = off."""
+    relora_warmup: int | None = None
+    """ReLoRA: linear LR re-warmup steps after each restart; None = relora_every / 10."""
+    relora_prune: float = 0.99
+    """ReLoRA: fraction of each optimizer moment zeroed at a restart, smallest magnitudes first (the
+    paper's 0.99); 1 resets the optimizer state."""
+    ema_decay: float | None = None
+    """EMA of the adapter weights with this decay (e.g. 0.999), saved as DIR/<name>-ema.safetensors and
+    used for samples; None = off."""
     mixed_precision: str = "no"
     """no | fp16 | bf16 (accelerate); fp32 on CPU."""
     save_every: int = 100
@@ -125,6 +144,7 @@ class RunSpec:
     def check_run(self, task: str) -> None:
         if self.task != task:
             raise StudioError(f"task = {self.task!r} given to the {task} trainer: use --task {self.task}")
+        self.check_training_options()
         checks = [(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
                   (self.grad_accum > 0, f"grad_accum must be positive, got {self.grad_accum}"),
                   (self.steps is None or self.steps > 0, f"--steps must be positive, got {self.steps}"),
@@ -146,6 +166,43 @@ class RunSpec:
         if self.vram_budget is not None:
             from trainers.memory import parse_size
             parse_size(self.vram_budget)  # a budget that is not a size fails here, not after loading
+
+    def check_training_options(self) -> None:
+        """The optimizer, LoRA+, ReLoRA and EMA options (trainers/optimizers.py, relora.py, ema.py)."""
+        from trainers import optimizers
+
+        optimizers.check(self.optimizer, self.optimizer_args, self.lr_schedule)
+        if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
+            raise StudioError(f"--loraplus-ratio must be > 0, got {self.loraplus_ratio}: use e.g. --loraplus-ratio 16, "
+                              f"or leave it out for plain LoRA learning rates")
+        if self.loraplus_ratio is not None and optimizers.get(self.optimizer).lr_multiplier is not None:
+            raise StudioError(f"--optimizer {self.optimizer} takes one learning rate for all parameters, so LoRA+'s "
+                              f"--loraplus-ratio cannot apply: use --optimizer adamw with it, or leave it out")
+        if self.relora_every is not None:
+            checks = [(self.relora_every > 0, f"--relora-every must be positive, got {self.relora_every}"),
+                      (self.relora_warmup is None or 0 < self.relora_warmup <= self.relora_every,
+                       f"--relora-warmup must be in 1..--relora-every ({self.relora_every}), got {self.relora_warmup}"),
+                      (0 <= self.relora_prune <= 1, f"--relora-prune must be in [0, 1], got {self.relora_prune}"),
+                      (self.ema_decay is None, "--ema-decay averages weights across steps, which a ReLoRA restart "
+                                               "re-initialises: use one of --ema-decay and --relora-every"),
+                      (not optimizers.get(self.optimizer).schedule_free,
+                       f"--relora-every restarts the factors, which --optimizer {self.optimizer}'s averaged "
+                       f"weights would mix with the old ones: use --optimizer adamw")]
+            for ok, message in checks:
+                if not ok:
+                    raise StudioError(message)
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise StudioError(f"--ema-decay must be in (0, 1), got {self.ema_decay}: use e.g. --ema-decay 0.999")
+        method = getattr(self, "method", None)  # the adapter section of the same config
+        if method in registry.METHODS and (self.loraplus_ratio is not None or self.relora_every is not None):
+            from trainers import relora
+
+            if self.loraplus_ratio is not None:
+                optimizers.check_loraplus(method, self.method_config())
+            if self.relora_every is not None:
+                relora.check_method(method, self.dropout)
+                if self.steps is not None or self.epochs is None:
+                    relora.check_steps(self.relora_every, self.steps or self.DEFAULT_STEPS)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.steps or (self.epochs * steps_per_epoch if self.epochs else self.DEFAULT_STEPS)
@@ -187,4 +244,7 @@ class TrainSpec(AdapterSpec, RunSpec):
         """What a resumed run must share with the checkpoint it continues (loop.check_identity):
         anything that changes the adapter's tensors or their shapes."""
         return {"method": self.method, "base": self.base or self.BASE_NAME, "targets": self.targets,
-                "rank": self.rank, "conv_rank": self.conv_rank, "method_args": dict(self.method_args)}
+                "rank": self.rank, "conv_rank": self.conv_rank, "method_args": dict(self.method_args),
+                # the optimizer state's layout and the extra training state depend on these
+                "optimizer": self.optimizer, "loraplus_ratio": self.loraplus_ratio, "relora_every": self.relora_every,
+                "ema_decay": self.ema_decay}
