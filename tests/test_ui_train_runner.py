@@ -20,12 +20,14 @@ from studio.ui.train_runner import TrainRun
 
 FAKE = textwrap.dedent('''\
     #!{python}
-    import shutil, sys, time
+    import json, shutil, sys, time, tomllib
     from pathlib import Path
     args = sys.argv[sys.argv.index("train") + 1:]
-    out, steps = Path(args[args.index("--out") + 1]), int(args[args.index("--steps") + 1])
+    config = tomllib.loads(Path(args[args.index("--config") + 1]).read_text())
+    out, steps = Path(config["out"]), config["steps"]
     mode = "{mode}"
     (out / "samples").mkdir(parents=True)
+    (out / "logs").mkdir()
     if mode == "fail":
         print("error: dataset folder x has no images: add images", file=sys.stderr)
         sys.exit(2)
@@ -35,6 +37,9 @@ FAKE = textwrap.dedent('''\
                          f"loss={{loss:.4f}}, lr=1.00e-03]")
         sys.stderr.flush()
         (out / "samples" / f"step-{{step:07d}}.png").write_bytes(b"png")
+        if step % 2 == 0:  # the validation record: JSON lines, one partly written line at the end
+            with open(out / "logs" / "validation.jsonl", "a") as f:
+                f.write(json.dumps({{"step": step, "val_loss": 0.25 / step}}) + "\\n")
         time.sleep(0.05 if mode == "ok" else 1.0)
     shutil.copyfile("{adapter}", out / "stripes.safetensors")
     shutil.copyfile("{adapter}", out / "stripes.kohya.safetensors")
@@ -49,6 +54,13 @@ def _runner(tmp_path: Path, adapter: Path, mode: str) -> TrainRun:
     return TrainRun(tmp_path / "adapters", python=str(script))
 
 
+STRIPES = str(Path("sample_data/styles/stripes").resolve())
+
+
+def _layer(method="lora", steps=5, **more):
+    return {"data": STRIPES, "method": method, "rank": 4, "steps": steps, **more}
+
+
 def _wait(runner: TrainRun, until: str, seconds: float = 30):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -61,25 +73,32 @@ def _wait(runner: TrainRun, until: str, seconds: float = 30):
 
 def test_progress_loss_samples_and_the_finished_adapter_in_the_library(tmp_path, ui_library):
     runner = _runner(tmp_path, ui_library["lora"], "ok")
-    out = runner.start(Path("sample_data/styles/stripes"), "lora", 4, 5)
+    out = runner.start(_layer(trigger="stripy", flip=True))
     assert out == tmp_path / "adapters" / "stripes-lora"
     status = _wait(runner, "finished")
     assert status.state == "finished", status.message
     assert (status.step, status.total) == (5, 5)
     assert status.losses == [(s, round(0.5 / s, 4)) for s in range(1, 6)]
+    assert status.val_losses == [(2, 0.125), (4, 0.0625)]
+    # the run is `studio train --config` of the file beside the adapter, read by the CLI's parser
+    from studio.cli import train_config_class
+    from studio.config import build, read_toml
+
+    cfg = build(train_config_class(), (read_toml(out / "train-tab.toml"), "train-tab.toml"))
+    assert (cfg.trigger, cfg.flip, cfg.rank, cfg.steps, cfg.out) == ("stripy", True, 4, 5, str(out))
     assert status.sample == out / "samples" / "step-0000005.png"
     assert status.message == "finished: stripes-lora/stripes.safetensors is in the library"
     keys = [c.key for c in Library(tmp_path / "adapters").scan()]
     assert "stripes-lora/stripes" in keys
-    assert runner.start(Path("sample_data/styles/stripes"), "lora", 4, 1).name == "stripes-lora-2"  # never overwrites
+    assert runner.start(_layer(steps=1)).name == "stripes-lora-2"  # never overwrites
     _wait(runner, "finished")
 
 
 def test_stop_ends_the_process_and_one_run_at_a_time(tmp_path, ui_library):
     runner = _runner(tmp_path, ui_library["lora"], "slow")
-    runner.start(Path("sample_data/styles/stripes"), "svf", 4, 100)
+    runner.start(_layer("svf", 100))
     with pytest.raises(StudioError, match="a training run is already going"):
-        runner.start(Path("sample_data/styles/stripes"), "lora", 4, 100)
+        runner.start(_layer("lora", 100))
     deadline = time.monotonic() + 20
     while runner.poll().step < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -90,15 +109,21 @@ def test_stop_ends_the_process_and_one_run_at_a_time(tmp_path, ui_library):
 
 def test_a_failing_run_reports_its_error_line(tmp_path, ui_library):
     runner = _runner(tmp_path, ui_library["lora"], "fail")
-    runner.start(Path("sample_data/styles/stripes"), "lora", 4, 5)
+    runner.start(_layer())
     status = _wait(runner, "failed")
     assert status.state == "failed"
     assert status.message == "error: dataset folder x has no images: add images"
 
 
-def test_bad_requests_are_refused(tmp_path):
-    runner = TrainRun(tmp_path)
+def test_bad_requests_are_refused_before_a_folder_exists(tmp_path):
+    (tmp_path / "adapters").mkdir()
+    runner = TrainRun(tmp_path / "adapters")
     with pytest.raises(StudioError, match="unknown adapter method 'nope'"):
-        runner.start(Path("d"), "nope", 4, 5)
-    with pytest.raises(StudioError, match="steps must be 1..20000"):
-        runner.start(Path("d"), "lora", 4, 0)
+        runner.start(_layer("nope"))
+    with pytest.raises(StudioError, match="--steps must be positive, got 0"):  # the CLI's own check
+        runner.start(_layer(steps=0))
+    with pytest.raises(StudioError, match="steps 30000 is more than this UI runs"):
+        runner.start(_layer(steps=30000))
+    with pytest.raises(StudioError, match="--resolution 0 .* is not a size"):
+        runner.start(_layer(resolution=0))
+    assert list((tmp_path / "adapters").iterdir()) == []

@@ -16,7 +16,7 @@ import gradio as gr
 
 from studio.adapters.registry import METHODS
 from studio.errors import StudioError
-from studio.ui import generate_tab, tabs
+from studio.ui import generate_tab, tabs, train_tab
 from studio.ui.service import Studio
 from studio.ui.train_runner import TrainRun
 
@@ -32,6 +32,7 @@ CSS = """
 #library .thumbnail-item img { aspect-ratio: 1; height: 96px; object-fit: cover; }
 #library .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 420px; }
 #output_gallery img, #grid_image img, #train_sample img { image-rendering: pixelated; }
+#train_saved { min-height: 0 !important; }
 footer { display: none !important; }
 """
 
@@ -64,7 +65,7 @@ def build_app(studio: Studio, datasets: dict[str, Path], runner: TrainRun | None
             with gr.Tab("Bake", elem_id="tab_bake"):
                 tabs.bake_tab(studio, user_errors, generate)
             with gr.Tab("Train", elem_id="tab_train"):
-                tabs.train_tab(studio, runner, datasets, user_errors, generate)
+                train_tab.build(studio, runner, datasets, user_errors, generate)
             with gr.Tab("Inspect", elem_id="tab_inspect"):
                 tabs.inspect_tab(studio, user_errors, generate)
             if importlib.util.find_spec("studio.text") is not None:  # the language-model path is installed

@@ -1,14 +1,21 @@
-"""Training from the UI: ``python -m studio train`` in a background process.
+"""Training from the UI: ``python -m studio train --config FILE`` in a background process.
+
+The Train tab's form is built into the trainer's config (``train_form.build_config``, the CLI's
+parser), written as ``OUT/train-tab.toml`` and handed to ``studio train --config``: the run is
+exactly the command a user could type, and the file stays beside the adapter as its recipe.
 
 The UI stays responsive because the training runs in another process (its own interpreter,
 one torch thread); the app only polls. Progress and loss come from the trainer's tqdm line on
 stderr (``12/40 [...] loss=0.0312, lr=...``), samples from ``OUT/samples/step-*.png``; the
 finished adapter is ``OUT/<name>.safetensors`` inside the adapters folder, so the next library
-scan shows it. Stop terminates the process (then kills it if it does not exit in 10 s).
+scan shows it. Validation loss is read where the trainer reports it: a ``val_loss=`` field on
+that line, or JSON lines ``{"step": N, "val_loss": X}`` in ``OUT/*.jsonl`` / ``OUT/logs/*.jsonl``.
+Stop terminates the process (then kills it if it does not exit in 10 s).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -17,12 +24,14 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.adapters import registry
 from studio.errors import StudioError
 
 MAX_STEPS = 20_000
 PROGRESS = re.compile(r"(\d+)/(\d+) \[[^\]]*?loss=([-+0-9.eEnaif]+)")
 STEPS_ONLY = re.compile(r"(\d+)/(\d+) \[")
+VAL_LOSS = re.compile(r"val_loss=([-+0-9.eEnaif]+)")
+REQUEST = "train-tab.toml"
+"""The run's config as the tab built it, in the run's folder."""
 
 
 @dataclass
@@ -31,6 +40,7 @@ class Status:
     step: int = 0
     total: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
     sample: Path | None = None
     adapter: Path | None = None
     message: str = ""
@@ -48,18 +58,24 @@ class TrainRun:
         self._lines: list[str] = []
         self._lock = threading.Lock()
 
-    def start(self, data: Path, method: str, rank: int, steps: int, extra: list[str] | None = None) -> Path:
+    def start(self, layer: dict) -> Path:
+        """Start a run of the config the form's ``layer`` builds (``data`` and ``method`` in it or
+        defaulted); its folder is a new one in the library, named after the dataset and method."""
+        from studio.ui import train_form
+
         if self.running:
             raise StudioError("a training run is already going: stop it first (one run at a time on this machine)")
-        registry.get(method)  # an unknown method is refused with the registry's list
-        if not 1 <= int(steps) <= MAX_STEPS or not 1 <= int(rank) <= 256:
-            raise StudioError(f"steps must be 1..{MAX_STEPS} and rank 1..256 (got {steps}, {rank})")
-        out = self._free_folder(f"{Path(data).name}-{method}")
-        samples = max(int(steps) // 4, 1)
-        command = [self.python, "-m", "studio", "train", str(data), "--method", method, "--rank", str(int(rank)),
-                   "--steps", str(int(steps)), "--out", str(out), "--sample-every", str(samples), *(extra or [])]
+        cfg = train_form.build_config(layer)  # every mistake is refused here, before a folder exists
+        if cfg.steps is not None and cfg.steps > MAX_STEPS:
+            raise StudioError(f"steps {cfg.steps} is more than this UI runs ({MAX_STEPS}): give fewer steps, or "
+                              "use studio train for long runs")
+        out = self._free_folder(f"{cfg.dataset_name}-{cfg.method}")
+        text = train_form.toml_text(cfg) + f"out = {json.dumps(str(out))}\n"
+        out.mkdir(parents=True)
+        (out / REQUEST).write_text(text, encoding="utf-8")
+        command = [self.python, "-m", "studio", "train", "--config", str(out / REQUEST)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_MININTERVAL="0.5")
-        self.out, self.status, self._lines = out, Status("running", total=int(steps)), []
+        self.out, self.status, self._lines = out, Status("running", total=cfg.steps or 0), []
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                         cwd=str(Path(__file__).resolve().parents[2]))
         threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
@@ -92,9 +108,10 @@ class TrainRun:
         if match:
             self.status.step, self.status.total = int(match.group(1)), int(match.group(2))
             if match.re is PROGRESS:
-                loss = float(match.group(3))
-                if not self.status.losses or self.status.losses[-1][0] != self.status.step:
-                    self.status.losses.append((self.status.step, loss))
+                _record(self.status.losses, self.status.step, float(match.group(3)))
+            val = VAL_LOSS.search(line)
+            if val:
+                _record(self.status.val_losses, self.status.step, float(val.group(1)))
 
     @property
     def running(self) -> bool:
@@ -106,6 +123,8 @@ class TrainRun:
             if self.out is not None:
                 samples = sorted((self.out / "samples").glob("step-*.png"))
                 status.sample = samples[-1] if samples else None
+                for step, loss in _val_records(self.out):
+                    _record(status.val_losses, step, loss)
             if self.process is not None and status.state == "running" and self.process.poll() is not None:
                 code = self.process.returncode
                 adapters = sorted(p for p in self.out.glob("*.safetensors")
@@ -132,3 +151,23 @@ class TrainRun:
                 self.status.state = "stopped"
                 self.status.message = f"stopped at step {self.status.step}/{self.status.total}"
         return self.poll()
+
+
+def _record(series: list[tuple[int, float]], step: int, value: float) -> None:
+    """Add (step, value) once per step, in step order (tqdm redraws a line many times)."""
+    if not series or series[-1][0] < step:
+        series.append((step, value))
+
+
+def _val_records(out: Path) -> list[tuple[int, float]]:
+    """(step, val_loss) from the JSON-lines records of a run (lines of other records are skipped)."""
+    found = []
+    for path in sorted([*out.glob("*.jsonl"), *(out / "logs").glob("*.jsonl")]):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # the line being written
+            if isinstance(row, dict) and "val_loss" in row and "step" in row:
+                found.append((int(row["step"]), float(row["val_loss"])))
+    return sorted(found)
