@@ -1,6 +1,7 @@
 """What a training loop does around its optimizer beyond the step itself, for both trainers alike.
 
-    after each step    ReLoRA's restarts (trainers/relora.py), then the EMA update (trainers/ema.py)
+    after each step    the parameters' version counters bumped (the fused optimizers write behind
+                       autograd's back), ReLoRA's restarts (trainers/relora.py), the EMA update (trainers/ema.py)
     checkpoints        their state beside the optimizer's (``state_dict`` / ``load_state_dict``)
     samples            schedule-free's averaged weights, or the EMA when on
     adapter files      schedule-free's averaged weights, ReLoRA's accumulated + current factors folded
@@ -25,19 +26,27 @@ from trainers.relora import ReLoRA, rewarm_steps
 
 class Extras:
     def __init__(self, cfg, models: dict[str, torch.nn.Module], name: str, optimizer, params: list):
-        self.cfg, self.optimizer = cfg, optimizer
+        self.cfg, self.optimizer, self.params = cfg, optimizer, list(params)
         self.relora = (ReLoRA(models, name, cfg.relora_every, cfg.relora_warmup, cfg.relora_prune, cfg.optimizer,
                               optimizer, cfg.seed) if cfg.relora_every else None)
         self.ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
 
     def hooks(self, step: int, total: int) -> list:
         """The callables ``loop.apply_step`` runs after the optimizer step, in order."""
-        hooks = []
+        hooks = [self.stepped]
         if self.relora is not None:
             hooks.append(lambda: self.relora.after_step(step, total))
         if self.ema is not None:
             hooks.append(self.ema.update)
         return hooks
+
+    def stepped(self) -> None:
+        """Tell autograd the optimizer changed every parameter in place. Fused AdamW (and the 8-bit
+        kernels) write without bumping ``_version``, and an adapter layer keys its cached stacked
+        factors (studio/adapters/layer.py ``_stacked``, used without gradients: validation, samples)
+        on those counters, so it would go on using the factors of an earlier step."""
+        for p in self.params:
+            torch.autograd.graph.increment_version(p)
 
     def state_dict(self) -> dict:
         state = {}
