@@ -101,3 +101,32 @@ def test_method_options_come_from_the_registry():
     assert T.method_help("pissa").startswith("pissa options, one name=value a line:")
     assert "svd=fast" in T.method_help("pissa") and "niter=4" in T.method_help("pissa")
     assert "rank=" not in T.method_help("pissa")  # generic options have their own controls
+
+
+def test_optional_numbers_are_text_boxes_empty_meaning_the_default():
+    """gr.Number shows an empty value as 0 and sends 0 back (`--steps must be positive, got 0` on Start
+    with the defaults): optional numbers are text boxes, parsed here."""
+    import gradio as gr
+
+    from studio.ui.train_tab import _widget
+
+    form = {c.name: c for c in T.controls()}
+    assert isinstance(_widget(form["steps"], PICKS), gr.Textbox) and isinstance(_widget(form["rank"], PICKS), gr.Number)
+    assert T.to_layer([form["steps"], form["unet_lr"], form["alpha"]], ["", " ", None], PICKS) == {}
+    assert T.to_layer([form["steps"], form["unet_lr"]], ["300", "2e-3"], PICKS) == {"steps": 300, "unet_lr": 2e-3}
+    with pytest.raises(StudioError, match="steps 'lots' is not a number: type one, or leave the field empty"):
+        T.to_layer([form["steps"]], ["lots"], PICKS)
+    with pytest.raises(StudioError, match="steps 2.5 is not a whole number"):
+        T.to_layer([form["steps"]], ["2.5"], PICKS)
+
+
+def test_the_loss_plot_knows_both_series_from_its_first_frame():
+    """The browser's plot fixes its colours from the first frame: a validation series that appears
+    later would never be drawn (seen in Chromium), so the empty frame already names it."""
+    from studio.ui.train_tab import loss_frame
+
+    empty = loss_frame([])
+    assert list(empty.series) == ["training", "validation"] and empty.loss.isna().all()
+    frame = loss_frame([(1, 0.5), (2, 0.4)], [(2, 0.45)])
+    assert frame.values.tolist() == [[1, 0.5, "training"], [2, 0.4, "training"], [2, 0.45, "validation"]]
+    assert loss_frame([(1, 0.5)]).values.tolist()[0] == [1, 0.5, "training"]

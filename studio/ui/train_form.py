@@ -173,9 +173,27 @@ def to_layer(form: list[Control], values: list, picks: Picks) -> dict:
             items = [line.strip() for line in str(value or "").splitlines() if line.strip()]
             if items or control.kind == "lines":
                 layer[control.name] = items
+        elif control.kind == "number":
+            if value is not None and str(value).strip() != "":
+                layer[control.name] = _number(control, value)
         elif value is not None and value != "":
-            layer[control.name] = int(value) if control.integer and float(value).is_integer() else value
+            layer[control.name] = value
     return layer
+
+
+def _number(control: Control, value) -> int | float:
+    """A number control's value: a number from gr.Number, or the text of an optional one (a text
+    box, because gr.Number shows an empty value as 0 and sends 0 back)."""
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise StudioError(f"{control.label} {str(value).strip()!r} is not a number: type one, or leave the field "
+                          f"empty for the default") from None
+    if control.integer:
+        if not number.is_integer():
+            raise StudioError(f"{control.label} {number:g} is not a whole number: type one, or leave it empty")
+        return int(number)
+    return number
 
 
 def from_config(form: list[Control], cfg, picks: Picks, source: str) -> list:

@@ -22,12 +22,19 @@ PER_ROW = 3
 IDLE = "idle: pick a dataset, set the options and press Start"
 
 
+SERIES_COLOURS = {"training": "#4f6bed", "validation": "#e8772e"}
+
+
 def loss_frame(losses, val_losses=()):
-    """Training and validation loss as one long table: one line per series in the plot."""
+    """Training and validation loss as one long table: one line per series in the plot. Every
+    series has a row from the first frame on (NaN until it has values): the browser's plot fixes
+    its colours from the series of the first frame it draws, and would never draw one added later."""
     import pandas as pd
 
-    rows = [(s, v, "training") for s, v in losses] + [(s, v, "validation") for s, v in val_losses]
-    return pd.DataFrame(rows or [(0, float("nan"), "training")], columns=["step", "loss", "series"])
+    rows = []
+    for series, values in (("training", losses), ("validation", val_losses)):
+        rows += [(s, v, series) for s, v in values] or [(0, float("nan"), series)]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 def _widget(control: train_form.Control, picks: train_form.Picks):
@@ -41,6 +48,8 @@ def _widget(control: train_form.Control, picks: train_form.Picks):
         return gr.Checkbox(value=control.default, **common)
     if control.kind == "dropdown":
         return gr.Dropdown(list(control.choices), value=control.default, **common)
+    if control.kind == "number" and control.default is None:  # optional: empty means the CLI's default
+        return gr.Textbox(value="", placeholder="default", **common)
     if control.kind == "number":
         return gr.Number(value=control.default, precision=0 if control.integer else None, **common)
     if control.kind in ("lines", "pairs"):
@@ -82,8 +91,10 @@ def build(studio: Studio, runner: TrainRun, datasets: dict[str, Path], run, gene
                 start = gr.Button("Start", variant="primary", elem_id="train_start")
                 stop = gr.Button("Stop", variant="stop", elem_id="train_stop")
             status = gr.Markdown(IDLE, elem_id="train_status")
+            # both series named up front: the plot fixes its colour domain from the first frame it gets
             plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="series", title="loss (training, validation)",
-                               elem_id="train_loss", height=260)
+                               color_map=SERIES_COLOURS, colors_in_legend=list(SERIES_COLOURS), elem_id="train_loss",
+                               height=260)
             sample = gr.Image(label="latest samples", format="png", type="filepath", elem_id="train_sample",
                               height=260)
     controls = [widgets[c.name] for c in form]
