@@ -1,4 +1,11 @@
-"""``inspect_file``: what an adapter file is, as a dict (``--json``) or as text."""
+"""``inspect_file``: what an adapter file is, as a dict (``--json``) or as text, and whether each tool loads it.
+
+"Will it load?" is decided from the key names alone, by each tool's documented key rules
+(reference/formats.md 2-4 and 6, reference/lycoris.md): a key a tool would leave unloaded is named for
+that tool. Those tools skip such keys with at most a warning (A1111 at debug level, ComfyUI's "lora key
+not loaded"), except diffusers' kohya path, which raises on any key it cannot rename and loads nothing.
+The studio itself loads every key of a file it reads (or refuses the file naming the keys).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +47,119 @@ def _alphas(af: AdapterFile) -> dict[str, list]:
     return out
 
 
+# -- will it load? ---------------------------------------------------------------------------------
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+_GLORA = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
+# the tensor names (after the module name) each UI's LyCORIS / LoRA modules consume
+A1111_SUFFIXES = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight", *_HADA,
+                  *_LOKR, "lokr_t1", "weight", "on_input", "diff", "diff_b", "w_norm", "b_norm", *_GLORA,
+                  "oft_blocks", "oft_diag", "alpha", "scale", "bias", "dora_scale")
+COMFY_SUFFIXES = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight",
+                  "lora.up.weight", "lora.down.weight", "lora_linear_layer.up.weight", "lora_linear_layer.down.weight",
+                  "lora_A.default.weight", "lora_B.default.weight", *_HADA, *_LOKR, *_GLORA, "oft_blocks", "diff",
+                  "diff_b", "w_norm", "b_norm", "set_weight", "alpha", "dora_scale", "reshape_weight")
+COMFY_PREFIXES = (*KOHYA_PREFIXES, "lycoris_", "diffusion_model.", "text_encoders.", "text_encoder.",
+                  "text_encoder_2.", "unet.")
+KOHYA_LORA = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+def _split(key: str) -> tuple[str, str]:
+    """(module name, tensor name): kohya names split at the first dot; dotted (diffusers) names at the
+    tensor name a LoRA loader looks for."""
+    if key.startswith(KOHYA_PREFIXES + ("lycoris_",)):
+        name, _, suffix = key.partition(".")
+        return name, suffix
+    for suffix in sorted(COMFY_SUFFIXES, key=len, reverse=True):
+        if key.endswith("." + suffix):
+            return key[:-len(suffix) - 1], suffix
+    return key.rpartition(".")[0], key.rpartition(".")[2]
+
+
+def _a1111(keys: list[str], family: str) -> tuple[list[str], str]:
+    skipped = [k for k in keys if not k.startswith(KOHYA_PREFIXES) or _split(k)[1] not in A1111_SUFFIXES
+               or (family == "sdxl" and k.startswith("lora_te_"))]
+    # SDXL's OpenCLIP attention is one MultiheadAttention: A1111 applies its q / k / v LoRA only when all
+    # four projections have modules, else it skips the layer without a message
+    te2 = {_split(k)[0] for k in keys if k.startswith("lora_te2_")}
+    for name in te2:
+        if name.endswith(("_q_proj", "_k_proj", "_v_proj")):
+            layer = name[:-len("_q_proj")]
+            if any(f"{layer}_{p}" not in te2 for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
+                skipped += [k for k in keys if _split(k)[0] == name]
+    why = "lora_te_ names no SDXL text encoder here: use lora_te1_" if any(
+        family == "sdxl" and k.startswith("lora_te_") for k in skipped) else ""
+    return skipped, why
+
+
+def _comfyui(keys: list[str], family: str) -> tuple[list[str], str]:
+    skipped = []
+    for k in keys:
+        name, suffix = _split(k)
+        current_diffusers = k.startswith("unet.") and ".to_" in name and ".processor." not in name
+        if not k.startswith(COMFY_PREFIXES) or suffix not in COMFY_SUFFIXES or current_diffusers:
+            skipped.append(k)
+    ia3 = any(_split(k)[1] == "on_input" for k in skipped)
+    return skipped, "ComfyUI has no (IA)^3" if ia3 else ""
+
+
+def _diffusers(keys: list[str], family: str) -> tuple[list[str], str]:
+    dora = [k for k in keys if "dora_scale" in k]  # dropped with a warning: the rest applies as a plain LoRA
+    rest = [k for k in keys if k not in dora]
+    if rest and all(k.startswith(KOHYA_PREFIXES) for k in rest):
+        unrenamed = [k for k in rest if _split(k)[1] not in KOHYA_LORA]
+        if unrenamed:
+            return keys, (f"its kohya path raises on {len(unrenamed)} key(s) it cannot rename and loads nothing; "
+                          f"studio export FILE --format kohya --rank 32 -o plain.safetensors writes a plain LoRA it loads")
+        return dora, "drops DoRA's dora_scale: applies the plain LoRA part only" if dora else ""
+    if not all("lora" in k for k in rest):
+        return keys, "not a LoRA file to diffusers ('Invalid LoRA checkpoint'): export with --format kohya"
+    stray = [k for k in rest if not k.startswith(("unet.", "text_encoder.", "text_encoder_2."))]
+    return dora + stray, ""
+
+
+def _kohya(keys: list[str], family: str) -> tuple[list[str], str]:
+    """sd-scripts' networks.lora (resuming, merging): lora_down / lora_up / alpha only; its SDXL UNet has
+    SGM names and its SD1.x UNet diffusers names."""
+    wrong_unet = "lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_"
+    if family != "sdxl":
+        wrong_unet = "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"
+    skipped = [k for k in keys if not k.startswith(KOHYA_PREFIXES) or _split(k)[1] not in KOHYA_LORA
+               or k.startswith(wrong_unet) or (family == "sdxl" and k.startswith("lora_te_"))]
+    return skipped, "networks.lora reads plain LoRA modules only" if skipped else ""
+
+
+# tool -> its key rules; the studio's own line comes from having read the file
+TOOLS = {"A1111": _a1111, "Forge": _comfyui, "ComfyUI": _comfyui, "diffusers": _diffusers, "kohya": _kohya}
+
+
+def compatibility(keys: list[str], family: str, path: str = "FILE") -> dict[str, dict]:
+    """{tool: {"modules": applied, "of": modules, "unloaded": [keys], "note": why}} (image tools on SD files):
+    a module counts as applied when a key of it other than its alpha loads."""
+    modules = {_split(k)[0] for k in keys}
+    out = {"studio": {"modules": len(modules), "of": len(modules), "unloaded": [], "note": ""}}
+    if family == "lm":
+        return out
+    for tool, rules in TOOLS.items():
+        skipped, note = rules(keys, family)
+        skipped = sorted(set(skipped))
+        applied = {_split(k)[0] for k in keys if k not in skipped and _split(k)[1] != "alpha"}
+        out[tool] = {"modules": len(applied), "of": len(modules), "unloaded": skipped,
+                     "note": note.replace("FILE", str(path))}
+    return out
+
+
+def _compatibility_lines(compat: dict[str, dict]) -> list[str]:
+    lines = ["will it load (each tool's key rules):"]
+    for tool, c in compat.items():
+        text = f"all {c['of']} modules" if not c["unloaded"] else (
+            f"{c['modules']} of {c['of']} modules, {len(c['unloaded'])} key(s) unloaded: "
+            + ", ".join(c["unloaded"][:3]) + (f" (+{len(c['unloaded']) - 3} more)" if len(c["unloaded"]) > 3 else ""))
+        lines.append(f"  {tool:9s} {text}" + (f" ({c['note']})" if c["note"] else ""))
+    return lines
+
+
 def inspect_file(path: str | os.PathLike) -> dict:
     af = read(path)
     header = af.source.get("header", {})
@@ -67,6 +187,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "hash": {"sha256": digest, "short": digest[:12], "in_metadata": stored,
                  "matches": None if stored is None else stored == digest},
         "metadata": header,
+        "compatibility": compatibility(list(files.read_header(path).tensors), af.base, str(path)),
     }
 
 
@@ -85,6 +206,7 @@ def render_text(info: dict) -> str:
     h = info["hash"]
     check = {None: "not in metadata", True: "matches metadata", False: f"metadata says {h['in_metadata']}: stale"}
     lines.append(f"sha256:    {h['sha256']} (short {h['short']}; {check[h['matches']]})")
+    lines += _compatibility_lines(info.get("compatibility", {}))
     if info["metadata"]:
         lines.append("metadata:")
         for key in sorted(info["metadata"]):

@@ -16,38 +16,53 @@ from __future__ import annotations
 
 from studio.errors import StudioError
 
-# (marker in a key, algorithm name, why it cannot become a plain LoRA)
+# (marker in a key, algorithm name, why it cannot become a plain LoRA, which tools load it: reference/lycoris.md,
+# reference/formats.md 6)
 UNSUPPORTED = [
-    ("dora_scale", "DoRA", "its magnitude vectors rescale the weight and cannot be dropped"),
-    ("lora_magnitude_vector", "DoRA (PEFT)", "its magnitude vectors rescale the weight and cannot be dropped"),
-    ("lora_mid", "LyCORIS LoCon with a Tucker core (lora_mid)", "its convolution core has no Linear equivalent"),
-    ("oft_", "OFT / BOFT", "it rotates the weight instead of adding a delta"),
-    ("boft_", "OFT / BOFT", "it rotates the weight instead of adding a delta"),
-    ("on_input", "(IA)^3", "it rescales activations instead of adding a delta"),
-    (".w_norm", "LyCORIS norm", "it adapts normalisation layers"),
-    (".b_norm", "LyCORIS norm", "it adapts normalisation layers"),
+    ("dora_scale", "DoRA", "its magnitude vectors rescale the weight and cannot be dropped",
+     "ComfyUI, Forge and A1111 load it in kohya names"),
+    ("lora_magnitude_vector", "DoRA (PEFT)", "its magnitude vectors rescale the weight and cannot be dropped",
+     "diffusers and PEFT load it"),
+    ("lora_mid", "LyCORIS LoCon with a Tucker core (lora_mid)", "its convolution core has no Linear equivalent",
+     "A1111, Forge and ComfyUI load it"),
+    ("oft_", "OFT / BOFT", "it rotates the weight instead of adding a delta", "ComfyUI, Forge and A1111 load it"),
+    ("boft_", "OFT / BOFT", "it rotates the weight instead of adding a delta", "PEFT loads it"),
+    ("on_input", "(IA)^3", "it rescales activations instead of adding a delta",
+     "A1111 and InvokeAI load it (ComfyUI does not)"),
+    (".w_norm", "LyCORIS norm", "it adapts normalisation layers", "A1111, Forge, ComfyUI and InvokeAI load it"),
+    (".b_norm", "LyCORIS norm", "it adapts normalisation layers", "A1111, Forge, ComfyUI and InvokeAI load it"),
 ]
-_ENDINGS = [(".a1.weight", "GLoRA"), (".b1.weight", "GLoRA")]
+_ENDINGS = [(".a1.weight", "GLoRA", "ComfyUI and Forge load it (A1111 only GLoRA's older layout)"),
+            (".b1.weight", "GLoRA", "ComfyUI and Forge load it (A1111 only GLoRA's older layout)")]
+STUDIO_READS = "the studio imports LoRA / LoCon, LoHa, LoKr, DoRA and full (diff) files"
 # read in kohya names only: (marker, whether it ends the key, algorithm name, the suffix family it is read by)
 KOHYA_ONLY = [(".hada_", False, "LyCORIS LoHa", "hada_"), (".lokr_", False, "LyCORIS LoKr", "lokr_"),
               (".diff", True, "LyCORIS full (diff)", "diff"), (".diff_b", True, "LyCORIS full (diff)", "diff")]
 
 
+def _named(name: str, key: str, keys) -> str:
+    """LyCORIS writes diag-OFT and BOFT under one key, oft_blocks: 3-D (n, b, b) is OFT, 4-D BOFT."""
+    if name == "OFT / BOFT" and hasattr(keys, "get") and getattr(keys.get(key), "dim", None):
+        return {3: "OFT", 4: "BOFT"}.get(keys[key].dim(), name)
+    return name
+
+
 def refuse_unsupported(keys, where: str, allowed: tuple[str, ...] = ()) -> None:
-    """Refuse the first key of an algorithm we do not import; ``allowed`` markers are read by their
-    method's LyCORIS hooks (``formats.lycoris``)."""
+    """Refuse the first key of an algorithm we do not import, saying which tools load it; ``allowed``
+    markers are read by their method's LyCORIS hooks (``formats.lycoris``). ``keys`` may be the tensors."""
     for key in keys:
-        for marker, name, why in UNSUPPORTED:
+        for marker, name, why, tools in UNSUPPORTED:
             if marker in key and marker not in allowed:
+                name = _named(name, key, keys)
                 raise StudioError(
-                    f"{where} is a {name} file (key '{key}'): {name} is not supported because {why}; the "
-                    f"studio imports plain LoRA files (lora_down/lora_up or lora_A/lora_B): convert or "
-                    f"retrain it as a plain LoRA")
-        for ending, name in _ENDINGS:
+                    f"{where} is a {name} file (key '{key}'): {name} is not "
+                    f"supported because {why}; {tools}; {STUDIO_READS}: load it in one of those tools, or "
+                    f"convert or retrain it as a plain LoRA")
+        for ending, name, tools in _ENDINGS:
             if key.endswith(ending):
                 raise StudioError(
-                    f"{where} is a {name} file (key '{key}'): {name} is not supported; the studio imports "
-                    f"plain LoRA files (lora_down/lora_up or lora_A/lora_B): convert or retrain it as a plain LoRA")
+                    f"{where} is a {name} file (key '{key}'): {name} is not supported; {tools}; {STUDIO_READS}: "
+                    f"load it in one of those tools, or convert or retrain it as a plain LoRA")
         for marker, at_end, name, family in KOHYA_ONLY:
             found = key.endswith(marker) if at_end else marker in key
             if found and not any(a.startswith(family) for a in allowed):
