@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from studio.adapters.registry import get
+from studio.adapters.registry import METHODS, get
 from studio.errors import StudioError
 from studio.formats.layouts import DEFAULT, NAMES, describe, layout
 from studio.formats.load import parse_spec
@@ -24,7 +24,8 @@ DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 
 # -- shared ------------------------------------------------------------------------------------
 def _load_base(base: str, components: list[str]) -> dict:
-    """The base models an adapter needs (SVF conversion, 1x1-conv detection), as {component: model}.
+    """The base models an adapter needs (converting a method whose delta uses W0, 1x1-conv detection), as
+    {component: model}.
 
     Stable Diffusion bases go through ``studio.models.load_diffusion_base`` (diffusers folder, single-file
     ``.safetensors`` checkpoint or hub id); language-model adapters load a transformers causal-LM folder.
@@ -74,9 +75,10 @@ def _output_arguments(p: argparse.ArgumentParser, default_format: str) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="tensor dtype (default fp16; native is always fp32)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors file (--format peft: an output folder)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    needing = ", ".join(name for name, m in METHODS.items() if m.TRAITS.needs_base)
     p.add_argument("--base", help="base model (diffusers folder, .safetensors checkpoint or hub id; a transformers "
-                                  "folder for LM adapters): needed to convert SVF adapters; when given it also "
-                                  "decides which modules are 1x1 convolutions")
+                                  f"folder for LM adapters): needed to convert adapters whose delta uses the base "
+                                  f"weight ({needing}); when given it also decides which modules are 1x1 convolutions")
     p.add_argument("--unet-layout", choices=("sgm", "diffusers"),
                    help="SDXL kohya UNet names: sgm (input_blocks..., default) or diffusers (down_blocks...)")
 
@@ -97,7 +99,8 @@ def _print_report(report, say=print) -> None:
 
 
 def _models_for(args, files_) -> dict | None:
-    """The base for a kohya / diffusers write: needed for SVF; when given, it also tells which modules
+    """The base for a kohya / diffusers write: needed for methods whose delta uses W0 (TRAITS.needs_base); when
+    given, it also tells which modules
     are 1x1 convolutions (else the family rule decides, see ``lowrank.conv_kernels``)."""
     if args.format == "native":
         return None

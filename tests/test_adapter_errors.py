@@ -30,6 +30,13 @@ def test_rank_larger_than_the_layer(method):
         A.attach(_mlp(), "a", method, A.make_config(method, {"rank": 13}), "0")
 
 
+@pytest.mark.parametrize("method", ["lora", "pissa", "milora", "lora_xs"])
+def test_conv_rank_larger_than_the_kernel_names_conv_rank(method):
+    conv = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1))  # (8, 4 * 3 * 3): min 8
+    with pytest.raises(A.StudioError, match=r"rank 9 is larger than min\(out, in\) = 8 of module '0'.*--conv-rank 8 or"):
+        A.attach(conv, "a", method, A.make_config(method, {"rank": 2, "conv_rank": 9}), "0")
+
+
 def test_targets_matching_nothing():
     with pytest.raises(A.StudioError, match=r"match no Linear layer.*preset"):
         A.attach(_mlp(), "a", "lora", targets="unet-attn")

@@ -77,6 +77,10 @@ class LowRankConfig:
         """r of a layer: conv_rank on k x k convolutions when given."""
         return self.conv_rank if conv and self.conv_rank is not None else self.rank
 
+    def rank_flag(self, conv: bool) -> str:
+        """The option that sets ``rank_at(conv)``, for errors."""
+        return "--conv-rank" if conv and self.conv_rank is not None else "--rank"
+
     def at(self, path: str):
         """The config of the layer at ``path`` under ``module_ranks`` (None: no adapter there).
 
@@ -118,12 +122,13 @@ def pad_rank(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def check_rank(rank: int, shape: tuple[int, int] | torch.Size, module: str) -> None:
+def check_rank(rank: int, shape: tuple[int, int] | torch.Size, module: str, flag: str = "--rank") -> None:
+    """``flag``: the option that set this layer's rank (``LowRankConfig.rank_flag``), named in the error."""
     limit = min(shape)
     if rank > limit:
         raise StudioError(
             f"rank {rank} is larger than min(out, in) = {limit} of module '{module}' "
-            f"(weight {tuple(shape)}): use --rank {limit} or less, or target other modules")
+            f"(weight {tuple(shape)}): use {flag} {limit} or less, or target other modules")
 
 
 def weight_hash(W: torch.Tensor) -> bytes:

@@ -34,7 +34,7 @@ def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator |
     """A ~ kaiming-uniform(a=sqrt 5) as in PEFT / loralib (fan-in = in * kh * kw), B = 0, so dW = 0."""
     out_features, in_features = W0.shape
     rank = cfg.rank_at(site.is_conv)
-    check_rank(rank, W0.shape, site.path)
+    check_rank(rank, W0.shape, site.path, cfg.rank_flag(site.is_conv))
     bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
     A = torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator)  # (r, in)
     return {"A": conv_down(A, site), "B": torch.zeros(out_features, rank)}            # B: (out, r)

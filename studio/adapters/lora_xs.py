@@ -66,7 +66,7 @@ def canonical_signs(U: torch.Tensor) -> torch.Tensor:
 def _frame(cfg: Config, rank: int, W0: torch.Tensor, site: Site, h: bytes | None = None) -> dict:
     """The frozen sides, copied out of the cached basis (r rows, not the whole basis, stay alive):
     A = diag(S_r) V_r^T (r, in) and B = s U_r (out, r), signs canonical, the scale folded in once."""
-    check_rank(rank, W0.shape, site.path)
+    check_rank(rank, W0.shape, site.path, cfg.rank_flag(site.is_conv))
     U, S, Vh, h = cached_svd(W0, h)
     signs = canonical_signs(U[:, :rank])
     A = (signs * S[:rank])[:, None] * Vh[:rank]

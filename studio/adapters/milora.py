@@ -41,6 +41,6 @@ class Config(LowRankConfig):
 
 def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator | None = None) -> dict:
     r = cfg.rank_at(site.is_conv)
-    check_rank(r, W0.shape, site.path)
+    check_rank(r, W0.shape, site.path, cfg.rank_flag(site.is_conv))
     U, S, Vh, _ = cached_svd(W0)  # the full spectrum is needed for the minor triplets
     return pissa.state_from_triplets(cfg.scale_at(site.is_conv), U[:, -r:], S[-r:], Vh[-r:], site)

@@ -65,7 +65,7 @@ def state_from_triplets(scale: float, U_r: torch.Tensor, S_r: torch.Tensor, Vh_r
 
 def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator | None = None) -> dict:
     rank = cfg.rank_at(site.is_conv)
-    check_rank(rank, W0.shape, site.path)
+    check_rank(rank, W0.shape, site.path, cfg.rank_flag(site.is_conv))
     W = W0.detach().float()
     if cfg.svd == "exact":
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
