@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 
 from studio.allocator import keep_freed_memory
 from studio.errors import StudioError
+from studio.formats import layouts  # the table of file layouts: light, its modules load on use
 
 
 class Command(NamedTuple):
@@ -129,7 +130,7 @@ COMMANDS: dict[str, Command] = {
                          _make_base_arguments, _make_base_run),
     "make-lm": Command("train the embedded mini language model (text world) into a transformers folder",
                        _make_lm_arguments, _make_lm_run),
-    "export": Command("write an adapter as a kohya (default), diffusers or native .safetensors LoRA",
+    "export": Command(f"write an adapter in another file layout: {', '.join(layouts.NAMES)} (default {layouts.DEFAULT})",
                       _module("file_commands", "export_arguments"), _module("file_commands", "export_run")),
     "inspect": Command("show what an adapter file is: format, base, method, ranks, trigger words, hash, metadata",
                        _module("file_commands", "inspect_arguments"), _module("file_commands", "inspect_run")),
