@@ -200,9 +200,19 @@ class Killed(Exception):
 
 
 def test_ema_file_is_the_average_of_the_steps_and_survives_a_kill(tmp_path, monkeypatch):
+    from trainers import diffusion
+
     data, cache = _copy_data(tmp_path / "stripes"), tmp_path / "cache"
     args = ("--ema-decay", "0.9", "--steps", "4", "--save-every", "2", "--save-adapter-every", "1")
+    render, sampled = diffusion._render_samples, []
+
+    def spying_render(pipe, *rest, **kw):  # the weights the sample grid is rendered with
+        sampled.append({f"unet.{k}": v.clone() for k, v in A.adapter_state_dict(pipe.unet, "stripes").items()})
+        return render(pipe, *rest, **kw)
+
+    monkeypatch.setattr(diffusion, "_render_samples", spying_render)
     straight = _run(data, tmp_path / "straight", cache, *args)
+    monkeypatch.setattr(diffusion, "_render_samples", render)
     ema = _tensors(straight / "stripes-ema.safetensors")
     steps = [_tensors(straight / f"stripes-step{s:07d}.safetensors") for s in (1, 2, 3)]
     steps.append(_tensors(straight / "stripes.safetensors"))
@@ -211,6 +221,8 @@ def test_ema_file_is_the_average_of_the_steps_and_survives_a_kill(tmp_path, monk
         want = _closed_form([s[key] for s in steps], _decays(4, 0.9), torch.zeros_like(ema[key]))
         torch.testing.assert_close(ema[key].double(), want, rtol=0, atol=1e-6, msg=key)
     assert any(not torch.equal(ema[k], steps[-1][k]) for k in ema)
+    assert len(sampled) == 1 and sampled[0].keys() == ema.keys()  # --sample-every 0: one grid, at the end
+    assert all(torch.equal(sampled[0][k], ema[k]) for k in ema)  # rendered with the EMA weights
 
     write = validation.LossLog.write
 
