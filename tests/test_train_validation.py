@@ -178,3 +178,17 @@ def test_evaluation_after_a_fused_step_sees_the_new_factors():
             fresh = unet(x, t, encoder_hidden_states=ctx).sample.detach()
         assert not torch.equal(fresh, before)  # the step moved the adapter
         assert torch.equal(evaluated(), fresh)
+
+
+def test_keep_best_under_relora_holds_the_folded_adapter(data, tmp_path):
+    """ReLoRA's restarted factors alone are not the adapter: the best file is folded like every other file
+    (the accumulated delta + the live factors), equal to the per-step file of the best step."""
+    out = tmp_path / "run"
+    assert main(_args(data, out, tmp_path / "cache") + ["--relora-every", "2"]) == 0
+    records = _records(out)
+    best = min(records, key=lambda r: r["val_loss"])["step"]
+    kept = out / "stripes-best.safetensors"
+    assert _same_tensors(kept, out / f"stripes-step{best:07d}.safetensors") if best < STEPS else \
+        _same_tensors(kept, out / "stripes.safetensors")
+    if best > 2:  # after the first restart the folded file has twice the live rank (the default 8)
+        assert {t.shape[0] for k, t in _tensors(kept).items() if k.endswith(".A")} == {16}

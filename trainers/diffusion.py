@@ -233,12 +233,14 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         """The validation loss at step ``done`` when one is due (main process only), else None."""
         if validator is None or not ((cfg.val_every and done % cfg.val_every == 0) or done == total):
             return None
-        with validation.evaluating([unet, *base.text_encoders, vae]), accelerator.autocast():
+        # the weights a file would hold: schedule-free's average (ReLoRA's accumulated delta is live already)
+        with extra.evaluation(), validation.evaluating([unet, *base.text_encoders, vae]), accelerator.autocast():
             value = validator.loss(posteriors, denoise, latent_masks, vae.config.scaling_factor, device)
         writer.add_scalar("val_loss", value, done)
         if cfg.keep_best and log.improved(value):
-            _save_adapter(cfg, base, name, out / f"{name}-best.safetensors", items, done,
-                          time.perf_counter() - began, say=None)
+            with extra.for_file():  # ReLoRA: restarted factors + the accumulated delta, folded as the final file
+                _save_adapter(cfg, base, name, out / f"{name}-best.safetensors", items, done,
+                              time.perf_counter() - began, say=None)
         return value
 
     last_checkpoint = start_checkpoint
