@@ -8,8 +8,16 @@
    naive route: form each dense dW and take its SVD.                        goal: < 5 s
    (the base's SVD is computed once beforehand, as during training: it is cached)
 
-Prints BENCH export_sd15_seconds, import_sd15_seconds, svf_export_sd15_seconds.
-Run: python benchmarks/formats.py [--threads N] [--skip-svf]
+4. LyCORIS files at SD1.5 size, as community LoKr / LoHa files come (UNet transformer blocks, ResNets
+   and samplers, 3x3 convs included, + TE attention: 278 + 48 modules; LoKr with factor 16 and a full W2
+   (LyCORIS's full-matrix mode), LoHa rank 8 / conv rank 4; fp16): import (read, checks, canonical tensors) vs
+   safetensors.torch.load_file of the same file                            goal: < 1 s each
+   and conversion of the imported file to a rank-32 plain LoRA (SVD from the factors, energy
+   reported) with ``studio export --format kohya --rank 32``'s call           goal: < 10 s each
+
+Prints BENCH export_sd15_seconds, import_sd15_seconds, svf_export_sd15_seconds, import_lokr_sd15_seconds,
+import_loha_sd15_seconds, lokr_to_lora32_sd15_seconds, loha_to_lora32_sd15_seconds.
+Run: python benchmarks/formats.py [--threads N] [--skip-svf] [--only-lycoris]
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from builders import CLIP_L, SD15_UNET, meta_clip, meta_unet  # noqa: E402
 from timing import bench, interleaved  # noqa: E402
 
 TARGETS = {"unet": "unet-attn", "te": "te-attn"}
+LYCORIS_TARGETS = {"unet": "unet-full", "te": "te-attn"}
+LYCORIS = {"lokr": {"rank": 8, "factor": 16, "full_matrix": True}, "loha": {"rank": 8, "alpha": 4.0, "conv_rank": 4, "conv_alpha": 2.0}}
 
 
 def sd15_shapes() -> dict[str, dict[str, tuple[int, int]]]:
@@ -51,6 +61,47 @@ def lora_file(shapes, rank: int = 16) -> F.AdapterFile:
         parts[component] = F.Part("lora", {"rank": rank, "alpha": float(rank), "rslora": False, "dropout": 0.0},
                                   tensors)
     return F.AdapterFile("sd15", parts)
+
+
+def lycoris_file(method: str, fields: dict) -> F.AdapterFile:
+    """An SD1.5-size adapter of ``method`` with random factors (the shapes its training would give), from
+    the meta-device models' geometry: no base weights are allocated."""
+    import dataclasses
+
+    from studio.adapters.contract import Site
+    from studio.adapters.registry import get
+    g = torch.Generator().manual_seed(3)
+    cfg = A.make_config(method, fields)
+    parts = {}
+    for component, model in {"unet": meta_unet(SD15_UNET), "te": meta_clip(CLIP_L)}.items():
+        tensors = {}
+        for path, module in A.find_targets(model, LYCORIS_TARGETS[component]).items():
+            W = module.weight
+            site = Site(path, W.shape[0], W[0].numel(), tuple(W.shape[2:]) or (1, 1))
+            state = get(method).init(cfg, torch.empty(W.shape[0], W[0].numel(), device="meta"), site, g)
+            for key, t in state.items():
+                tensors[f"{path}.{key}"] = t if key == "alpha" else 0.05 * torch.randn(t.shape, generator=g)
+        parts[component] = F.Part(method, dataclasses.asdict(cfg), tensors)
+    return F.AdapterFile("sd15", parts)
+
+
+def bench_lycoris(folder: Path) -> None:
+    from safetensors.torch import load_file
+    for method, fields in LYCORIS.items():
+        path = folder / f"{method}.safetensors"
+        F.save(lycoris_file(method, fields), path, "kohya", dtype="fp16", overwrite=True)  # LyCORIS's layout
+        t = interleaved({"studio": lambda: F.read(path), "load_file": lambda: load_file(str(path))}, repeat=3)
+        af = F.read(path)
+        print(f"import of an SD1.5 {method} file ({sum(af.module_counts().values())} modules, "
+              f"{path.stat().st_size / 1e6:.0f} MB fp16): studio {t['studio']:.3f} s, safetensors load_file "
+              f"{t['load_file']:.3f} s (ratio {t['studio'] / t['load_file']:.1f})")
+        bench(f"import_{method}_sd15_seconds", t["studio"], "< 1")
+        wall, cpu = time.perf_counter(), time.process_time()
+        report = F.save(af, folder / f"{method}-r32.safetensors", "kohya", rank=32, dtype="fp16", overwrite=True)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(f"{method} -> plain LoRA rank 32: {wall:.2f} s ({cpu:.2f} s CPU), retained energy {report.energy:.4f}, "
+              f"relative error {report.relative_error:.3g}")
+        bench(f"{method}_to_lora32_sd15_seconds", wall, "< 10")
 
 
 class Skeleton(nn.Module):
@@ -76,8 +127,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-svf", action="store_true", help="skip part 3 (its setup SVD takes ~40 s here)")
+    parser.add_argument("--only-lycoris", action="store_true", help="run part 4 only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only_lycoris:
+        return bench_lycoris(Path(tempfile.mkdtemp(prefix="bench-formats-")))
     shapes = sd15_shapes()
     af = lora_file(shapes)
     folder = Path(tempfile.mkdtemp(prefix="bench-formats-"))
@@ -98,6 +152,7 @@ def main() -> None:
           f"(ratio {t['studio'] / t['diffusers']:.2f})")
     bench("import_sd15_seconds", t["studio"], "< 1")
 
+    bench_lycoris(folder)
     if args.skip_svf:
         return
     models = {c: Skeleton(modules) for c, modules in shapes.items()}

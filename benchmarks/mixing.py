@@ -20,9 +20,15 @@ Three rank-16 LoRA files on UNet and text-encoder attention (128 + 48 modules), 
     between neighbouring steps, and the median over rounds is reported: load on this shared
     machine drifts over seconds to minutes, and a round spans four steps.
 
+(c) The three-kind mix (LoKr + LoHa + LoRA files on the same attention modules, LoKr and LoHa in
+    LyCORIS's layout, as community files come; diffusers loads neither, so no PEFT peer): a weight
+    change vs a re-merge (goal: far below, <= 0.1) and the unmerged step vs the same mix merged
+    (goal <= 1.3); LoKr and LoHa stay dense deltas, applied through their factors each step.
+
 Prints BENCH weight_change_vs_remerge, weight_change_vs_set_adapters, unmerged3_step_vs_peft,
-unmerged3_step_vs_merged. Run: OMP_NUM_THREADS=1 python benchmarks/mixing.py [--threads N]
-(one copy of the weights, ~5 GiB; about 10 minutes on one core at 256 px).
+unmerged3_step_vs_merged, three_kinds_weight_change_vs_remerge, three_kinds_step_vs_merged.
+Run: OMP_NUM_THREADS=1 python benchmarks/mixing.py [--threads N] [--only-three-kinds]
+(one copy of the weights at a time, ~5 GiB; about 10 minutes on one core at 256 px, (c) a few more).
 """
 
 from __future__ import annotations
@@ -81,6 +87,53 @@ def lora_files(models: dict, folder: Path) -> list[Path]:
     return paths
 
 
+# (c): method -> its fields; LoKr as LyCORIS's defaults factor it (factor -1, W2 factored), LoHa at rank 8
+THREE_KINDS = {"lokr": {"rank": 8, "alpha": 4.0}, "loha": {"rank": 8, "alpha": 4.0}, "lora": {"rank": 16, "alpha": 16.0}}
+
+
+def three_kind_files(models: dict, folder: Path) -> list[Path]:
+    """A LoKr, a LoHa and a LoRA file on the models' attention (random factors; kohya names, LyCORIS's layout)."""
+    paths = []
+    for i, (method, fields) in enumerate(THREE_KINDS.items()):
+        g = torch.Generator().manual_seed(20 + i)
+        for component, model in models.items():
+            A.attach(model, "tmp", method, A.make_config(method, fields), TARGETS[component])
+            with torch.no_grad():
+                for p in A.trainable_parameters(model, "tmp"):
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        af = F.from_models(models, "tmp", base="sd15")
+        for model in models.values():
+            A.detach(model, "tmp")
+        paths.append(folder / f"{method}.safetensors")
+        F.save(af, paths[-1], "kohya", dtype="fp32", overwrite=True)
+    return paths
+
+
+def three_kinds(args) -> None:
+    began = time.perf_counter()
+    ours = build()
+    plain_unet, bare_unet = shared_copy(ours.unet), shared_copy(ours.unet)
+    models = {"unet": ours.unet, "te": ours.text_encoder}
+    paths = three_kind_files(models, Path(tempfile.mkdtemp(prefix="mixing-bench-3-")))
+    studio_attached(models, paths, WEIGHT_SETS[0])
+    print(f"(c) LoKr + LoHa + LoRA files ({', '.join(f'{p.stat().st_size / 1e6:.0f} MB' for p in paths)}) on an "
+          f"SD1.5-sized UNet + TE in {time.perf_counter() - began:.0f} s", flush=True)
+    change = studio_weight_change(models)
+    unmerged = interleaved({"studio": change}, repeat=args.repeat * 4)["studio"]
+    for model in models.values():
+        A.merge(model)
+    remerge = interleaved({"remerge": change}, repeat=max(2, args.repeat // 2))["remerge"]
+    print(f"(c) weight change -> ready: studio {unmerged * 1e3:.1f} ms, full re-merge {remerge * 1e3:.0f} ms", flush=True)
+    for model in models.values():
+        A.unmerge(model)
+    for name, w in zip(NAMES, WEIGHT_SETS[0]):
+        F.set_file_weight(models, name, w)
+    unets = {"studio": ours.unet, "merged": merged_copy(plain_unet, models), "plain": bare_unet}
+    ratios = step_rounds(unets, args.rounds, args.warmup, args.size)
+    bench("three_kinds_weight_change_vs_remerge", unmerged / remerge, "<= 0.1")
+    bench("three_kinds_step_vs_merged", statistics.median(ratios["vs_merged"]), "<= 1.3")
+
+
 def step_fn(unet, size: int = 256):
     """One CFG denoising step: the UNet on a batch of 2 latents of size/8 (32x32 at 256 px) with 77 context tokens."""
     g = torch.Generator().manual_seed(2)
@@ -101,8 +154,8 @@ def studio_weight_change(models: dict):
         state["i"] += 1
         for name, w in zip(NAMES, WEIGHT_SETS[state["i"] % 2]):
             F.set_file_weight(models, name, w)
-        for layer in layers:  # what the next forward does first: re-stack the scaled factors
-            live = layer.live_adapters()
+        for layer in layers:  # what the next forward does first: re-stack the low-rank adapters' scaled factors
+            live = [a for a in layer.live_adapters() if a.kind == "low-rank"]  # (dense ones scale as they run)
             if live:
                 layer._stacked(live)
     return change
@@ -142,7 +195,7 @@ def step_rounds(unets: dict, rounds: int, warmup: int, size: int) -> dict[str, l
     for _ in range(warmup):
         for name in names:
             steps[name]()
-    ratios: dict[str, list[float]] = {"vs_peft": [], "vs_merged": []}
+    ratios: dict[str, list[float]] = {f"vs_{n}": [] for n in ("peft", "merged") if n in steps}
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -152,17 +205,16 @@ def step_rounds(unets: dict, rounds: int, warmup: int, size: int) -> dict[str, l
             steps[name]()
             took[name] = time.perf_counter() - start
             seconds[name].append(took[name])
-        ratios["vs_peft"].append(took["studio"] / took["peft"])
-        ratios["vs_merged"].append(took["studio"] / took["merged"])
-        print(f"  round {r + 1}: studio {took['studio']:.2f} s, PEFT {took['peft']:.2f} s, merged "
-              f"{took['merged']:.2f} s -> {ratios['vs_peft'][-1]:.3f} of PEFT, {ratios['vs_merged'][-1]:.3f} of merged",
-              flush=True)
+        for key in ratios:
+            ratios[key].append(took["studio"] / took[key[3:]])
+        print(f"  round {r + 1}: " + ", ".join(f"{n} {took[n]:.2f} s" for n in names) + " -> " +
+              ", ".join(f"{v[-1]:.3f} of {k[3:]}" for k, v in ratios.items()), flush=True)
     outputs = {name: step() for name, step in steps.items()}
     if "plain" in seconds:  # what the adapters add to a step, each way
         plain = statistics.median(seconds["plain"])
         print("  added to the plain UNet's step: " + ", ".join(
-            f"{n} {statistics.median(seconds[n]) - plain:+.3f} s" for n in ("studio", "peft", "merged")))
-    for other in ("peft", "merged"):
+            f"{n} {statistics.median(seconds[n]) - plain:+.3f} s" for n in ("studio", "peft", "merged") if n in seconds))
+    for other in (k[3:] for k in ratios):
         difference = ((outputs["studio"] - outputs[other]).norm() / outputs[other].norm()).item()
         print(f"  studio vs {other} UNet outputs differ by {difference:.1e} (relative): the same computation")
     print("  median step: " + ", ".join(f"{n} {statistics.median(v):.2f} s" for n, v in seconds.items()))
@@ -176,8 +228,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="denoising steps timed per UNet")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--size", type=int, default=256, help="image size of the denoising step, in pixels")
+    parser.add_argument("--only-three-kinds", action="store_true", help="run (c) only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only_three_kinds:
+        return three_kinds(args)
     began = time.perf_counter()
     # (a) on two identical copies (same seed): studio's adapters on one, diffusers + PEFT on the
     # other, timed round-robin so load on the machine hits both alike
@@ -220,6 +275,10 @@ def main() -> None:
     bench("weight_change_vs_set_adapters", changes["studio"] / changes["diffusers"])
     bench("unmerged3_step_vs_peft", statistics.median(ratios["vs_peft"]), "<= 1.0")
     bench("unmerged3_step_vs_merged", statistics.median(ratios["vs_merged"]), "<= 1.15")
+    del ours, theirs, models, unets, plain_unet, bare_unet, change, set_adapters  # (c) builds its own copy
+    import gc
+    gc.collect()
+    three_kinds(args)
 
 
 if __name__ == "__main__":
