@@ -369,6 +369,9 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
     formats.save(af, path, "native", overwrite=True)
     if say is None:
         return
+    if registry.get(cfg.method).TRAITS.export == "none":  # routed experts: no fixed delta, no plain LoRA
+        say(f"adapter: {path} (native, for the studio; a {cfg.method} adapter has no kohya form)")
+        return
     kohya = path.with_name(f"{name}.kohya.safetensors")
     # LyCORIS-layout methods (DoRA) stay exact; truncated plain-LoRA exports keep their declared energy
     energy = default_energy(af, "kohya")

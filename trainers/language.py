@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import studio.adapters as A
-from studio.adapters import training
+from studio.adapters import registry, training
 from studio import formats
 from studio.config import to_toml
 from studio.models import load_causal_lm
@@ -146,7 +146,9 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
             with extra.for_file(ema=True):
                 _save_adapter(cfg, model, name, out / f"{name}-ema.safetensors", len(examples), total,
                               time.perf_counter() - began)
-        say(f"adapter: {path} (native; `studio export {path} --format peft -o DIR` for PEFT)")
+        routed = registry.get(cfg.method).TRAITS.export == "none"  # a routed mixture has no PEFT form
+        say(f"adapter: {path} (native" + ("; a routed mixture, no PEFT form)" if routed else
+                                           f"; `studio export {path} --format peft -o DIR` for PEFT)"))
     return path
 
 

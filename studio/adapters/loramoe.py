@@ -47,11 +47,16 @@ class Config(mixture.MixtureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        object.__setattr__(self, "knowledge", mixture.whole(self.knowledge, "LoRAMoE knowledge", "knowledge=3"))
+        object.__setattr__(self, "delta", mixture.number(self.delta, "LoRAMoE delta", "delta=0.1"))
+        if self.counts or self.profile:
+            raise StudioError("LoRAMoE keeps the same experts in every layer (its groups are expert numbers): "
+                              "drop --method-args counts / profile and set experts=N")
         if not 0 < self.knowledge < self.experts:
             raise StudioError(f"LoRAMoE knowledge {self.knowledge} must leave experts in both groups of "
                               f"{self.experts}: use --method-args knowledge=1..{self.experts - 1}")
         if not 0 <= self.delta < 1:
-            raise StudioError(f"LoRAMoE delta must be in [0, 1), got {self.delta}")
+            raise StudioError(f"LoRAMoE delta must be in [0, 1), got {self.delta}: use e.g. --method-args delta=0.1")
 
 
 init = mixture.lora_experts_init
@@ -76,3 +81,10 @@ def localized_balance(probs: torch.Tensor, knowledge: int, delta: float) -> torc
 def aux_loss(adapters):
     cfg = adapters[0].cfg
     return mixture.mean_over_layers(adapters, lambda a: localized_balance(a.scratch["probs"], cfg.knowledge, cfg.delta))
+
+
+def describe(config, modules):
+    k, E = config["knowledge"], config["experts"]
+    return mixture.describe_lora_experts(
+        config, modules, f"localized balancing loss x {config['balance']:g} (training only): experts 1-{k} "
+        f"world knowledge (Q = 1 - {config['delta']:g}), {k + 1}-{E} task (Q = 1 + {config['delta']:g})")

@@ -26,6 +26,9 @@ quarters of the depth, or an explicit list, one count per block. A block is a mo
 last numbered component followed by two or more names (``model.layers.3``, ``h.3``,
 ``...transformer_blocks.0``), in module order; ``prepare`` (called by ``targets.attach`` before the
 layers are built) resolves them once to ``layout``, (block, experts) pairs a file stores.
+
+``describe`` (each method's optional hook, read by ``studio inspect``) says what a saved mixture
+holds, from its config and its tensors: the experts, the routing, the balance loss, experts per block.
 """
 
 from __future__ import annotations
@@ -66,16 +69,52 @@ class MixtureConfig(LowRankConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "counts", tuple(int(c) for c in self.counts))
+        experts = whole(self.experts, "experts", "experts=4")
+        top_k = whole(self.top_k, "top_k", "top_k=2 (0: soft merging over every expert)")
+        object.__setattr__(self, "experts", experts)
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "balance", number(self.balance, "balance", "balance=0.01 (0: no balance loss)"))
+        object.__setattr__(self, "counts", parse_counts(self.counts))
         object.__setattr__(self, "layout", tuple((str(b), int(n)) for b, n in self.layout))  # JSON gives lists
         if self.profile and self.profile not in PROFILES:
-            raise StudioError(f"unknown expert profile {self.profile!r}: choose one of {', '.join(PROFILES)}")
-        every = self.counts or PROFILES.get(self.profile, ()) or (self.experts,)
+            raise StudioError(f"unknown expert profile {self.profile!r}: use --method-args profile= one of "
+                              f"{', '.join(PROFILES)}, or counts=8,6,4,2 (one per block)")
+        if self.profile and self.counts:
+            raise StudioError(f"expert profile {self.profile!r} and counts {list(self.counts)} both set the experts "
+                              f"per block: give --method-args profile=... or counts=..., not both")
+        every = self.counts or PROFILES.get(self.profile, ()) or (experts,)
         if any(c <= 0 for c in every):
-            raise StudioError(f"expert counts must be positive, got {list(every)}: use e.g. --experts 4")
-        if self.top_k < 0 or self.top_k > min(every):
-            raise StudioError(f"top-k {self.top_k} is larger than the {min(every)} experts of a layer: use "
+            raise StudioError(f"expert counts must be positive, got {list(every)}: use e.g. --method-args experts=4")
+        if top_k < 0:
+            raise StudioError(f"top-k {top_k} is negative: use --method-args top_k=0 (soft) or 1..{min(every)}")
+        if top_k > min(every):
+            raise StudioError(f"top-k {top_k} is larger than the {min(every)} experts of a layer: use "
                               f"--method-args top_k={min(every)} or fewer, or more experts")
+        if self.balance < 0:
+            raise StudioError(f"balance {self.balance:g} is negative, which would reward imbalance: use "
+                              f"--method-args balance=0.01 (0: no balance loss)")
+
+
+def whole(value, name: str, example: str) -> int:
+    """A config integer, also from text (--method-args gives '4'), or the one-line reason it is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        raise StudioError(f"{name} must be a whole number, got {value!r}: use e.g. --method-args {example}")
+    return int(value)
+
+
+def number(value, name: str, example: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise StudioError(f"{name} must be a number, got {value!r}: use e.g. --method-args {example}") from None
+
+
+def parse_counts(counts) -> tuple[int, ...]:
+    """Experts per block from a TOML list, a JSON list or the command line's '8,6,4,2' (a lone '8' is an int)."""
+    items = counts.split(",") if isinstance(counts, str) else [counts] if isinstance(counts, int) else counts
+    return tuple(whole(c, "counts", "counts=8,6,4,2 (one per block, lowest first)") for c in items if c != "")
 
 
 def block_of(path: str) -> str:
@@ -94,7 +133,7 @@ def prepare(cfg: MixtureConfig, paths: list[str]) -> MixtureConfig:
     blocks = list(dict.fromkeys(block_of(p) for p in paths))
     if cfg.counts and len(cfg.counts) != len(blocks):
         raise StudioError(f"expert counts {list(cfg.counts)} give {len(cfg.counts)} blocks but the targets have "
-                          f"{len(blocks)}: give one count per block, or use --expert-profile")
+                          f"{len(blocks)}: give one count per block, or use --method-args profile=triangle|inverted|hourglass|square")
     quarters = PROFILES.get(cfg.profile)
     counts = cfg.counts or tuple(quarters[min(3, 4 * b // len(blocks))] for b in range(len(blocks)))
     return replace(cfg, layout=tuple(zip(blocks, counts)))
@@ -202,3 +241,40 @@ def mean_over_layers(adapters, term) -> torch.Tensor | None:
     if not terms or adapters[0].cfg.balance == 0:
         return None
     return adapters[0].cfg.balance * torch.stack(terms).mean()
+
+
+# -- what a file holds (studio inspect) ---------------------------------------------------------
+def describe(config: dict, modules: dict[str, dict], experts: str, balance: str | None) -> dict:
+    """The routing of a saved mixture: ``modules`` {path: {tensor: T}}; counts come from the routers' shapes
+    (R: (E, width)), so they are what the file holds whatever the config says."""
+    counts = {path: int(t["R"].shape[0]) for path, t in modules.items()}
+    top_k = int(config.get("top_k") or 0)
+    if top_k and top_k < max(counts.values()):
+        routing = f"top-{top_k} per token (the {top_k} most probable experts, gates renormalised over them)"
+        if top_k >= min(counts.values()):
+            routing += f"; layers of {top_k} or fewer experts use them all"
+    else:
+        routing = "soft per token (softmax over every expert of the layer)"
+    blocks: dict[str, list[int]] = {}
+    paths: dict[str, list[str]] = {}
+    for path, n in counts.items():   # module order is depth order
+        blocks.setdefault(block_of(path), []).append(n)
+        paths.setdefault(block_of(path), []).append(path)
+    profile = config.get("profile") or ("explicit counts" if config.get("counts") else "")
+    return {"experts": experts, "routing": routing, "balance": balance,
+            "profile": profile or f"{config.get('experts')} everywhere",
+            "experts_total": sum(counts.values()),
+            "per_block": [{"block": b or _common_prefix(paths[b]), "experts": sorted(set(ns)), "modules": len(ns)}
+                          for b, ns in blocks.items()]}
+
+
+def _common_prefix(paths: list[str]) -> str:
+    """The modules of no numbered block (a UNet mid-block's proj_in / proj_out) named by what they share."""
+    split = [p.split(".") for p in paths]
+    shared = [parts[0] for parts in zip(*split) if len(set(parts)) == 1]
+    return ".".join(shared) or "(top level)"
+
+
+def describe_lora_experts(config: dict, modules: dict[str, dict], balance: str | None) -> dict:
+    ranks = sorted({int(t["A"].shape[1]) for t in modules.values()})
+    return describe(config, modules, f"LoRA experts of rank {'/'.join(map(str, ranks))}", balance)

@@ -49,3 +49,8 @@ def from_saved(cfg, W0, tensors, site):
 
 def aux_loss(adapters):
     return mixture.mean_over_layers(adapters, lambda a: mixture.switch_balance(a.scratch["probs"], a.scratch["mask"]))
+
+
+def describe(config, modules):
+    balance = f"Switch load-balancing loss x {config['balance']:g} (training only)"
+    return mixture.describe_lora_experts(config, modules, balance)

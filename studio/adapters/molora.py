@@ -38,3 +38,7 @@ def from_saved(cfg, W0, tensors, site):
 
 
 forward = mixture.lora_experts_forward
+
+
+def describe(config, modules):
+    return mixture.describe_lora_experts(config, modules, None)

@@ -35,8 +35,9 @@ class Config:
     """E: (IA)^3 vectors per layer."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.experts, int) or self.experts <= 0:
-            raise StudioError(f"MoV experts must be a positive integer, got {self.experts!r}: use e.g. --experts 4")
+        object.__setattr__(self, "experts", mixture.whole(self.experts, "MoV experts", "experts=4"))
+        if self.experts <= 0:
+            raise StudioError(f"MoV experts must be positive, got {self.experts}: use e.g. --method-args experts=4")
 
 
 accepts = ia3.accepts
@@ -70,3 +71,7 @@ def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float
         return base.apply(x * l, base.W0)
     gates = mixture.route(base.apply(x, R) + c, 0, dim, scratch, training)           # per output position
     return base.project(gates, (state["L"] - 1).T * weight) * base.out()
+
+
+def describe(config, modules):
+    return mixture.describe(config, modules, "(IA)^3 vector experts", None)

@@ -17,6 +17,7 @@ import torch.nn as nn
 from studio.adapters import mix
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, normalise_models
+from studio.formats.export import refuse_routed
 from studio.formats.lowrank import (Policy, exact_factors, kernel_of, lora_part, one_thread, sorted_full, stored_kernels,
                                     summarise, truncate)
 from studio.formats.names import FAMILY_NAMES, TEXT_ENCODERS
@@ -32,6 +33,8 @@ def bake(inputs: list[tuple[AdapterFile, float, float | None]], rank: int | None
         raise StudioError(f"cannot bake adapters made for different bases "
                           f"({', '.join(FAMILY_NAMES[f] for f in sorted(families))}): bake each base's adapters "
                           f"separately")
+    for af, _, _ in inputs:
+        refuse_routed(af, "studio bake")
     models = normalise_models(models or {})
     family = next(iter(families))
     stacks: dict[str, dict[str, list]] = {}

@@ -47,6 +47,17 @@ def _alphas(af: AdapterFile) -> dict[str, list]:
     return out
 
 
+def _mixtures(af: AdapterFile) -> dict[str, dict]:
+    """{component: experts, routing, balance, experts per block} of the parts whose method describes its
+    routing (the routed mixtures' ``describe`` hook)."""
+    out = {}
+    for component, part in af.parts.items():
+        hook = getattr(get(part.method), "describe", None)
+        if hook is not None:
+            out[component] = hook(part.config, part.modules())
+    return out
+
+
 # -- will it load? ---------------------------------------------------------------------------------
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -179,6 +190,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "ranks": _ranks(af),
         "alphas": _alphas(af),
         "modules": af.module_counts(),
+        "mixtures": _mixtures(af),
         "dtypes": af.source.get("dtypes", []),
         "tensors": af.source.get("tensor_count"),
         "size_bytes": Path(path).stat().st_size,
@@ -201,6 +213,8 @@ def render_text(info: dict) -> str:
         alphas = ", ".join(f"{a:g}" if isinstance(a, (int, float)) else str(a) for a in info["alphas"].get(component, []))
         lines.append(f"  {component:5s} {method:6s} {info['modules'][component]:4d} modules, rank {ranks}"
                      + (f", alpha {alphas}" if alphas else ""))
+        if component in info["mixtures"]:
+            lines += _mixture_lines(info["mixtures"][component])
     lines.append(f"trigger:   {', '.join(info['trigger_words']) or '-'}")
     lines.append(f"top tags:  {', '.join(f'{t} ({n})' for t, n in info['top_tags']) or '-'}")
     h = info["hash"]
@@ -215,6 +229,18 @@ def render_text(info: dict) -> str:
                 value = value[:200] + f"... ({len(value)} chars)"
             lines.append(f"  {key} = {value}")
     return "\n".join(lines)
+
+
+def _mixture_lines(mix: dict) -> list[str]:
+    lines = [f"        experts:  {mix['experts']}, {mix['experts_total']} in all ({mix['profile']})",
+             f"        routing:  {mix['routing']}"]
+    if mix["balance"]:
+        lines.append(f"        balance:  {mix['balance']}")
+    lines.append("        experts per block (input side first):")
+    width = max(len(b["block"]) for b in mix["per_block"])
+    for b in mix["per_block"]:
+        lines.append(f"          {b['block']:{width}s}  {'/'.join(map(str, b['experts']))} experts x {b['modules']} modules")
+    return lines
 
 
 def render_json(info: dict) -> str:
