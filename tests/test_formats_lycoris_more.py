@@ -313,6 +313,7 @@ def test_glora_oft_and_boft_files_written_by_lycoris_are_refused_by_name_saying_
 SGM_Q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 TE1_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"      # lora_te_ on SDXL: CLIP-L for ComfyUI only
 TE2 = "lora_te2_text_model_encoder_layers_0_self_attn_"
+BARE_TE = "lora_te_encoder_layers_0_self_attn_q_proj"
 
 
 def _lora(r=2, out=32, cols=32):
@@ -335,6 +336,10 @@ HAND = {
     "sdxl-te2-without-out_proj": ({SGM_Q: _lora(), **{f"{TE2}{p}_proj": _lora(out=16, cols=16) for p in "qkv"}}, {},
                                   {"A1111": sorted(f"{TE2}{p}_proj.{k}" for p in "qkv"
                                                    for k in ("alpha", "lora_down.weight", "lora_up.weight"))}),
+    # as LyCORIS names a transformers-5 CLIPTextModel (no text_model level): the UIs' CLIP maps start at text_model_
+    "te-without-text_model": ({_kohya_name(Q): _lora(), BARE_TE: _lora()}, {},
+                              dict.fromkeys(("A1111", "Forge", "ComfyUI", "kohya"),
+                                            [f"{BARE_TE}.{k}" for k in ("alpha", "lora_down.weight", "lora_up.weight")])),
     "loha": ({_kohya_name(Q): _loha()}, {},
              {"diffusers": sorted(f"{_kohya_name(Q)}.{k}" for k in _loha()),
               "kohya": sorted(f"{_kohya_name(Q)}.{k}" for k in _loha() if k != "alpha")}),
@@ -366,6 +371,24 @@ def test_inspect_names_the_keys_each_tool_would_leave_unloaded(tmp_path, capsys,
         assert "0 of 1 modules" in lines["kohya"]
     if case == "dora":
         assert "drops DoRA's dora_scale" in lines["diffusers"] and "1 of 1 modules" in lines["diffusers"]
+    if case == "te-without-text_model":
+        assert "1 of 2 modules" in lines["ComfyUI"] and "text_model_" in lines["ComfyUI"]
+    if case == "sdxl-te2-without-out_proj":
+        assert "need q, k, v and out_proj" in lines["A1111"]
+
+
+def test_inspect_of_a_native_file_says_only_the_studio_reads_it_and_how_to_export(tmp_path, capsys, sd):
+    from formats_helpers import train
+    path = tmp_path / "n.safetensors"
+    F.save(F.from_models(train(copy.deepcopy(sd), "lora"), "a"), path, "native")
+    assert main(["inspect", str(path), "--json"]) == 0
+    compat = json.loads(capsys.readouterr().out)["compatibility"]
+    assert compat.pop("studio")["unloaded"] == []
+    with safe_open(str(path), "pt") as f:
+        keys = sorted(f.keys())
+    for tool, c in compat.items():
+        assert c["modules"] == 0 and c["unloaded"] == keys, tool
+        assert f"studio export {path} --format kohya" in c["note"]
 
 
 def test_the_conversion_the_inspect_line_offers_gives_a_file_every_tool_loads(tmp_path, capsys):
@@ -377,3 +400,70 @@ def test_the_conversion_the_inspect_line_offers_gives_a_file_every_tool_loads(tm
     assert main(["inspect", str(plain), "--json"]) == 0
     compat = json.loads(capsys.readouterr().out)["compatibility"]
     assert all(c["unloaded"] == [] for c in compat.values()), compat
+
+
+# -- SD1.5 layout: what test_formats_lycoris_kinds.py / test_formats_dora.py leave out ---------------
+def _sd_unet(unet):
+    from formats_helpers import unet_sample
+    return unet_sample(unet)
+
+
+def _lycoris_sd(sd, path, algo, **args):
+    import lycoris.kohya as lycoris_kohya  # a test dependency: never skipped
+    ly = copy.deepcopy(sd)
+    net = lycoris_kohya.create_network(1.0, args.pop("network_dim"), args.pop("network_alpha"), None, ly["te"],
+                                       ly["unet"], algo=algo, preset=str(PRESET), **args)
+    net.apply_to(ly["te"], ly["unet"], apply_text_encoder=True, apply_unet=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    net.save_weights(str(path), torch.float32, {})
+    return ly, net
+
+
+def test_a_lycoris_locon_file_on_the_sd15_layout_applies_as_lycoris_applies_it(sd, tmp_path):
+    """LoCon (3x3 convs in the ResNets and samplers at conv_dim, Linears at network_dim), weight 1 and 0.5."""
+    path = tmp_path / "locon.safetensors"
+    ly, net = _lycoris_sd(sd, path, "locon", network_dim=4, network_alpha=2, conv_dim=2, conv_alpha=1)
+    with safe_open(str(path), "pt") as f:
+        assert tuple(f.get_slice(f"{_kohya_name(CONV1)}.lora_down.weight").get_shape()) == (2, 32, 3, 3)
+    ours = copy.deepcopy(sd)
+    attached = F.attach_file(F.read(path), ours, "ly")
+    assert len(attached["unet"]) == len(net.unet_loras) and len(attached["te"]) == len(net.text_encoder_loras)
+    assert {CONV1, "down_blocks.0.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv"} <= set(attached["unet"])
+    assert (_sd_unet(ly["unet"]) - _sd_unet(sd["unet"])).abs().max() > 1e-2
+    for weight in (1.0, 0.5):
+        net.set_multiplier(weight)
+        F.set_file_weight(ours, "ly", weight)
+        _close(_sd_unet(ours["unet"]), _sd_unet(ly["unet"]))
+        _close(_te(ours["te"]), _te(ly["te"]))
+
+
+def test_converting_a_lycoris_dora_file_reports_the_error_it_makes_and_is_exact_at_full_rank(sd, tmp_path):
+    """DoRA's delta W' - W0 depends on the base: the conversion needs it, and its reported error is the measured."""
+    import math
+    path = tmp_path / "dora.safetensors"
+    _lycoris_sd(sd, path, "lora", network_dim=4, network_alpha=8, conv_dim=2, conv_alpha=1, dora_wd=True)
+    af = F.read(path)
+    want = copy.deepcopy(sd)
+    F.attach_file(af, want, "d")
+    exact = {c: A.delta_weights(m, "d") for c, m in want.items()}
+
+    def measured(plain_path):
+        got = copy.deepcopy(sd)
+        F.attach_file(F.read(plain_path), got, "p")
+        err2 = norm2 = 0.0
+        for c, deltas in exact.items():
+            plain = A.delta_weights(got[c], "p")
+            for p, dW in deltas.items():
+                err2 += float((dW - plain[p]).double().square().sum())
+                norm2 += float(dW.double().square().sum())
+        return math.sqrt(err2 / norm2)
+
+    full = F.save(af, tmp_path / "full.safetensors", "kohya", energy=1.0, dtype="fp32", models=sd)
+    assert full.energy == pytest.approx(1.0, abs=1e-9) and measured(tmp_path / "full.safetensors") < 1e-5
+    for rank in (1, 3):
+        report = F.save(af, tmp_path / f"r{rank}.safetensors", "kohya", rank=rank, dtype="fp32", models=sd)
+        assert 0.0 < report.energy < 1.0 and report.relative_error > 1e-3
+        assert measured(tmp_path / f"r{rank}.safetensors") == pytest.approx(report.relative_error, rel=1e-3)

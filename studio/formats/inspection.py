@@ -88,20 +88,42 @@ def _split(key: str) -> tuple[str, str]:
     return key.rpartition(".")[0], key.rpartition(".")[2]
 
 
+def _bare_te(key: str) -> bool:
+    """A kohya text-encoder name without ``text_model_`` (as LyCORIS writes it from a transformers-5 CLIPTextModel):
+    A1111's, ComfyUI's and sd-scripts' maps of CLIP names all start at text_model."""
+    for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
+        if key.startswith(prefix):
+            return not key[len(prefix):].startswith(("text_model_", "text_projection"))
+    return False
+
+
+def _hints(skipped: list[str], family: str) -> str:
+    """Why keys were skipped, as far as their names tell."""
+    hints = []
+    if any(_bare_te(k) for k in skipped):
+        hints.append("text-encoder names lack text_model_: rename lora_te*_encoder_... to lora_te*_text_model_encoder_...")
+    if family == "sdxl" and any(k.startswith("lora_te_") for k in skipped):
+        hints.append("lora_te_ names no SDXL text encoder here: use lora_te1_")
+    if any(_split(k)[1] == "on_input" for k in skipped):
+        hints.append("no (IA)^3")
+    return "; ".join(hints)
+
+
 def _a1111(keys: list[str], family: str) -> tuple[list[str], str]:
     skipped = [k for k in keys if not k.startswith(KOHYA_PREFIXES) or _split(k)[1] not in A1111_SUFFIXES
-               or (family == "sdxl" and k.startswith("lora_te_"))]
+               or (family == "sdxl" and k.startswith("lora_te_")) or _bare_te(k)]
     # SDXL's OpenCLIP attention is one MultiheadAttention: A1111 applies its q / k / v LoRA only when all
     # four projections have modules, else it skips the layer without a message
     te2 = {_split(k)[0] for k in keys if k.startswith("lora_te2_")}
+    partial = []
     for name in te2:
         if name.endswith(("_q_proj", "_k_proj", "_v_proj")):
             layer = name[:-len("_q_proj")]
             if any(f"{layer}_{p}" not in te2 for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
-                skipped += [k for k in keys if _split(k)[0] == name]
-    why = "lora_te_ names no SDXL text encoder here: use lora_te1_" if any(
-        family == "sdxl" and k.startswith("lora_te_") for k in skipped) else ""
-    return skipped, why
+                partial += [k for k in keys if _split(k)[0] == name]
+    hint = "; ".join(filter(None, [_hints(skipped, family), "SDXL TE2 attention layers need q, k, v and out_proj "
+                                   "modules" if partial else ""]))
+    return skipped + partial, hint
 
 
 def _comfyui(keys: list[str], family: str) -> tuple[list[str], str]:
@@ -109,10 +131,9 @@ def _comfyui(keys: list[str], family: str) -> tuple[list[str], str]:
     for k in keys:
         name, suffix = _split(k)
         current_diffusers = k.startswith("unet.") and ".to_" in name and ".processor." not in name
-        if not k.startswith(COMFY_PREFIXES) or suffix not in COMFY_SUFFIXES or current_diffusers:
+        if not k.startswith(COMFY_PREFIXES) or suffix not in COMFY_SUFFIXES or current_diffusers or _bare_te(k):
             skipped.append(k)
-    ia3 = any(_split(k)[1] == "on_input" for k in skipped)
-    return skipped, "ComfyUI has no (IA)^3" if ia3 else ""
+    return skipped, _hints(skipped, family)
 
 
 def _diffusers(keys: list[str], family: str) -> tuple[list[str], str]:
@@ -137,15 +158,19 @@ def _kohya(keys: list[str], family: str) -> tuple[list[str], str]:
     if family != "sdxl":
         wrong_unet = "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"
     skipped = [k for k in keys if not k.startswith(KOHYA_PREFIXES) or _split(k)[1] not in KOHYA_LORA
-               or k.startswith(wrong_unet) or (family == "sdxl" and k.startswith("lora_te_"))]
-    return skipped, "networks.lora reads plain LoRA modules only" if skipped else ""
+               or k.startswith(wrong_unet) or (family == "sdxl" and k.startswith("lora_te_")) or _bare_te(k)]
+    hints = [_hints(skipped, family),
+             "networks.lora reads plain LoRA modules only" if any(_split(k)[1] not in KOHYA_LORA for k in skipped) else "",
+             "its UNet names are " + ("SGM (input_blocks)" if family == "sdxl" else "diffusers (down_blocks)")
+             if any(k.startswith(wrong_unet) for k in skipped) else ""]
+    return skipped, "; ".join(filter(None, hints))
 
 
 # tool -> its key rules; the studio's own line comes from having read the file
 TOOLS = {"A1111": _a1111, "Forge": _comfyui, "ComfyUI": _comfyui, "diffusers": _diffusers, "kohya": _kohya}
 
 
-def compatibility(keys: list[str], family: str, path: str = "FILE") -> dict[str, dict]:
+def compatibility(keys: list[str], family: str, path: str = "FILE", fmt: str = "") -> dict[str, dict]:
     """{tool: {"modules": applied, "of": modules, "unloaded": [keys], "note": why}} (image tools on SD files):
     a module counts as applied when a key of it other than its alpha loads."""
     modules = {_split(k)[0] for k in keys}
@@ -156,6 +181,8 @@ def compatibility(keys: list[str], family: str, path: str = "FILE") -> dict[str,
         skipped, note = rules(keys, family)
         skipped = sorted(set(skipped))
         applied = {_split(k)[0] for k in keys if k not in skipped and _split(k)[1] != "alpha"}
+        if fmt == "native":  # the studio's own layout: no other tool reads it
+            note = "the studio's own layout: studio export FILE --format kohya -o out.safetensors writes one it loads"
         out[tool] = {"modules": len(applied), "of": len(modules), "unloaded": skipped,
                      "note": note.replace("FILE", str(path))}
     return out
@@ -199,7 +226,8 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "hash": {"sha256": digest, "short": digest[:12], "in_metadata": stored,
                  "matches": None if stored is None else stored == digest},
         "metadata": header,
-        "compatibility": compatibility(list(files.read_header(path).tensors), af.base, str(path)),
+        "compatibility": compatibility(list(files.read_header(path).tensors), af.base, str(path),
+                                       af.source["format"]),
     }
 
 
