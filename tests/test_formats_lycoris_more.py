@@ -467,3 +467,27 @@ def test_converting_a_lycoris_dora_file_reports_the_error_it_makes_and_is_exact_
         report = F.save(af, tmp_path / f"r{rank}.safetensors", "kohya", rank=rank, dtype="fp32", models=sd)
         assert 0.0 < report.energy < 1.0 and report.relative_error > 1e-3
         assert measured(tmp_path / f"r{rank}.safetensors") == pytest.approx(report.relative_error, rel=1e-3)
+
+
+@pytest.mark.parametrize("case", ["plain", "dora", "loha", "lokr", "full"])
+def test_the_diffusers_line_is_what_diffusers_does(tmp_path, capsys, case):
+    """diffusers is installed: its SD1.5 loader's key conversion must agree with the line's rule (raises on a
+    LyCORIS kind and loads nothing; drops dora_scale and keeps the rest; loads a plain LoRA whole)."""
+    from diffusers import StableDiffusionPipeline
+    module = {"plain": _lora(), "dora": {**_lora(), "dora_scale": torch.ones(32, 1)}, "loha": _loha(),
+              "lokr": {"lokr_w1": torch.randn(4, 4), "lokr_w2": torch.randn(8, 8), "alpha": torch.tensor(1.0)},
+              "full": {"diff": torch.randn(32, 32), "diff_b": torch.randn(32)}}[case]
+    path = tmp_path / f"{case}.safetensors"
+    save_file(_flat({_kohya_name(Q): module}), str(path))
+    assert main(["inspect", str(path), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)["compatibility"]["diffusers"]
+    try:
+        loaded = StableDiffusionPipeline.lora_state_dict(str(path))[0]
+    except ValueError:
+        loaded = None
+    if line["modules"] == 0:
+        assert loaded is None
+    else:
+        assert loaded is not None and line["modules"] == line["of"]
+        assert not any("dora_scale" in k for k in loaded)
+        assert line["unloaded"] == sorted(k for k in F.files.read(path)[0] if k.endswith(".dora_scale"))
