@@ -196,6 +196,33 @@ def test_mola_layer_profile_and_explicit_counts_reload_on_a_language_model(tiny_
         assert all(n == expected[int(p.split("layers.")[1].split(".")[0])] for p, n in experts.items()), experts
 
 
+UNET_DEPTH = ["down_blocks.0", "down_blocks.0.attentions.0.transformer_blocks.0", "down_blocks.1",
+              "down_blocks.1.attentions.0.transformer_blocks.0", "mid_block.attentions.0",
+              "mid_block.attentions.0.transformer_blocks.0", "up_blocks.1", "up_blocks.1.attentions.0.transformer_blocks.0",
+              "up_blocks.1.attentions.1.transformer_blocks.0", "up_blocks.2",
+              "up_blocks.2.attentions.0.transformer_blocks.0", "up_blocks.2.attentions.1.transformer_blocks.0"]
+"""The mini base's mixture blocks as the data flows (diffusers registers up_blocks before mid_block)."""
+
+
+def test_expert_counts_follow_the_depth_of_the_unet_and_of_deep_language_models():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from builders import TINY_LLAMA
+    from studio.models import load_diffusion_base
+
+    unet = load_diffusion_base().components["unet"]
+    A.attach(unet, "m", "mola", A.make_config("mola", {"counts": list(range(1, 13)), "top_k": 1, "rank": 2}),
+             "unet-transformer")
+    for path, layer in A.targets.layers_of(unet, "m").items():
+        block = max((b for b in UNET_DEPTH if path.startswith(b + ".")), key=len)
+        assert layer.adapters["m"].R.shape[0] == UNET_DEPTH.index(block) + 1, path
+    A.detach(unet, "m")
+    deep = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": 12}))
+    A.attach(deep, "m", "mola", A.make_config("mola", {"profile": "inverted", "rank": 2}), "lm-mlp")
+    for path, layer in A.targets.layers_of(deep, "m").items():  # layers 0-2 get 2 experts, ..., 9-11 get 8
+        assert layer.adapters["m"].R.shape[0] == (2, 4, 6, 8)[int(path.split("layers.")[1].split(".")[0]) // 3], path
+
+
 # -- 3. inspect ------------------------------------------------------------------------------------
 def _inspect(capsys, path, *extra) -> str:
     capsys.readouterr()
@@ -207,7 +234,7 @@ def test_inspect_shows_experts_routing_and_experts_per_block(runs, ui_library, c
     mola = json.loads(_inspect(capsys, _native(runs["lm", "mola"]), "--json"))["mixtures"]["lm"]
     assert mola["routing"].startswith("top-2 per token") and "Switch" in mola["balance"]
     assert mola["routing"].endswith("layers of 2 or fewer experts use them all")
-    assert mola["profile"] == "inverted"
+    assert mola["profile"] == "inverted profile, 2-4-6-8 over quarters of the depth"
     # inverted 2-4-6-8 over the two layers of the tiny Llama: quarters 0 and 2
     assert [(b["block"], b["experts"], b["modules"]) for b in mola["per_block"]] == [
         ("model.layers.0", [2], 7), ("model.layers.1", [6], 7)]

@@ -24,7 +24,7 @@ detached, for the UI's heat map.
 Per-layer expert counts (MoLA's "higher layers need more experts"): ``--experts 8``, a profile over
 quarters of the depth, or an explicit list, one count per block. A block is a module path up to its
 last numbered component followed by two or more names (``model.layers.3``, ``h.3``,
-``...transformer_blocks.0``), in module order; ``prepare`` (called by ``targets.attach`` before the
+``...transformer_blocks.0``), in depth order (``depth_key``); ``prepare`` (called by ``targets.attach`` before the
 layers are built) resolves them once to ``layout``, (block, experts) pairs a file stores.
 
 ``describe`` (each method's optional hook, read by ``studio inspect``) says what a saved mixture
@@ -118,19 +118,28 @@ def parse_counts(counts) -> tuple[int, ...]:
 
 
 def block_of(path: str) -> str:
-    """The block a module belongs to: its path up to the last number followed by two or more names."""
+    """The block a module belongs to: its path up to the last number followed by two or more names
+    (``model.layers.3.self_attn.q_proj``), else by one (a UNet mid-block's ``attentions.0.proj_in``)."""
     parts = path.split(".")
-    for i in range(len(parts) - 3, -1, -1):
-        if parts[i].isdigit():
-            return ".".join(parts[:i + 1])
+    for after in (2, 1):
+        for i in range(len(parts) - 1 - after, -1, -1):
+            if parts[i].isdigit():
+                return ".".join(parts[:i + 1])
     return ""
+
+
+def depth_key(block: str) -> list[tuple]:
+    """Blocks in depth order: numbers compared as numbers (layers.2 before layers.10), names by name,
+    which puts a UNet's down, mid and up blocks in the order the data flows (module order does not:
+    diffusers registers up_blocks before mid_block)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in block.split(".")]
 
 
 def prepare(cfg: MixtureConfig, paths: list[str]) -> MixtureConfig:
     """Resolve the experts of each block of these target paths (a profile: per quarter of the depth)."""
     if cfg.layout or not (cfg.counts or cfg.profile):
         return cfg
-    blocks = list(dict.fromkeys(block_of(p) for p in paths))
+    blocks = sorted({block_of(p) for p in paths}, key=depth_key)
     if cfg.counts and len(cfg.counts) != len(blocks):
         raise StudioError(f"expert counts {list(cfg.counts)} give {len(cfg.counts)} blocks but the targets have "
                           f"{len(blocks)}: give one count per block, or use --method-args profile=triangle|inverted|hourglass|square")
@@ -256,23 +265,16 @@ def describe(config: dict, modules: dict[str, dict], experts: str, balance: str 
     else:
         routing = "soft per token (softmax over every expert of the layer)"
     blocks: dict[str, list[int]] = {}
-    paths: dict[str, list[str]] = {}
-    for path, n in counts.items():   # module order is depth order
-        blocks.setdefault(block_of(path), []).append(n)
-        paths.setdefault(block_of(path), []).append(path)
-    profile = config.get("profile") or ("explicit counts" if config.get("counts") else "")
+    for path in sorted(counts, key=lambda p: depth_key(block_of(p))):
+        blocks.setdefault(block_of(path), []).append(counts[path])
+    profile = config.get("profile")
+    profile = (f"{profile} profile, {'-'.join(map(str, PROFILES[profile]))} over quarters of the depth" if profile
+               else "explicit counts per block" if config.get("counts") else "")
     return {"experts": experts, "routing": routing, "balance": balance,
             "profile": profile or f"{config.get('experts')} everywhere",
             "experts_total": sum(counts.values()),
-            "per_block": [{"block": b or _common_prefix(paths[b]), "experts": sorted(set(ns)), "modules": len(ns)}
+            "per_block": [{"block": b or "(unnumbered modules)", "experts": sorted(set(ns)), "modules": len(ns)}
                           for b, ns in blocks.items()]}
-
-
-def _common_prefix(paths: list[str]) -> str:
-    """The modules of no numbered block (a UNet mid-block's proj_in / proj_out) named by what they share."""
-    split = [p.split(".") for p in paths]
-    shared = [parts[0] for parts in zip(*split) if len(set(parts)) == 1]
-    return ".".join(shared) or "(top level)"
 
 
 def describe_lora_experts(config: dict, modules: dict[str, dict], balance: str | None) -> dict:
