@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from types import ModuleType
 
-from studio.adapters import dora, full, ia3, loha, lokr, lora, lora_xs, loramoe, milora, mola, molora, mov, pissa, svf
+from studio.adapters import (dora, full, ia3, loha, lokr, lora, lora_xs, loramoe, milora, mola, molora, mora, mov,
+                              pissa, svf, svft)
 from studio.adapters.contract import check_method
 from studio.errors import StudioError
 
@@ -20,11 +21,13 @@ METHODS: dict[str, ModuleType] = {m.NAME: m for m in (
     milora,
     svf,
     lora_xs,
+    svft,
     dora,
     ia3,
     loha,
     lokr,
     full,
+    mora,
     molora,
     mov,
     mola,
