@@ -10,6 +10,7 @@ one ``error: ...`` line on stderr and exit code 2 -- never a traceback. A closed
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable, NamedTuple
@@ -155,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time notes about torchvision
+    # diffusers imports bitsandbytes whenever it is installed (the [gpu] extra), and its CPU backend asks
+    # the `kernels` package at import for a 4-bit kernel the studio never uses, each warning when that
+    # fails or is skipped offline: lines a user cannot act on
+    for noisy in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     # every command's steps reuse freed activation memory instead of faulting it in again: an SD1.5
     # UNet step is 12-20 % shorter on CPU, training and generating alike (studio/allocator.py)
     keep_freed_memory()

@@ -132,3 +132,17 @@ def test_a_huge_size_is_refused_unless_forced(tmp_path, capsys):
         "--force-size: 2048x64 is about 32 x the pixels of this base's native 64x64; expect at least that many "
         "times the time per image"]
     assert check_size(512, 512, 512, force=False) == []
+
+
+def test_generate_prints_no_library_noise(tmp_path):
+    """With the [gpu] extra's bitsandbytes installed (a test dependency), diffusers imports it and its CPU
+    backend warned at import about a 4-bit kernel it could not fetch: a line users cannot act on."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "studio", "generate", "--prompt", "a red circle", "--steps", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "bitsandbytes" not in done.stderr and "Failed to load" not in done.stderr, done.stderr
