@@ -70,8 +70,9 @@ class Config:
             raise StudioError(f"unknown MoRA type {self.type!r}: use --method-args type=rotation (small ranks) or "
                               f"type=sharing (large ranks)")
         for name, value in (("rank", self.rank), ("conv_rank", self.conv_rank)):
-            if (value is not None or name == "rank") and (not isinstance(value, int) or isinstance(value, bool)
-                                                          or value <= 0):
+            if name == "conv_rank" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise StudioError(f"MoRA {name} must be a positive integer, got {value!r}: pass "
                                   f"--{name.replace('_', '-')} 4 or more")
         rules = tuple((str(p), r) for p, r in self.module_ranks)  # a file's JSON gives lists
