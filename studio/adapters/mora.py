@@ -25,8 +25,9 @@ chunks past them get no delta. Its ``get_delta_weight`` overwrites instead of ad
 columns meet (a single chunk) and fails there; the forward is the definition used here.
 
 ``delta_weight`` builds dW without the code's Python loop over in: a gather and an index-add
-(sharing) or a scatter-add of (out, r^) values (rotation). The layer runs x @ dW.T (the dense
-kind's default, every layer layout, convolutions included); there is no dropout. M alone does not
+(sharing) or a scatter-add of (out, r^) values (rotation). The forward runs the operators on
+Linear and Conv1D inputs (O(in r^) per token, where x @ dW.T costs O(in out) and a dense weight
+gradient); on a convolution it runs dW as the kernel. There is no dropout. M alone does not
 give the layer's shape, so each layer also stores it (``shape``, two integers), and the plain-LoRA
 export (a truncated SVD of dW, error reported) needs no base model.
 """
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from studio.adapters.contract import Site, Traits
+from studio.adapters.contract import Base, Site, Traits
 from studio.errors import StudioError
 
 NAME = "mora"
@@ -155,3 +156,28 @@ def delta_weight(cfg: Config, state: dict, W0: torch.Tensor | None) -> torch.Ten
     values = blocks[chunk, q % r_hat]                                      # (out, r^)
     cols = (chunk[:, None] * r_hat + torch.arange(r_hat, device=dev)[None, :]) % inp
     return M.new_zeros(out, inp).scatter_add(1, cols, values)
+
+
+def _operators(cfg: Config, M: torch.Tensor, x: torch.Tensor, out: int) -> torch.Tensor:
+    """f_decomp(M f_comp(x)) on (..., in) inputs: O(in r^) per token instead of the dense O(in out)."""
+    inp, r_hat = x.shape[-1], M.shape[0]
+    chunks = -(-inp // r_hat)
+    padded = x[..., torch.arange(chunks * r_hat, device=x.device) % inp]   # wrap around to fill the last chunk
+    pieces = padded.unflatten(-1, (chunks, r_hat))                          # (..., chunks, r^)
+    if cfg.type == "sharing":
+        hidden = pieces.sum(dim=-2) @ M.T                                   # (..., r^)
+        return hidden[..., torch.arange(out, device=x.device) % r_hat]
+    cos, sin = _rotations(r_hat, chunks, x.device)
+    h = r_hat // 2
+    turned = torch.cat([-pieces[..., h:], pieces[..., :h]], dim=-1)        # rotate-half
+    hidden = ((pieces * cos + turned * sin) @ M.T).flatten(-2)              # (..., chunks r^)
+    return hidden[..., torch.arange(out, device=x.device) % hidden.shape[-1]]
+
+
+def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float, training: bool) -> torch.Tensor:
+    """The output delta. Linear / Conv1D inputs (..., in) run the operators themselves; a convolution's
+    input is not a vector per position, so there dW is formed and run as the kernel."""
+    M = state["M"] if weight == 1 else state["M"] * weight
+    if base.channels(M.new_ones(1)).dim() != 1:                             # a Conv2d's (1, C, 1, 1) layout
+        return base.apply(x, delta_weight(cfg, {**state, "M": M}, base.W0))
+    return _operators(cfg, M, x, base.W0.shape[0])
