@@ -1,6 +1,7 @@
 """Routed mixtures (MoLoRA, MoV, MoLA, LoRAMoE) end to end: ``studio train`` on the mini base and on a tiny
-Llama, native files that reload exactly, ``studio inspect``, kohya / lycoris / diffusers / PEFT exports and
-``studio bake`` refused in one line, a mixture mixed in ``studio generate``, bad --method-args."""
+Llama, native files that reload exactly, ``studio inspect``, kohya / lycoris / diffusers / PEFT exports and a
+plain ``studio bake`` refused in one line, ``studio bake --freeze-gates`` (exact for a constant router, its
+error measured otherwise), a mixture mixed in ``studio generate``, bad --method-args."""
 
 import glob
 import json
@@ -122,7 +123,8 @@ def test_balance_loss_is_added_to_the_training_loss_and_trains_the_router(images
     for b in (0.0, 0.05, 0.1):
         out = tmp_path / f"b{b}"
         extra = ("--method-args", f"balance={b}", *NO_DECAY)
-        args = _image_args(images, out, method, 1, *extra) if task == "image" else _lm_args(text, tiny_lm, out, method, 1, *extra)
+        args = (_image_args(images, out, method, 1, *extra) if task == "image" else
+                _lm_args(text, tiny_lm, out, method, 1, *extra))
         assert main(args) == 0
         (logged[b],) = _image_losses(out) if task == "image" else _lm_losses(out)
         adapters[b] = _by_module(formats.read(_native(out)).tensors())
@@ -146,7 +148,8 @@ def _randomise(models: dict, name: str) -> None:
 
 def _unet_output(unet) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    sample, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, unet.config.cross_attention_dim, generator=g)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 5, unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
         return unet(sample, torch.tensor([10, 700]), encoder_hidden_states=context).sample
 
@@ -198,7 +201,8 @@ def test_mola_layer_profile_and_explicit_counts_reload_on_a_language_model(tiny_
 
 UNET_DEPTH = ["down_blocks.0", "down_blocks.0.attentions.0.transformer_blocks.0", "down_blocks.1",
               "down_blocks.1.attentions.0.transformer_blocks.0", "mid_block.attentions.0",
-              "mid_block.attentions.0.transformer_blocks.0", "up_blocks.1", "up_blocks.1.attentions.0.transformer_blocks.0",
+              "mid_block.attentions.0.transformer_blocks.0", "up_blocks.1",
+              "up_blocks.1.attentions.0.transformer_blocks.0",
               "up_blocks.1.attentions.1.transformer_blocks.0", "up_blocks.2",
               "up_blocks.2.attentions.0.transformer_blocks.0", "up_blocks.2.attentions.1.transformer_blocks.0"]
 """The mini base's mixture blocks as the data flows (diffusers registers up_blocks before mid_block)."""
@@ -268,11 +272,12 @@ def test_peft_export_and_bake_of_a_mixture_are_refused_in_one_line(runs, ui_libr
     out = tmp_path / "peft"
     line = one_error_line(capsys, ["export", str(_native(runs["lm", "loramoe"])), "--format", "peft", "-o", str(out)])
     assert "routed mixture of experts (loramoe)" in line and "train --method lora for a PEFT adapter" in line
+    assert "--freeze-gates for language models is not built yet" in line
     baked = tmp_path / "baked.safetensors"
     line = one_error_line(capsys, ["bake", f"{ui_library['lora']}:1", f"{_native(runs['image', 'molora'])}:0.5",
                                    "-o", str(baked)])
     assert line.startswith("error: studio bake refused for the routed mixture of experts (molora)")
-    assert "bake --freeze-gates" in line and "not built yet" in line
+    assert "studio bake --freeze-gates PROMPTS.txt writes the static mix at its average gates" in line
     assert not out.exists() and not baked.exists()
     # the native layout keeps it: a re-export is the same tensors
     again = tmp_path / "again.safetensors"
@@ -293,10 +298,16 @@ def _render(tmp_path, capsys, name, *adapters):
     return np.asarray(Image.open(png).convert("RGB")).astype(int), Image.open(png).text["parameters"]
 
 
-def test_a_mixture_mixes_with_a_lora_in_generate_at_a_weight(images, ui_library, tmp_path, capsys):
-    run = tmp_path / "molora"  # 10x the learning rate, so six steps move the images
+@pytest.fixture(scope="module")
+def strong_mixture(images, tmp_path_factory) -> Path:
+    """MoLoRA at 10x the learning rate, so six steps move the images."""
+    run = tmp_path_factory.mktemp("strong") / "molora"
     assert main(_image_args(images, run, "molora", 6, "--unet-lr", "1e-2", "--save-every", "6")) == 0
-    mixture, lora = _native(run), ui_library["lora"]
+    return _native(run)
+
+
+def test_a_mixture_mixes_with_a_lora_in_generate_at_a_weight(strong_mixture, ui_library, tmp_path, capsys):
+    mixture, lora = strong_mixture, ui_library["lora"]
     alone, _ = _render(tmp_path, capsys, "alone", f"{lora}:0.7")
     mixed, text = _render(tmp_path, capsys, "mixed", f"{lora}:0.7", f"{mixture}:1")
     off, _ = _render(tmp_path, capsys, "off", f"{lora}:0.7", f"{mixture}:0")
@@ -306,7 +317,106 @@ def test_a_mixture_mixes_with_a_lora_in_generate_at_a_weight(images, ui_library,
     assert f'Lora weights: "stripy: 0.7, {mixture.stem}: 1"' in text
 
 
-# -- 6. bad options ----------------------------------------------------------------------------------
+# -- 6. bake --freeze-gates --------------------------------------------------------------------------
+PROMPT = "stripes, a red circle on a blue background"
+
+
+def _prompts(tmp_path, *prompts) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts or (PROMPT,)) + "\n")
+    return path
+
+
+def _constant_router_file(tmp_path, method: str) -> tuple[Path, dict]:
+    """A mixture on the mini base's UNet whose router ignores its input (R = 0): gates softmax(c) everywhere
+    (top-k of them for MoLA), so its average gates are known and its static mix is exact."""
+    from studio.models import load_diffusion_base
+
+    unet = load_diffusion_base().components["unet"]
+    options = {"experts": 3, "top_k": 2} if method == "mola" else {"experts": 3}
+    A.attach(unet, "m", method, A.make_config(method, options), "unet-transformer")
+    _randomise({"unet": unet}, "m")
+    want = {}
+    with torch.no_grad():
+        for path, layer in A.targets.layers_of(unet, "m").items():
+            a = layer.adapters["m"]
+            a.R.zero_()
+            p = a.c.softmax(0)
+            if method == "mola":  # top-2 of softmax(c), renormalised
+                p = torch.zeros(3).scatter(0, p.topk(2).indices, p.topk(2).values / p.topk(2).values.sum())
+            want[path] = p
+    path = tmp_path / f"{method}-constant.safetensors"
+    formats.save(formats.from_models({"unet": unet}, "m"), path, "native")
+    A.detach(unet, "m")
+    return path, want
+
+
+@pytest.mark.parametrize("method", ["molora", "mola", "mov"])
+def test_freeze_gates_of_a_constant_router_is_the_exact_static_mix(method, ui_library, tmp_path, capsys):
+    mixture, want = _constant_router_file(tmp_path, method)
+    out = tmp_path / "frozen.safetensors"
+    capsys.readouterr()
+    assert main(["bake", f"{mixture}:0.8", f"{ui_library['lora']}:0.7", "--freeze-gates", str(_prompts(tmp_path)),
+                 "--gate-steps", "4", "--dtype", "fp32", "-o", str(out)]) == 0
+    assert "froze the gates of 1 routed mixture(s) over 1 prompt(s) x 4 steps" in capsys.readouterr().out
+    af = formats.read(out)
+    assert af.source["format"] == "kohya" and af.method == "lora"
+    (gates,) = json.loads(af.metadata["studio.frozen_gates"]).values()
+    assert gates["unet"].keys() == want.keys()
+    for path, g in gates["unet"].items():
+        torch.testing.assert_close(torch.tensor(g), want[path], atol=2e-6, rtol=0)
+    report = json.loads(af.metadata["studio.freeze_gates"])
+    assert report["prompts"] == 1 and report["max_abs_pixel_error"] <= 1  # float rounding only
+    live, _ = _render(tmp_path, capsys, "live", f"{mixture}:0.8", f"{ui_library['lora']}:0.7")
+    baked, _ = _render(tmp_path, capsys, "baked", f"{out}:1")
+    assert np.abs(live - baked).max() <= 1
+
+
+def test_freeze_gates_of_a_trained_mixture_reports_the_error_it_has(strong_mixture, tmp_path, capsys):
+    out = tmp_path / "frozen.safetensors"
+    prompts = _prompts(tmp_path, PROMPT, "stripes, a green square on a black background")
+    capsys.readouterr()
+    assert main(["bake", f"{strong_mixture}:1", "--freeze-gates", str(prompts), "--gate-steps", "6", "--dtype", "fp32",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(formats.read(out).metadata["studio.freeze_gates"])
+    assert f"mean |pixel error| {report['mean_abs_pixel_error']:.3f} of 255" in printed
+    # the router's gates vary per token, so the static mix differs; the report is what a render shows
+    # (generate's seeds for prompt i are seed + i, as the bake's)
+    assert report["mean_abs_pixel_error"] > 0.1
+    errors = []
+    for i, prompt in enumerate((PROMPT, "stripes, a green square on a black background")):
+        argv = ["--prompt", prompt, "--steps", "6", "--seed", str(i)]
+        live, baked = (_render_argv(tmp_path, capsys, f"{name}{i}", argv, spec)
+                       for name, spec in (("live", f"{strong_mixture}:1"), ("baked", f"{out}:1")))
+        errors.append(np.abs(live - baked).mean())
+    assert report["per_prompt"] == pytest.approx(errors, abs=1e-3)
+
+
+def _render_argv(tmp_path, capsys, name, argv, adapter):
+    out = tmp_path / name
+    assert main(["generate", *argv, "--out", str(out), "--adapter", adapter]) == 0, capsys.readouterr().err
+    (png,) = sorted(out.glob("*.png"))
+    return np.asarray(Image.open(png).convert("RGB")).astype(float)
+
+
+def test_freeze_gates_bad_input_is_one_error_line(runs, ui_library, tmp_path, capsys):
+    mixture, out = _native(runs["image", "molora"]), tmp_path / "frozen.safetensors"
+    bake = ["bake", f"{mixture}:1", "-o", str(out), "--freeze-gates"]
+    assert "prompts file" in one_error_line(capsys, [*bake, str(tmp_path / "missing.txt")])
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert "has 0 prompts" in one_error_line(capsys, [*bake, str(tmp_path / "empty.txt")])
+    assert "--gate-steps" in one_error_line(capsys, [*bake, str(_prompts(tmp_path)), "--gate-steps", "0"])
+    line = one_error_line(capsys, ["bake", f"{ui_library['lora']}:1", "-o", str(out), "--freeze-gates",
+                                   str(_prompts(tmp_path))])
+    assert "none of the adapters is a routed mixture" in line
+    line = one_error_line(capsys, ["bake", f"{_native(runs['lm', 'mola'])}:1", "-o", str(out), "--freeze-gates",
+                                   str(_prompts(tmp_path))])
+    assert "language-model adapters is not built yet" in line
+    assert not out.exists()
+
+
+# -- 7. bad options ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,args,message", [
     ("mola", ["profile=diamond"], "unknown expert profile 'diamond'"),
     ("mola", ["counts=2,4,6"], "expert counts [2, 4, 6] give 3 blocks but the targets have 2"),

@@ -88,3 +88,7 @@ def describe(config, modules):
     return mixture.describe_lora_experts(
         config, modules, f"localized balancing loss x {config['balance']:g} (training only): experts 1-{k} "
         f"world knowledge (Q = 1 - {config['delta']:g}), {k + 1}-{E} task (Q = 1 + {config['delta']:g})")
+
+
+def freeze(config, modules, gates, kernels):
+    return mixture.freeze_lora_experts(NAME, config, modules, gates, kernels)

@@ -29,6 +29,8 @@ layers are built) resolves them once to ``layout``, (block, experts) pairs a fil
 
 ``describe`` (each method's optional hook, read by ``studio inspect``) says what a saved mixture
 holds, from its config and its tensors: the experts, the routing, the balance loss, experts per block.
+``freeze`` (the hook ``studio bake --freeze-gates`` calls) turns a mixture into the static method its
+experts are at fixed gates: LoRA experts at gates g are one LoRA of rank E r, dW = sum_i g_i s B_i A_i.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ def prepare(cfg: MixtureConfig, paths: list[str]) -> MixtureConfig:
     blocks = sorted({block_of(p) for p in paths}, key=depth_key)
     if cfg.counts and len(cfg.counts) != len(blocks):
         raise StudioError(f"expert counts {list(cfg.counts)} give {len(cfg.counts)} blocks but the targets have "
-                          f"{len(blocks)}: give one count per block, or use --method-args profile=triangle|inverted|hourglass|square")
+                          f"{len(blocks)}: give one count per block, or use --method-args "
+                          f"profile={'|'.join(PROFILES)}")
     quarters = PROFILES.get(cfg.profile)
     counts = cfg.counts or tuple(quarters[min(3, 4 * b // len(blocks))] for b in range(len(blocks)))
     return replace(cfg, layout=tuple(zip(blocks, counts)))
@@ -280,3 +283,26 @@ def describe(config: dict, modules: dict[str, dict], experts: str, balance: str 
 def describe_lora_experts(config: dict, modules: dict[str, dict], balance: str | None) -> dict:
     ranks = sorted({int(t["A"].shape[1]) for t in modules.values()})
     return describe(config, modules, f"LoRA experts of rank {'/'.join(map(str, ranks))}", balance)
+
+
+# -- frozen gates (studio bake --freeze-gates) ---------------------------------------------------
+def freeze_lora_experts(method: str, config: dict, modules: dict[str, dict], gates: dict[str, torch.Tensor],
+                        kernels: dict[str, tuple | None]) -> tuple[str, dict]:
+    """LoRA experts at fixed gates g (E,) per module as one LoRA: A_cat (E r, in), B_cat scaled by g_i s,
+    alpha = rank (scale 1); a k x k convolution's A as LoCon's (E r, in, kh, kw)."""
+    from studio.adapters.registry import make_config
+
+    cfg = make_config(method, config)
+    entries = {}
+    for path, t in modules.items():
+        A, B = t["A"].float(), t["B"].float()                              # (E, r, in), (E, out, r)
+        E, r = A.shape[0], A.shape[1]
+        kernel = kernels.get(path)
+        conv = kernel is not None and tuple(kernel) != (1, 1)
+        scaled = B * (gates[path].float() * cfg.scale_at(conv))[:, None, None]
+        down = A.reshape(E * r, -1)
+        up = scaled.permute(1, 0, 2).reshape(B.shape[1], E * r)
+        if conv:
+            down = down.reshape(E * r, -1, *kernel)
+        entries[path] = ({"rank": E * r, "alpha": float(E * r)}, {"A": down, "B": up})
+    return "lora", entries

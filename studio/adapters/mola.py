@@ -54,3 +54,7 @@ def aux_loss(adapters):
 def describe(config, modules):
     balance = f"Switch load-balancing loss x {config['balance']:g} (training only)"
     return mixture.describe_lora_experts(config, modules, balance)
+
+
+def freeze(config, modules, gates, kernels):
+    return mixture.freeze_lora_experts(NAME, config, modules, gates, kernels)

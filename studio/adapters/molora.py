@@ -42,3 +42,7 @@ forward = mixture.lora_experts_forward
 
 def describe(config, modules):
     return mixture.describe_lora_experts(config, modules, None)
+
+
+def freeze(config, modules, gates, kernels):
+    return mixture.freeze_lora_experts(NAME, config, modules, gates, kernels)

@@ -49,7 +49,8 @@ def _router_width(site: Site) -> int:
 
 
 def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator | None = None) -> dict:
-    return {"L": torch.ones(cfg.experts, ia3._width(site)), **mixture.router_init(cfg.experts, _router_width(site), generator),
+    router = mixture.router_init(cfg.experts, _router_width(site), generator)
+    return {"L": torch.ones(cfg.experts, ia3._width(site)), **router,
             "input_side": torch.tensor(ia3._input_side(site.path))}
 
 
@@ -75,3 +76,8 @@ def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float
 
 def describe(config, modules):
     return mixture.describe(config, modules, "(IA)^3 vector experts", None)
+
+
+def freeze(config, modules, gates, kernels):
+    """At fixed gates g the vectors are one (IA)^3 vector, l = sum_i g_i l_i (its side follows the path, as here)."""
+    return "ia3", {path: ({}, {"l": gates[path].float() @ t["L"].float()}) for path, t in modules.items()}

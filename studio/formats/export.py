@@ -55,7 +55,10 @@ def refuse_routed(af: AdapterFile, target: str) -> None:
     if routed:
         plain = "a PEFT adapter" if af.base == "lm" else "a kohya file"
         raise StudioError(
-            f"{target} refused for the routed mixture of experts ({', '.join(routed)}) in {af.source.get('path', af.name)}: "
+            f"{target} refused for the routed mixture of experts ({', '.join(routed)}) in "
+            f"{af.source.get('path', af.name)}: "
             f"its router weighs the experts per token, so it has no fixed weight delta and no static file equals it; "
             f"use the native file (studio generate and the UI load it, mixed at a weight), or train --method lora "
-            f"for {plain} (bake --freeze-gates, the average-gate static mix, is not built yet)")
+            f"for {plain}" + (" (bake --freeze-gates for language models is not built yet)" if af.base == "lm" else
+                              "; studio bake --freeze-gates PROMPTS.txt writes the static mix at its average gates "
+                              "on those prompts, with the error measured"))
