@@ -203,10 +203,8 @@ def test_sgm_named_sdxl_files_as_kohya_ss_writes_them_apply_as_lycoris_applies_t
         _close(got[c], want[c])
 
 
-@pytest.mark.xfail(strict=True, raises=StudioError,
-                   reason="studio.formats.names maps SGM transformer blocks only: kohya_ss SDXL files with ResNet / "
-                          "sampler modules (LoCon, LoHa, LoKr presets) are refused")
 def test_sgm_named_sdxl_resnet_modules_import(xl, tmp_path):
+    """kohya_ss's SDXL LoCon / LoHa / LoKr files name ResNet and sampler modules in SGM terms too."""
     path = tmp_path / "d.safetensors"
     ly, net = _lycoris_xl(xl, path, "locon", "fp32")
     ours = copy.deepcopy(xl)
@@ -491,3 +489,25 @@ def test_the_diffusers_line_is_what_diffusers_does(tmp_path, capsys, case):
         assert loaded is not None and line["modules"] == line["of"]
         assert not any("dora_scale" in k for k in loaded)
         assert line["unloaded"] == sorted(k for k in F.files.read(path)[0] if k.endswith(".dora_scale"))
+
+
+def test_sdxl_locon_exports_in_sgm_names_and_reimports_exactly(xl, tmp_path):
+    """--format kohya on SDXL writes SGM names for every module, ResNets and samplers included (what
+    kohya_ss writes, A1111 / ComfyUI map from the checkpoint's own names), and reads back to the same outputs."""
+    models = copy.deepcopy(xl)
+    A.attach(models["unet"], "a", "lora", A.make_config("lora", {"rank": 2, "conv_rank": 2}), "unet-full")
+    with torch.no_grad():
+        for p in A.trainable_parameters(models["unet"], "a"):
+            p.normal_(0, 0.2)
+    want = _xl_unet(models["unet"])
+    F.save(F.from_models({"unet": models["unet"]}, "a", base="sdxl"), tmp_path / "k.safetensors", "kohya", dtype="fp32")
+    keys = set(F.files.read(tmp_path / "k.safetensors")[0])
+    for name in ("lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_4_0_skip_connection",
+                 "lora_unet_input_blocks_3_0_op", "lora_unet_middle_block_2_out_layers_3",
+                 "lora_unet_output_blocks_2_2_conv", "lora_unet_output_blocks_8_0_emb_layers_1",
+                 "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"):
+        assert f"{name}.lora_down.weight" in keys, name
+    assert not any(k.startswith("lora_unet_down_blocks") for k in keys)
+    back = copy.deepcopy(xl)
+    F.attach_file(F.read(tmp_path / "k.safetensors"), back, "b")
+    _close(_xl_unet(back["unet"]), want, 1e-5)

@@ -151,3 +151,27 @@ def test_sdxl_kohya_names_use_one_sgm_layout(sdxl, tmp_path):
     back = F.read(tmp_path / "xl.safetensors")
     assert back.source["unet_layout"] == "sgm"
     _check_round_trip(af, back, sdxl)
+
+
+def test_sgm_names_of_every_sdxl_unet_module_agree_with_diffusers_checkpoint_conversion():
+    """The SGM <-> diffusers maps on every module of an SDXL-layout UNet (resnets, samplers, embeddings,
+    in / out convs, transformer blocks), against diffusers' own LDM checkpoint conversion: a checkpoint
+    named by ``diffusers_to_sgm`` converts back to the UNet's own state dict, tensor for tensor."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from builders import tiny_sdxl_unet
+    from studio.formats.names import diffusers_to_sgm, sgm_to_diffusers
+
+    unet = tiny_sdxl_unet()
+    state = unet.state_dict()
+    ldm = {}
+    for key, tensor in state.items():
+        module, _, leaf = key.rpartition(".")
+        sgm = diffusers_to_sgm(module)
+        assert sgm_to_diffusers(sgm) == module
+        ldm[f"model.diffusion_model.{sgm}.{leaf}"] = tensor
+    converted = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert converted.keys() == state.keys()
+    assert all(converted[k] is state[k] or torch.equal(converted[k], state[k]) for k in state)
+    assert sgm_to_diffusers("input_blocks.9.0.in_layers.2") is None  # a downsampler's slot holds no resnet
+    assert sgm_to_diffusers("output_blocks.4.2.conv") is None  # not the last slot of its block: no upsampler

@@ -73,6 +73,8 @@ COMFY_SUFFIXES = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora
                   "diff_b", "w_norm", "b_norm", "set_weight", "alpha", "dora_scale", "reshape_weight")
 COMFY_PREFIXES = (*KOHYA_PREFIXES, "lycoris_", "diffusion_model.", "text_encoders.", "text_encoder.",
                   "text_encoder_2.", "unet.")
+LORA_KEY_WORD = "lora"
+"""What diffusers' loader requires in every key of a LoRA file (a key fragment, not a method's name)."""
 KOHYA_LORA = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
@@ -145,7 +147,7 @@ def _diffusers(keys: list[str], family: str) -> tuple[list[str], str]:
             return keys, (f"its kohya path raises on {len(unrenamed)} key(s) it cannot rename and loads nothing; "
                           f"studio export FILE --format kohya --rank 32 -o plain.safetensors writes a plain LoRA it loads")
         return dora, "drops DoRA's dora_scale: applies the plain LoRA part only" if dora else ""
-    if not all("lora" in k for k in rest):
+    if not all(LORA_KEY_WORD in k for k in rest):
         return keys, "not a LoRA file to diffusers ('Invalid LoRA checkpoint'): export with --format kohya"
     stray = [k for k in rest if not k.startswith(("unet.", "text_encoder.", "text_encoder_2."))]
     return dora + stray, ""

@@ -129,8 +129,8 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
         alpha = alpha if alpha != 0.0 else float(r)
         components.setdefault(component, {})[path] = (down, up, alpha)
     if unmapped:
-        raise StudioError(f"{where}: SGM UNet modules outside the transformer blocks are not supported: "
-                          f"{', '.join(unmapped[:8])}: use a LoRA of attention / transformer layers")
+        raise StudioError(f"{where}: SGM UNet names that name no module of an SDXL UNet: {', '.join(unmapped[:8])}: "
+                          f"the file is for another model (a refiner, an SD 2 / SD3 UNet) or damaged")
     if layouts == {"sgm", "diffusers"}:
         raise StudioError(f"{where} mixes SGM (input_blocks) and diffusers (down_blocks) UNet names: loaders "
                           f"disagree on such files (diffusers drops the SGM half); re-export it with one layout")

@@ -13,8 +13,8 @@ so the canonical form leaves it out and ``resolve_path`` finds the module either
 kohya names are ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` + the module path
 with every ``.`` turned into ``_`` (text encoders keep ``text_model``, as A1111 expects). On SDXL
 kohya writes the UNet with SGM (``input_blocks`` / ``middle_block`` / ``output_blocks``) names;
-``diffusers_to_sgm`` / ``sgm_to_diffusers`` translate the transformer blocks of a UNet with two
-layers per block (SD1.5 and SDXL).
+``diffusers_to_sgm`` / ``sgm_to_diffusers`` translate every module of a UNet with two layers per
+block (transformer blocks, resnets, samplers, the embeddings and the in / out convolutions).
 """
 
 from __future__ import annotations
@@ -94,45 +94,102 @@ def resolve_path(model: nn.Module, path: str) -> str | None:
     return None
 
 
-# -- SDXL SGM <-> diffusers UNet block names (two resnets / attentions per down block) --------
-_DIFFUSERS_BLOCK = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)|mid_block\.attentions\.0\.(.+)")
-_SGM_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.1\.(.+)|middle_block\.1\.(.+)")
+# -- SDXL SGM <-> diffusers UNet names ---------------------------------------------------------
+# SGM (the LDM code SDXL ships in) numbers each half of the UNet as one sequence of slots:
+#   input_blocks.0.0 = conv_in; then per down block i, L resnet slots k = 1 + (L + 1) i + j holding
+#   the resnet (.0) and its attention (.1), and one downsampler slot k = (L + 1)(i + 1) (.0.op);
+#   middle_block.0 / .2 = the mid resnets, .1 = the mid attention;
+#   output_blocks k = (L + 1) i + j for the L + 1 resnets of up block i (.0), their attention (.1) and,
+#   in the last slot, the upsampler after them (.2.conv, or .1.conv in a block without attention).
+# Inside a resnet SGM's in_layers / emb_layers / out_layers / skip_connection are diffusers' norm1, conv1,
+# time_emb_proj, norm2, conv2 and conv_shortcut. diffusers' own checkpoint conversion is the reference
+# (tests/test_formats_names.py checks these maps against it, every module of an SDXL UNet).
 LAYERS_PER_BLOCK = 2
+_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
+           "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_TOP = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2", "label_emb.0.0": "add_embedding.linear_1",
+        "label_emb.0.2": "add_embedding.linear_2", "out.0": "conv_norm_out", "out.2": "conv_out"}
+_DIFFUSERS_PART = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)"
+                             r"|mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
+_SGM_PART = re.compile(r"(input_blocks|output_blocks|middle_block)\.(\d+)(?:\.(\d+))?\.(.+)")
+
+
+def _swap_prefix(path: str, table: dict[str, str]) -> str | None:
+    """``path`` with a key of ``table`` as its leading module(s) replaced by its value, else None."""
+    for old, new in table.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return None
+
+
+def _resnet_part(rest: str, to_sgm: bool) -> str | None:
+    return _swap_prefix(rest, {v: k for k, v in _RESNET.items()} if to_sgm else _RESNET)
 
 
 def diffusers_to_sgm(path: str) -> str:
-    m = _DIFFUSERS_BLOCK.fullmatch(path)
-    if m is None:
-        raise StudioError(
-            f"UNet module '{path}' is outside the transformer blocks and has no SGM name here: "
-            f"export this SDXL adapter with the diffusers UNet layout (unet_layout='diffusers')")
-    if m.group(5) is not None:
-        return f"middle_block.1.{m.group(5)}"
-    kind, block, attention, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-    if kind == "down_blocks":
-        return f"input_blocks.{1 + (LAYERS_PER_BLOCK + 1) * block + attention}.1.{rest}"
-    return f"output_blocks.{(LAYERS_PER_BLOCK + 1) * block + attention}.1.{rest}"
+    """SGM name of a diffusers UNet module path (SDXL: an upsampler follows its block's attention)."""
+    found = _swap_prefix(path, {v: k for k, v in _TOP.items()})
+    m = _DIFFUSERS_PART.fullmatch(path) if found is None else None
+    if m is not None and m.group(6) is not None:  # the mid block
+        kind, index, rest = m.group(6), int(m.group(7)), m.group(8)
+        found = f"middle_block.1.{rest}" if kind == "attentions" else _join(f"middle_block.{2 * index}",
+                                                                          _resnet_part(rest, True))
+    elif m is not None:
+        half, block, kind, index, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        first = 1 + (LAYERS_PER_BLOCK + 1) * block if half == "down_blocks" else (LAYERS_PER_BLOCK + 1) * block
+        where = "input_blocks" if half == "down_blocks" else "output_blocks"
+        if kind == "resnets":
+            found = _join(f"{where}.{first + index}.0", _resnet_part(rest, True))
+        elif kind == "attentions":
+            found = f"{where}.{first + index}.1.{rest}"
+        elif kind == "downsamplers" and rest == "conv":
+            found = f"input_blocks.{(LAYERS_PER_BLOCK + 1) * (block + 1)}.0.op"
+        elif kind == "upsamplers" and rest == "conv":
+            found = f"output_blocks.{first + LAYERS_PER_BLOCK}.2.conv"
+    if found is None:
+        raise StudioError(f"UNet module '{path}' has no SGM name here: export this SDXL adapter with the diffusers "
+                          f"UNet layout (--unet-layout diffusers)")
+    return found
 
 
 def sgm_to_diffusers(path: str) -> str | None:
-    """Diffusers path of an SGM transformer-block path; None for SGM modules we cannot map."""
-    m = _SGM_BLOCK.fullmatch(path)
+    """Diffusers path of an SGM UNet module path; None for one we cannot map."""
+    found = _swap_prefix(path, _TOP)
+    m = _SGM_PART.fullmatch(path) if found is None else None
     if m is None:
+        return found
+    where, slot, part, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+    if where == "middle_block":  # middle_block.N.<rest>: no part index
+        rest = path[len(f"middle_block.{slot}."):]
+        if slot == 1:
+            return f"mid_block.attentions.0.{rest}"
+        return _join(f"mid_block.resnets.{slot // 2}", _resnet_part(rest, False)) if slot in (0, 2) else None
+    if part is None:
         return None
-    if m.group(4) is not None:
-        return f"mid_block.attentions.0.{m.group(4)}"
-    kind, index, rest = m.group(1), int(m.group(2)), m.group(3)
-    if kind == "input_blocks":
-        block, attention = divmod(index - 1, LAYERS_PER_BLOCK + 1)
-        if index < 1 or attention >= LAYERS_PER_BLOCK:
-            return None  # a downsampler slot
-        return f"down_blocks.{block}.attentions.{attention}.{rest}"
-    block, attention = divmod(index, LAYERS_PER_BLOCK + 1)
-    return f"up_blocks.{block}.attentions.{attention}.{rest}"
+    if where == "input_blocks":
+        block, j = divmod(slot - 1, LAYERS_PER_BLOCK + 1)
+        if slot < 1:
+            return None
+        if j == LAYERS_PER_BLOCK:  # the downsampler slot
+            return f"down_blocks.{block}.downsamplers.0.conv" if (part, rest) == ("0", "op") else None
+        half = "down_blocks"
+    else:
+        block, j = divmod(slot, LAYERS_PER_BLOCK + 1)
+        if rest == "conv" and part in ("1", "2"):
+            return f"up_blocks.{block}.upsamplers.0.conv" if j == LAYERS_PER_BLOCK else None
+        half = "up_blocks"
+    if part == "0":
+        return _join(f"{half}.{block}.resnets.{j}", _resnet_part(rest, False))
+    return f"{half}.{block}.attentions.{j}.{rest}" if part == "1" else None
+
+
+def _join(head: str, tail: str | None) -> str | None:
+    return None if tail is None else f"{head}.{tail}"
 
 
 def is_sgm(path: str) -> bool:
-    return path.startswith(("input_blocks.", "middle_block.", "output_blocks."))
+    return path.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out."))
 
 
 # -- kohya names -------------------------------------------------------------------------------
