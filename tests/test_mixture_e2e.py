@@ -136,6 +136,45 @@ def test_balance_loss_is_added_to_the_training_loss_and_trains_the_router(images
         assert not torch.equal(tensors["R"], adapters[0.05][module]["R"])   # every router did
 
 
+class Killed(Exception):
+    """Stands in for SIGKILL after the step-2 checkpoint (tests/test_train_run.py kills a real process)."""
+
+
+@pytest.mark.parametrize("task", ["image", "lm"])
+def test_a_mola_run_resumed_after_a_crash_is_bit_identical(images, tiny_lm, tmp_path, monkeypatch, task):
+    """Top-k routing, the balance loss and a layer profile: the resumed run rebuilds the same experts
+    per block from config.toml and ends on the straight run's tensors exactly."""
+    from trainers import loop
+
+    text = pirate_jsonl(tmp_path, 16)
+    extra = ("--save-every", "2", "--method-args", "profile=inverted", "balance=0.05")
+
+    def args(out):
+        return (_image_args(images, out, "mola", 4, *extra) if task == "image" else
+                _lm_args(text, tiny_lm, out, "mola", 4, *extra))
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert main(args(straight)) == 0
+    real, calls = loop.apply_step, {"steps": 0, "die_at": 3}
+
+    def dies_at_step_3(*a, **k):
+        calls["steps"] += 1
+        if calls["steps"] == calls["die_at"]:
+            raise Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "apply_step", dies_at_step_3)
+    with pytest.raises(Killed):
+        main(args(crashed))
+    assert (crashed / "checkpoints" / "step-0000002").is_dir() and not list(crashed.glob("*.safetensors"))
+    calls.update(steps=0, die_at=None)
+    assert main(["train", *(["--task", "lm"] if task == "lm" else []), "--resume", str(crashed)]) == 0
+    assert calls["steps"] == 2  # it took steps 3 and 4 only, from the checkpoint
+    a, b = load_file(str(_native(straight))), load_file(str(_native(crashed)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len({a[k].shape[0] for k in a if k.endswith(".R")}) > 1  # the profile gave blocks different counts
+
+
 # -- 2. files --------------------------------------------------------------------------------------
 def _randomise(models: dict, name: str) -> None:
     """Move every tensor off its init (B off zero, MoV's vectors off one)."""
@@ -315,6 +354,16 @@ def test_a_mixture_mixes_with_a_lora_in_generate_at_a_weight(strong_mixture, ui_
     assert np.abs(mixed - alone).mean() > 0.5 and np.abs(double - mixed).mean() > 0.5
     assert np.array_equal(off, alone)                                       # weight 0 = without it
     assert f'Lora weights: "stripy: 0.7, {mixture.stem}: 1"' in text
+
+
+def test_a_mixture_file_is_one_card_in_the_ui_library(strong_mixture, tmp_path):
+    from studio.ui.library import Library
+
+    root = tmp_path / "adapters"
+    root.mkdir()
+    shutil.copy(strong_mixture, root / "mix.safetensors")
+    (card,) = Library(root).scan()
+    assert card.error is None and card.method == "molora" and card.base == "sd-custom" and card.ranks == "8"
 
 
 # -- 6. bake --freeze-gates --------------------------------------------------------------------------
