@@ -286,6 +286,12 @@ def test_a_lokr_whose_factors_do_not_multiply_to_the_weight_is_one_error_line_in
                                    "--base", MINI, "--out", str(out)])
     assert str(path) in line and Q in line and "(8, 8)" in line
     assert not out.exists() or not any(out.iterdir())
+    # converting it against the base it claims refuses too, instead of writing a file no loader can apply
+    for argv in (["export", str(path), "--rank", "4", "--base", MINI], ["bake", f"{path}:1", "--rank", "4", "--base", MINI]):
+        target = tmp_path / "plain.safetensors"
+        line = one_error_line(capsys, [*argv, "-o", str(target)])
+        assert f"unet.{Q}" in line and "32 x 16 delta but the base's layer is 32 x 32" in line, line
+        assert not target.exists()
 
 
 @pytest.fixture(scope="module")

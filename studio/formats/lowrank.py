@@ -193,6 +193,7 @@ def to_lowrank(part: Part, policy: Policy, model: nn.Module | None = None, compo
         for path, method, cfg, state, W0 in states(part, model, component):
             full = _full(method, cfg, state, W0, f"{component}.{path}", policy)
             f = truncate(full if isinstance(full, mix.LowRank) else sorted_full(*full), policy)
+            _check_fits(f, model, path, component)
             db = _bias_delta(method, cfg, state, model, path, f.up.shape[0])
             if db is not None:
                 lost = float(db.double().square().sum())
@@ -201,6 +202,19 @@ def to_lowrank(part: Part, policy: Policy, model: nn.Module | None = None, compo
                                energy=1.0 if norm2 == 0 else 1.0 - (f.error ** 2 + lost) / norm2)
             out[path] = f
         return out
+
+
+def _check_fits(f: Factors, model: nn.Module | None, path: str, component: str) -> None:
+    """A delta of another shape than the base's layer (a LoKr whose factors do not multiply out to it,
+    a file for another model) is refused here, when the base is given, instead of written."""
+    site = _site(model, path) if model is not None else None
+    if site is None or not site.out_features:
+        return
+    shape, layer = (f.up.shape[0], f.down.shape[1]), (site.out_features, site.in_features)
+    if shape != layer:
+        raise StudioError(f"module '{component}.{path}' of the adapter makes a {shape[0]} x {shape[1]} delta but the "
+                          f"base's layer is {layer[0]} x {layer[1]}: the file is for another model or damaged; "
+                          f"check --base, or use the file with the model it was made for")
 
 
 def summarise(factors: dict[str, dict[str, Factors]]) -> dict:
