@@ -139,6 +139,17 @@ def weight_hash(W: torch.Tensor) -> bytes:
     return digest.digest()
 
 
+def same_base(label: str, W0: torch.Tensor, tensors: dict, path: str) -> bytes:
+    """The hash of W0, refusing a base whose weight is not the one a frozen-basis method (SVF, SVFT,
+    LoRA-XS) was trained on: its saved numbers mean nothing in another weight's singular frame."""
+    h = weight_hash(W0)
+    if tensor_to_hash(tensors["basis_hash"]) != h:
+        raise StudioError(
+            f"{label} adapter was trained on a different base weight for module '{path}' (basis hash mismatch): "
+            f"load it on the exact base checkpoint it was trained on, or export it as a plain LoRA first")
+    return h
+
+
 def hash_to_tensor(h: bytes) -> torch.Tensor:
     return torch.tensor(list(h), dtype=torch.uint8)
 

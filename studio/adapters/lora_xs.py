@@ -36,10 +36,8 @@ from typing import ClassVar
 
 import torch
 
-from studio.adapters.common import (HASH_BYTES, LowRankConfig, cached_svd, check_rank, hash_to_tensor,
-                                    tensor_to_hash, weight_hash)
+from studio.adapters.common import HASH_BYTES, LowRankConfig, cached_svd, check_rank, hash_to_tensor, same_base
 from studio.adapters.contract import Site, Traits
-from studio.errors import StudioError
 
 NAME = "lora_xs"
 TRAITS = Traits(kind="low-rank", summary="LoRA-XS, dW = U_r R S_r V_r^T with only the r x r matrix R trained",
@@ -81,11 +79,7 @@ def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator |
 
 def from_saved(cfg: Config, W0: torch.Tensor, tensors: dict, site: Site) -> dict:
     """Rebuild the frame from W0, refusing a base whose weight is not the one R was trained on."""
-    h = weight_hash(W0)
-    if tensor_to_hash(tensors["basis_hash"]) != h:
-        raise StudioError(
-            f"LoRA-XS adapter was trained on a different base weight for module '{site.path}' (basis hash "
-            f"mismatch): load it on the exact base checkpoint it was trained on, or export it as a plain LoRA first")
+    h = same_base("LoRA-XS", W0, tensors, site.path)
     return {"R": tensors["R"].float(), **_frame(cfg, tensors["R"].shape[0], W0, site, h)}
 
 

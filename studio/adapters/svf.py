@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from studio.adapters.common import HASH_BYTES, cached_svd, hash_to_tensor, tensor_to_hash, weight_hash
+from studio.adapters.common import HASH_BYTES, cached_svd, hash_to_tensor, same_base
 from studio.adapters.contract import Site, Traits
-from studio.errors import StudioError
 
 NAME = "svf"
 TRAITS = Traits(kind="low-rank", summary="SVF (Transformer^2), one gain per singular value of W0",
@@ -51,12 +50,7 @@ def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator |
 
 def from_saved(cfg: Config, W0: torch.Tensor, tensors: dict, site: Site) -> dict:
     """Rebuild the state from saved (z, basis_hash), refusing a base with a different weight."""
-    h = weight_hash(W0)
-    if tensor_to_hash(tensors["basis_hash"]) != h:
-        raise StudioError(
-            f"SVF adapter was trained on a different base weight for module '{site.path}' (basis hash "
-            f"mismatch): load it on the exact base checkpoint it was trained on, or export it as a "
-            f"plain LoRA first")
+    h = same_base("SVF", W0, tensors, site.path)
     U, S, Vh, h = cached_svd(W0, h)
     return {"z": tensors["z"].float(), "basis_hash": hash_to_tensor(h), "U": U, "S": S, "Vh": Vh}
 

@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import torch
 
-from studio.adapters.common import HASH_BYTES, cached_svd, hash_to_tensor, tensor_to_hash, weight_hash
+from studio.adapters.common import HASH_BYTES, cached_svd, hash_to_tensor, same_base
 from studio.adapters.contract import Site, Traits
 from studio.adapters.lora_xs import canonical_signs
 from studio.adapters.mixture import whole
@@ -121,11 +121,7 @@ def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator |
 
 def from_saved(cfg: Config, W0: torch.Tensor, tensors: dict, site: Site) -> dict:
     """Rebuild the bases from W0, refusing a base whose weight is not the one m was trained on."""
-    h = weight_hash(W0)
-    if tensor_to_hash(tensors["basis_hash"]) != h:
-        raise StudioError(
-            f"SVFT adapter was trained on a different base weight for module '{site.path}' (basis hash "
-            f"mismatch): load it on the exact base checkpoint it was trained on, or export it as a plain LoRA first")
+    h = same_base("SVFT", W0, tensors, site.path)
     return _state(cfg, tensors["m"].float(), W0, h)
 
 
