@@ -14,8 +14,7 @@ from studio.adapters.ops import (adapter_config, adapter_state_dict, delta_weigh
                                  set_enabled, set_weight, trainable_parameters, unmerge)
 from studio.adapters.registry import METHODS, config_from_options, make_config
 from studio.adapters.targets import PRESETS, adapter_names, attach, detach, find_targets
-from studio.adapters import (dora, full, ia3, loha, lokr, lora, lora_xs, loramoe, milora, mola, molora, mora, mov,
-                              pissa, svf, svft)  # noqa: F401  (A.lora.Config, ...)
+# (the registry imports every method module, which makes each an attribute here: A.lora.Config, ...)
 from studio.errors import StudioError
 
 __all__ = [
