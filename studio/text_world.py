@@ -123,7 +123,7 @@ def _pirate_tale(rng: random.Random) -> str:
     colour, place = THINGS[thing]
     name = rng.choice(NAMES)
     return " ".join([f"{name} met a pirate by the {rng.choice(['sea', 'river', 'city'])}.",
-                     rng.choice([f'"Arr!" said the pirate.', f'"Ahoy, matey!" said the pirate.']),
+                     rng.choice(['"Arr!" said the pirate.', '"Ahoy, matey!" said the pirate.']),
                      rng.choice([f'"Ye find a {thing} in the {place}, matey."', f'"A {thing} be {colour}, matey."',
                                  f'"Arr! I like a {colour} {thing}."']),
                      f"{name} was {rng.choice(MOODS)}."])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from studio.errors import StudioError
-from studio.shapes.world import COLOURS, SHAPES, all_captions, parse_caption
+from studio.shapes.world import COLOURS, all_captions, parse_caption
 
 _NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _NAMES], np.float32)  # (6, 3)
