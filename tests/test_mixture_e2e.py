@@ -476,6 +476,7 @@ def test_freeze_gates_bad_input_is_one_error_line(runs, ui_library, tmp_path, ca
     ("mola", ["top_k=-1"], "top-k -1 is negative"),
     ("mola", ["experts=many"], "experts must be a whole number, got 'many'"),
     ("mola", ["balance=-1"], "balance -1 is negative"),
+    ("mola", ["balance=inf"], "balance must be a finite number, got inf"),
     ("molora", ["experts=0"], "expert counts must be positive"),
     ("mov", ["experts=two"], "MoV experts must be a whole number"),
     ("loramoe", ["knowledge=6"], "knowledge 6 must leave experts in both groups of 6"),

@@ -105,12 +105,13 @@ def whole(value, name: str, example: str) -> int:
 
 
 def number(value, name: str, example: str) -> float:
+    """A finite config number (a balance of inf would end the run in the NaN guard, not here)."""
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not math.isfinite(float(value)):
             raise ValueError
         return float(value)
     except (TypeError, ValueError):
-        raise StudioError(f"{name} must be a number, got {value!r}: use e.g. --method-args {example}") from None
+        raise StudioError(f"{name} must be a finite number, got {value!r}: use e.g. --method-args {example}") from None
 
 
 def parse_counts(counts) -> tuple[int, ...]:
