@@ -425,8 +425,8 @@ def test_freeze_gates_of_a_trained_mixture_reports_the_error_it_has(strong_mixtu
     out = tmp_path / "frozen.safetensors"
     prompts = _prompts(tmp_path, PROMPT, "stripes, a green square on a black background")
     capsys.readouterr()
-    assert main(["bake", f"{strong_mixture}:1", "--freeze-gates", str(prompts), "--gate-steps", "6", "--dtype", "fp32",
-                 "-o", str(out)]) == 0
+    assert main(["bake", f"{strong_mixture}:1", "--freeze-gates", str(prompts), "--gate-steps", "6",
+                 "-o", str(out)]) == 0  # fp16 kohya: the error measured is the written file's
     printed = capsys.readouterr().out
     report = json.loads(formats.read(out).metadata["studio.freeze_gates"])
     assert f"mean |pixel error| {report['mean_abs_pixel_error']:.3f} of 255" in printed
@@ -439,7 +439,7 @@ def test_freeze_gates_of_a_trained_mixture_reports_the_error_it_has(strong_mixtu
         live, baked = (_render_argv(tmp_path, capsys, f"{name}{i}", argv, spec)
                        for name, spec in (("live", f"{strong_mixture}:1"), ("baked", f"{out}:1")))
         errors.append(np.abs(live - baked).mean())
-    assert report["per_prompt"] == pytest.approx(errors, abs=1e-3)
+    assert report["per_prompt"] == pytest.approx(errors, abs=1e-4)
 
 
 def _render_argv(tmp_path, capsys, name, argv, adapter):
