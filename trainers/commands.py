@@ -58,6 +58,7 @@ def _help(name: str, docs: dict, fields: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from studio import prompt
     from studio.adapters import registry
     from studio.config import add_flag, field_docs, field_types
     from trainers.spec import AdapterSpec, TrainSpec
@@ -80,9 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             for name in (n for n in fields[task] if n in names and n not in done):
                 done.add(name)
                 extra = {}
-                if name == "method":  # the registry is the only list of methods
-                    extra = dict(choices=list(registry.METHODS), metavar="METHOD")
-                    text = f"adapter method (default {fields[task][name].default}): {registry.help_text()}"
+                if name == "method":  # the registries are the only lists of methods (layer, prompt-side)
+                    extra = dict(choices=[*registry.METHODS, *prompt.KINDS], metavar="METHOD")
+                    text = (f"adapter method (default {fields[task][name].default}): {registry.help_text()}; "
+                            f"prompt-side: {prompt.help_text()}")
                 else:
                     text = _help(name, docs, fields)
                 add_flag(group, name, kinds[task][name], text, ALIASES.get(name, ()), **extra)
