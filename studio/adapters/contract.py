@@ -37,6 +37,12 @@ before any layer is built (MoLA's per-block expert counts); the result is what a
 A method whose delta is already an SVD (SVF) may add ``svd(cfg, state) -> (U, g, Vh)`` with signed,
 unsorted g: its plain-LoRA export then sorts g instead of taking a new SVD.
 
+Two optional hooks read saved files rather than live layers (the routed experts have them):
+``describe(config, modules) -> dict`` adds the method's own lines to ``studio inspect`` (experts,
+routing, experts per block), and ``freeze(config, modules, gates, kernels) -> (method, modules)``
+turns the file at fixed average gates into the static method it then equals, for
+``studio bake --freeze-gates`` (studio/freeze_gates.py).
+
 Every weight is seen as a matrix: a Linear's (out, in), GPT-2 Conv1D's transpose, a Conv2d's
 (out, in * kh * kw) flattened kernel. ``Site`` tells a method where it is (path, kernel), for
 the few choices that depend on it (a conv rank, the side an (IA)^3 vector scales).
