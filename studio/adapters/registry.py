@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from types import ModuleType
 
-from studio.adapters import (dora, full, ia3, loha, lokr, lora, lora_xs, loramoe, milora, mola, molora, mora, mov,
-                              pissa, svf, svft)
+from studio.adapters import (adalora, dora, full, ia3, loha, lokr, lora, lora_xs, loramoe, milora, mola, molora, mora,
+                              mov, pissa, svf, svft)
 from studio.adapters.contract import check_method
 from studio.errors import StudioError
 
@@ -22,6 +22,7 @@ METHODS: dict[str, ModuleType] = {m.NAME: m for m in (
     svf,
     lora_xs,
     svft,
+    adalora,
     dora,
     ia3,
     loha,

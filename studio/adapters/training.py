@@ -11,6 +11,9 @@ at once, so these hooks see every adapter of the run:
         called under no_grad after the optimizer step and before the gradients are cleared
         (PEFT's ``update_and_allocate`` point): AdaLoRA's importance scores and rank budget.
         ``step`` is the 0-based step just taken, ``total`` the run's number of steps.
+    check_steps(adapters: list[Adapter], total: int) -> None
+        raises a StudioError when the run's length does not fit the method's schedule (AdaLoRA's
+        tinit / tfinal); trainers call it once the number of steps is known, before writing anything.
 
 ``adapters`` are the run's ``Adapter`` modules of that method in module order (UNet first, then
 the text encoders, as the trainers pass ``models``), so a hook may rank them globally.
@@ -59,3 +62,10 @@ def after_step(models: Iterable[nn.Module], name: str, step: int, total: int) ->
         hook = getattr(method, "after_step", None)
         if hook:
             hook(adapters, step, total)
+
+
+def check_steps(models: Iterable[nn.Module], name: str, total: int) -> None:
+    for method, adapters in _by_method(models, name).items():
+        hook = getattr(method, "check_steps", None)
+        if hook:
+            hook(adapters, total)
