@@ -7,6 +7,7 @@ the trainers' ``loop.apply_step`` with the ``training`` hooks, PEFT's through ``
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import math
@@ -194,6 +195,7 @@ def test_mini_base_file_has_the_budget_reloads_exactly_and_exports_kohya_at_kept
     kept = {p: adalora.kept_ranks(t) for p, t in modules.items()}
     assert all(torch.equal(t["E"].view(-1) != 0, t["mask"] != 0) for t in modules.values())  # masked = zero
     assert sum(kept.values()) == 2 * len(modules)  # the total rank after the schedule is the budget
+    print(f"AdaLoRA on the mini base: {len(modules)} layers, kept ranks {sorted(collections.Counter(kept.values()).items())}")
     # native round trip: bit-identical deltas
     first = load_diffusion_base().components
     SF.attach_file(af, first, "n")

@@ -13,7 +13,8 @@ at once, so these hooks see every adapter of the run:
         ``step`` is the 0-based step just taken, ``total`` the run's number of steps.
     check_steps(adapters: list[Adapter], total: int) -> None
         raises a StudioError when the run's length does not fit the method's schedule (AdaLoRA's
-        tinit / tfinal); trainers call it once the number of steps is known, before writing anything.
+        tinit / tfinal), for a trainer to call once it knows the number of steps, before writing
+        anything (AdaLoRA's after_step raises the same error at the first step otherwise).
 
 ``adapters`` are the run's ``Adapter`` modules of that method in module order (UNet first, then
 the text encoders, as the trainers pass ``models``), so a hook may rank them globally.
