@@ -264,3 +264,44 @@ def test_bad_options_are_one_error_line_and_write_nothing(tiny_lm, tmp_path, cap
     assert not out.exists()
     with pytest.raises(StudioError, match="no steps to move rank"):  # a run too short for the schedule
         adalora.Config(rank=4, tinit=3, tfinal=2).check_total(4)
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL after a checkpoint (tests/test_train_run.py kills a real process)."""
+
+
+def _crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at: int) -> tuple[dict, dict]:
+    """8 steps (budget phase steps 2-4, final allocation at step 5, then 3 steps on the fixed pattern), saved
+    every 2; the crashed run dies in step ``die_at`` (1-based) and is resumed from its last checkpoint."""
+    from safetensors.torch import load_file
+
+    data = pirate_jsonl(tmp_path, 16)
+
+    def args(out):
+        return ["train", "--task", "lm", str(data), "--base", str(tiny_lm), "--out", str(out), "--steps", "8",
+                "--batch-size", "4", "--save-every", "2", "--method", "adalora", "--rank", "4",
+                "--method-args", "target_r=2", "tinit=1", "tfinal=3"]
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert main(args(straight)) == 0
+    real, calls = loop.apply_step, {"steps": 0, "die_at": die_at}
+
+    def dies(*a, **k):
+        calls["steps"] += 1
+        if calls["steps"] == calls["die_at"]:
+            raise Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "apply_step", dies)
+    with pytest.raises(Killed):
+        main(args(crashed))
+    calls.update(steps=0, die_at=None)
+    assert main(["train", "--task", "lm", "--resume", str(crashed)]) == 0
+    assert calls["steps"] == 8 - 2 * ((die_at - 1) // 2)
+    return load_file(str(straight / "pirate.safetensors")), load_file(str(crashed / "pirate.safetensors"))
+
+
+def test_resume_after_the_budget_phase_is_bit_identical(tiny_lm, tmp_path, monkeypatch):
+    a, b = _crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at=7)  # checkpoint 6: the pattern is fixed
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
