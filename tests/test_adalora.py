@@ -264,6 +264,9 @@ def test_bad_options_are_one_error_line_and_write_nothing(tiny_lm, tmp_path, cap
     assert not out.exists()
     with pytest.raises(StudioError, match="no steps to move rank"):  # a run too short for the schedule
         adalora.Config(rank=4, tinit=3, tfinal=2).check_total(4)
+    with pytest.raises(StudioError, match="initial rank --conv-rank 1"):  # LoCon layers start at conv_rank
+        adalora.Config(rank=4, conv_rank=1, target_r=2)
+    assert [adalora.Config(rank=r).target for r in (1, 4, 12)] == [1, 2, 8]  # PEFT's 12 -> 8, at least 1
 
 
 class Killed(Exception):

@@ -53,7 +53,7 @@ class Config(LowRankConfig):
     PEFT's AdaLoraConfig schedule."""
 
     target_r: int | None = None
-    """Target average rank per layer; None = 2/3 of the rank (PEFT's defaults, 12 -> 8)."""
+    """Target average rank per layer; None = 2/3 of the rank, at least 1 (PEFT's defaults, 12 -> 8)."""
     tinit: int = 0
     """Steps of warm-up before any rank is pruned."""
     tfinal: int = 0
@@ -78,10 +78,11 @@ class Config(LowRankConfig):
         floats = {k: number(getattr(self, k), f"AdaLoRA {k}", f"{k}=0.85") for k in ("beta1", "beta2", "orth_reg_weight")}
         for key, value in {**ints, **floats}.items():
             object.__setattr__(self, key, value)
-        target = self.target
-        if not 1 <= target <= self.rank:
-            raise StudioError(f"AdaLoRA target rank {target} must be between 1 and the initial rank --rank {self.rank}: "
-                              f"use --method-args target_r={max(1, self.rank * 2 // 3)} or a larger --rank")
+        target, rank = self.target, min(self.rank, self.conv_rank or self.rank)
+        if not 1 <= target <= rank:
+            flag = "--rank" if rank == self.rank else "--conv-rank"
+            raise StudioError(f"AdaLoRA target rank {target} must be between 1 and the initial rank {flag} {rank}: "
+                              f"use --method-args target_r={max(1, rank * 2 // 3)} or a larger {flag}")
         if min(self.tinit, self.tfinal) < 0 or self.deltaT < 1:
             raise StudioError(f"AdaLoRA needs tinit >= 0, tfinal >= 0 and deltaT >= 1, got tinit={self.tinit}, "
                               f"tfinal={self.tfinal}, deltaT={self.deltaT}: use e.g. --method-args tinit=10 tfinal=10")
@@ -96,7 +97,7 @@ class Config(LowRankConfig):
 
     @property
     def target(self) -> int:
-        return self.rank * 2 // 3 if self.target_r is None else self.target_r
+        return max(1, self.rank * 2 // 3) if self.target_r is None else self.target_r
 
     def check_total(self, total: int) -> None:
         """The schedule needs a budget phase: tinit < total - tfinal (PEFT refuses the same)."""
@@ -163,11 +164,11 @@ def after_step(adapters, step: int, total: int) -> None:
     end = total - cfg.tfinal
     if step < end:
         _update_scores(adapters, cfg)
-        budget, now = budget_at(step, cfg, _initial_budget(adapters), cfg.target * len(adapters), total)
+        budget, now = budget_at(step, cfg, _initial_budget(adapters), _target_budget(adapters), total)
         if now:
             _mask_to_budget(adapters, budget)
     elif step == end:  # the final allocation, at the target budget; the statistics are done with
-        _mask_to_budget(adapters, cfg.target * len(adapters))
+        _mask_to_budget(adapters, _target_budget(adapters))
         for a in adapters:
             for key in SCORED:
                 getattr(a, f"sens_{key}").zero_()
@@ -179,6 +180,11 @@ def after_step(adapters, step: int, total: int) -> None:
 
 def _initial_budget(adapters) -> int:
     return sum(int(a.E.shape[0]) for a in adapters)
+
+
+def _target_budget(adapters) -> int:
+    """PEFT's target_r * layers; a layer's own target under per-module ranks (module_ranks)."""
+    return sum(a.cfg.target for a in adapters)
 
 
 def budget_at(step: int, cfg: Config, initial: int, target: int, total: int) -> tuple[int, bool]:
