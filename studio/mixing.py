@@ -8,6 +8,10 @@ and restores the pristine weights afterwards (bit-exactly, the core's backup rul
 
 Each file is attached under a session name derived from its path, so the same file given twice
 is refused with a message instead of being silently doubled.
+
+A textual-inversion embedding in the list is no layer adapter: its token is taught to the
+tokenizers (``studio.prompt.ti.Installed``) and a prompt uses it by writing the token; its weight is
+not applied (A1111 and ComfyUI have none either: weigh it in the prompt, ``(<kbot>:1.2)`` there).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +28,11 @@ import numpy as np
 from studio import adapters as A
 from studio import formats
 from studio.errors import StudioError
-from studio.formats.files import data_hash
+from studio.formats import embedding
+from studio.formats.files import data_hash, read_header
 from studio.formats.metadata import trigger_words
 from studio.pipeline import Settings, generate
+from studio.prompt import ti
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,13 @@ def _session_name(path: Path) -> str:
 class MixSession:
     """Adapters attached to one base. ``base`` is a ``studio.models.DiffusionBase``."""
 
-    def __init__(self, base):
+    def __init__(self, base, warn=None):
         self.base = base
         self._attached: dict[str, _Attached] = {}   # session name -> record, in mix order
+        self._embeddings: dict[str, tuple] = {}     # session name -> (stamp, Embedding), in mix order
+        self._installed = ti.Installed(base.pipe)
+        self._warned: set = set()
+        self.warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
 
     # -- the mix ------------------------------------------------------------------------------
     @property
@@ -96,6 +107,7 @@ class MixSession:
                                   f"larger weight")
             wanted[name] = MixEntry(str(path), float(entry.weight), None if entry.te_weight is None
                                     else float(entry.te_weight))
+        wanted = self._sync_embeddings(wanted)
         components = self.base.components
         for name in list(self._attached):
             record = self._attached[name]
@@ -112,6 +124,26 @@ class MixSession:
         # keep the requested order (PNG parameters list adapters as the user did)
         self._attached = {name: self._attached[name] for name in wanted}
 
+    def _sync_embeddings(self, wanted: dict[str, MixEntry]) -> dict[str, MixEntry]:
+        """Install the embedding files of ``wanted`` (all of them again when the set changed);
+        returns the layer-adapter entries."""
+        embeddings, adapters = {}, {}
+        for name, entry in wanted.items():
+            path = Path(entry.path)
+            is_embedding = path.is_file() and embedding.looks_like(read_header(path).tensors)
+            (embeddings if is_embedding else adapters)[name] = entry
+        stamps = {name: _stamp(Path(e.path)) for name, e in embeddings.items()}
+        if stamps != {name: stamp for name, (stamp, _) in self._embeddings.items()}:
+            loaded = {name: embedding.read(e.path) for name, e in embeddings.items()}
+            self._installed.sync(list(loaded.values()))  # checks every file before it changes anything
+            self._embeddings = {name: (stamps[name], emb) for name, emb in loaded.items()}
+        return adapters
+
+    @property
+    def tokens(self) -> list[str]:
+        """The tokens of the embeddings in the mix."""
+        return [emb.token for _, emb in self._embeddings.values()]
+
     def _attach(self, name: str, entry: MixEntry) -> None:
         path = Path(entry.path)
         if not path.is_file():
@@ -124,6 +156,14 @@ class MixSession:
 
     def clear(self) -> None:
         self.sync([])
+
+    def _warn_unused_tokens(self, settings: list[Settings]) -> None:
+        for token in self.tokens:
+            prompts = tuple((s.prompt, s.negative) for s in settings)
+            if not any(ti.in_prompt(token, *pair) for pair in prompts) and (token, prompts) not in self._warned:
+                self._warned.add((token, prompts))  # once per prompt, not once per image of a batch
+                self.warn(f"the embedding token {token} appears in no prompt, so it changes nothing: write it in "
+                          f"the prompt, e.g. \"a photo of {token}\"")
 
     # -- rendering ----------------------------------------------------------------------------
     def settings(self, **fields) -> Settings:
@@ -145,6 +185,7 @@ class MixSession:
 
     def render(self, settings: list[Settings], merge: bool = False) -> list[np.ndarray]:
         """Images for ``settings`` with the current mix (unmerged, or merged once for the call)."""
+        self._warn_unused_tokens(settings)
         if not merge or not self._attached:
             return generate(self.base.pipe, settings)
         with self.merged():

@@ -159,6 +159,11 @@ def test_allocation_masks_the_globally_lowest_triplets():
     assert [a.mask.tolist() for a in layers] == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
     assert [a.E.view(-1).tolist() for a in layers] == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
     assert torch.allclose(adalora.triplet_scores(layers[1]), torch.tensor([0.5, 3.0, 0.2]))
+    full = torch.nn.Sequential(torch.nn.Linear(10, 8))  # target_r = rank: the final allocation prunes nothing
+    A.attach(full, "a", "adalora", adalora.Config(rank=3, target_r=3, tfinal=1, total_step=2), ["0"])
+    full[0].adapters["a"].E.grad = torch.ones(3, 1)
+    training.after_step([full], "a", 1, 2)
+    assert full[0].adapters["a"].mask.tolist() == [1.0, 1.0, 1.0]
 
 
 def _stripes(tmp: Path) -> Path:

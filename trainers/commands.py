@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 done.add(name)
                 extra = {}
                 if name == "method":  # the registries are the only lists of methods (layer, prompt-side)
-                    extra = dict(choices=[*registry.METHODS, *prompt.KINDS], metavar="METHOD")
+                    extra = dict(choices=[*registry.METHODS, *prompt.METHODS], metavar="METHOD")
                     text = (f"adapter method (default {fields[task][name].default}): {registry.help_text()}; "
                             f"prompt-side: {prompt.help_text()}")
                 else:

@@ -74,7 +74,8 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
 
     # 2. adapters on the UNet and / or the text encoders; the base stays frozen
     torch.manual_seed(cfg.seed)
-    name, method_cfg = cfg.adapter_name, cfg.method_config()
+    kind = cfg.prompt_kind  # textual inversion trains token embeddings (studio/prompt), no layer adapter
+    name, method_cfg = cfg.adapter_name, None if kind else cfg.method_config()
     for p in list(unet.parameters()) + list(vae.parameters()) + [p for te in base.text_encoders for p in te.parameters()]:
         p.requires_grad_(False)
     groups = []
@@ -96,6 +97,9 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     base_dtype = memory.DTYPES[cfg.base_dtype]
     for model in [unet, vae, *base.text_encoders]:
         memory.cast_frozen(model, base_dtype)
+    if kind:  # after the cast: the new rows stay fp32 whatever the base's dtype
+        rows = kind.add_trainable(pipe, cfg.token, cfg.init_word, cfg.vectors, "the train config")
+        groups.append(([m.vectors for m in rows.values()], cfg.lr_ti))
     if cfg.gradient_checkpointing:
         for model in [unet] + (list(base.text_encoders) if cfg.train_te else []):
             memory.enable_checkpointing(model)
@@ -123,6 +127,9 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         start, tensors, states, saved_identity = loop.load_checkpoint(start_checkpoint)
         loop.check_identity(saved_identity, identity, start_checkpoint)
         _restore(base, name, tensors)
+        if kind:
+            kind.restore_rows(pipe, {c.removesuffix(".ti.vectors"): t for c, t in tensors.items()
+                                     if c.endswith(".ti.vectors")})
         optimizer.load_state_dict(states["optimizer"])
         schedule.load_state_dict(states["schedule"])
         extra.load_state_dict(states)
@@ -137,7 +144,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     encoder = torch.nn.ModuleDict({"encoder": vae.encoder, "quant_conv": vae.quant_conv or torch.nn.Identity()})
     latent_cache = TensorCache(cache_root / "latents" / fingerprint(encoder, base.source) if cfg.cache_latents else None)
     text_cache = TensorCache(cache_root / "text" / fingerprint(base.text_encoders[0], base.source)
-                             if cfg.cache_text and not cfg.train_te else None)
+                             if cfg.cache_text and cfg.text_frozen else None)
     hashes = [data_images.file_hash(i.path) for i in every] if cfg.cache_latents else []
 
     def posteriors(indices: list[int], flips: list[bool]) -> torch.Tensor:
@@ -163,7 +170,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         return pipe.encode_prompt(captions, device, 1, False)[0], None
 
     def text(captions: list[str]):
-        if not (cfg.cache_text and not cfg.train_te):
+        if not (cfg.cache_text and cfg.text_frozen):
             return encode_text(captions)
         rows = [text_cache.get(c, lambda c=c: _pack(encode_text([c]))) for c in captions]
         embeds = torch.stack([r["embeds"][0] for r in rows]).to(device)
@@ -273,7 +280,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         if done % cfg.save_every == 0 or done == total:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(base, name),
+                last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(base, name, kind),
                                                        optimizer, schedule, identity, extra.state_dict())
         if accelerator.is_main_process and cfg.save_adapter_every and done % cfg.save_adapter_every == 0 and done < total:
             with extra.for_file():
@@ -302,9 +309,10 @@ def _pack(result) -> dict[str, torch.Tensor]:
     return {"embeds": embeds} if pooled is None else {"embeds": embeds, "pooled": pooled}
 
 
-def _adapter_tensors(base, name: str) -> dict[str, torch.Tensor]:
-    return {f"{c}.{k}": v for c, m in base.components.items() if name in A.adapter_names(m)
-            for k, v in A.adapter_state_dict(m, name).items()}
+def _adapter_tensors(base, name: str, kind=None) -> dict[str, torch.Tensor]:
+    rows = {f"{c}.ti.vectors": v for c, v in kind.trained_rows(base.pipe).items()} if kind else {}
+    return rows | {f"{c}.{k}": v for c, m in base.components.items() if name in A.adapter_names(m)
+                   for k, v in A.adapter_state_dict(m, name).items()}
 
 
 def _restore(base, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -352,7 +360,11 @@ def _render_samples(pipe, settings: list[Settings], path: Path, preview: Path | 
 
 
 def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: float, say) -> None:
-    """The adapter in the studio's exact layout at ``path``; with ``say``, also the kohya file beside it."""
+    """The adapter in the studio's exact layout at ``path``; with ``say``, also the kohya file beside it.
+    Textual inversion writes its embedding in A1111's layout instead (the one file every tool loads)."""
+    if cfg.prompt_kind:
+        _save_embedding(cfg, base, path, steps, say)
+        return
     tags: dict[str, int] = {}
     for item in items:
         for tag in (t.strip() for t in data_images.with_trigger(item.caption, cfg.trigger).split(",")):
@@ -386,3 +398,17 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
                               overwrite=True)
     say(f"adapter: {path} (exact, for the studio)\n"
         f"A1111 / ComfyUI / Forge / kohya: {kohya} (retained energy {report.energy:.4f})")
+
+
+def _save_embedding(cfg, base, path: Path, steps: int, say) -> None:
+    from studio.formats import embedding
+
+    vectors = cfg.prompt_kind.trained_rows(base.pipe)
+    emb = embedding.Embedding(cfg.token, vectors, where=str(path))
+    embedding.write(emb, path, overwrite=True, extra={"studio.init_word": cfg.init_word, "ss_steps": str(steps),
+                                                      "ss_seed": str(cfg.seed), "ss_output_name": path.stem})
+    if say is not None:
+        widths = ", ".join(f"{embedding.KEYS[c]} {v.shape[1]}" for c, v in vectors.items())
+        say(f"embedding: {path} ({cfg.token}, {emb.count} vectors, {widths} wide)\n"
+            f"studio generate / UI: write {cfg.token} in the prompt; A1111 / ComfyUI: write {path.stem} / "
+            f"embedding:{path.stem}")

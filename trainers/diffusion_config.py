@@ -105,6 +105,14 @@ class DiffusionTrainConfig(TrainSpec):
     block_lrs: str | None = None
     """--unet-lr multiplier per kohya UNet block, comma-separated like --block-ranks; 0 = the block is
     not trained (kohya's down / mid / up_lr_weight). None = 1 everywhere."""
+    token: str | None = None
+    """--method ti: the new word to learn, e.g. '<kbot>' (also the captions' trigger unless --trigger has it)."""
+    init_word: str | None = None
+    """--method ti: a one-token word close to the concept; the new vectors start from its embedding."""
+    vectors: int = 1
+    """--method ti: vectors of the embedding (the token expands to token, token_1, ... in prompts)."""
+    ti_lr: float | None = None
+    """--method ti: learning rate of the new embedding rows; None = the method's default (5e-3)."""
 
     DEFAULT_STEPS: ClassVar[int] = DEFAULT_STEPS
     BASE_NAME: ClassVar[str] = "mini-sd"
@@ -113,6 +121,9 @@ class DiffusionTrainConfig(TrainSpec):
         if not self.data:
             raise StudioError("no dataset given: studio train DATA_DIR (a folder of images with .txt captions)")
         self.check_run("image")
+        if self.method in self._prompt_methods or self.token is not None:
+            self._check_prompt_side()
+            return
         parts = self.target_list
         if not set(parts) <= {*UNET_TARGETS, "te-attn"} or len(set(parts) & set(UNET_TARGETS)) > 1 or not parts:
             raise StudioError(f"--targets {self.targets!r}: use unet-transformer, unet-attn or unet-full, te-attn, "
@@ -135,6 +146,52 @@ class DiffusionTrainConfig(TrainSpec):
                 raise StudioError(message)
         self.timestep_sampler  # an unknown sampler or a bad option is refused here, not mid-run
 
+    def _check_prompt_side(self) -> None:
+        """A prompt-side method trains no layer: the layer checks do not apply, these do."""
+        entry = self._prompt_methods.get(self.method)
+        task = entry.task if entry else "image"
+        checks = [(self.prompt_kind is not None or task != "image",
+                   f"--token {self.token!r} is for --method ti (textual inversion): add it, or drop --token"),
+                  (task == "image", f"--method {self.method} is for --task {task}: add --task {task}"),
+                  (bool(self.token), "--method ti needs the new word: add --token '<kbot>'"),
+                  (bool(self.init_word), "--method ti needs a start: add --init-word WORD (one token close to the "
+                                         "concept, e.g. robot)"),
+                  (self.vectors >= 1, f"--vectors {self.vectors}: an embedding needs at least one vector, e.g. "
+                                      f"--vectors 2"),
+                  (self.relora_every is None and self.loraplus_ratio is None,
+                   "--relora-every / --loraplus-ratio act on LoRA factors, which --method ti has none of: drop them"),
+                  (not self.trigger or (self.token or "") in self.trigger,
+                   f"--trigger {self.trigger!r} lacks --token {self.token!r}: captions must contain the token to "
+                   f"train it; drop --trigger or include the token")]
+        for ok, message in checks:
+            if not ok:
+                raise StudioError(message)
+        if not self.trigger:  # every caption carries the token (construction, not a change mid-run)
+            object.__setattr__(self, "trigger", self.token)
+
+    @property
+    def _prompt_methods(self) -> dict:
+        from studio import prompt
+        return prompt.METHODS
+
+    @property
+    def prompt_kind(self):
+        """The prompt-side module of --method (textual inversion), or None for a layer method."""
+        from studio import prompt
+        return prompt.kind(self.method)
+
+    @property
+    def text_frozen(self) -> bool:
+        """Whether the text encoders' outputs stay the same all run (their cache is valid)."""
+        return not self.train_te and self.prompt_kind is None
+
+    @property
+    def adapter_name(self) -> str:
+        """An embedding's file is named after its token (A1111 and ComfyUI use the file name)."""
+        if self.name or self.prompt_kind is None:
+            return super().adapter_name
+        return "".join(c for c in self.token if c.isalnum() or c in "-_") or super().adapter_name
+
     @property
     def validates(self) -> bool:
         return bool(self.val_data or self.val_split)
@@ -149,11 +206,18 @@ class DiffusionTrainConfig(TrainSpec):
 
     @property
     def identity(self) -> dict:
-        return {**super().identity, "block_ranks": self.block_ranks, "block_lrs": self.block_lrs}
+        return {**super().identity, "block_ranks": self.block_ranks, "block_lrs": self.block_lrs,
+                **({"token": self.token, "vectors": self.vectors} if self.prompt_kind else {})}
 
     @property
     def lr_unet(self) -> float:
-        return self.unet_lr if self.unet_lr is not None else registry.default_lr(self.method, "image")
+        if self.unet_lr is not None or self.prompt_kind is not None:
+            return self.unet_lr
+        return registry.default_lr(self.method, "image")
+
+    @property
+    def lr_ti(self) -> float:
+        return self.ti_lr if self.ti_lr is not None else self.prompt_kind.DEFAULT_LR
 
     @property
     def lr_te(self) -> float:
@@ -161,11 +225,13 @@ class DiffusionTrainConfig(TrainSpec):
 
     @property
     def train_te(self) -> bool:
-        return "te-attn" in self.target_list
+        return "te-attn" in self.target_list and self.prompt_kind is None
 
     @property
     def unet_targets(self) -> str | None:
         """The UNet preset to adapt, or None when only the text encoder trains."""
+        if self.prompt_kind is not None:
+            return None
         return next((t for t in self.target_list if t in UNET_TARGETS), None)
 
     @property

@@ -217,7 +217,10 @@ def triplet_scores(a) -> torch.Tensor:
 def _mask_to_budget(adapters, budget: int) -> None:
     """Zero lambda_i of the (initial - budget) lowest-scoring triplets of the whole model (ties: all of them)."""
     scores = [triplet_scores(a) for a in adapters]
-    threshold = torch.kthvalue(torch.cat(scores), k=_initial_budget(adapters) - budget).values.item()
+    pruned = _initial_budget(adapters) - budget
+    if pruned <= 0:  # target_r = rank: nothing to prune (PEFT's kthvalue(k=0) would raise)
+        return
+    threshold = torch.kthvalue(torch.cat(scores), k=pruned).values.item()
     for a, score in zip(adapters, scores):
         keep = score > threshold
         a.E.masked_fill_(~keep[:, None], 0.0)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from studio.adapters.registry import get
-from studio.formats import files
+from studio.formats import embedding, files
 from studio.formats.adapter_file import AdapterFile
 from studio.formats.load import read
 from studio.formats.metadata import top_tags, trigger_words
@@ -201,6 +201,8 @@ def _compatibility_lines(compat: dict[str, dict]) -> list[str]:
 
 
 def inspect_file(path: str | os.PathLike) -> dict:
+    if embedding.looks_like(files.read_header(path).tensors):  # a token embedding, not a layer adapter
+        return embedding.describe(path)
     af = read(path)
     header = af.source.get("header", {})
     digest = files.data_hash(path)
@@ -234,6 +236,8 @@ def inspect_file(path: str | os.PathLike) -> dict:
 
 
 def render_text(info: dict) -> str:
+    if info.get("kind") == "embedding":
+        return embedding.render_text(info)
     lines = [f"file:      {info['path']} ({info['size_bytes']:,} bytes, {info['tensors']} tensors, "
              f"{'/'.join(info['dtypes'])})",
              f"format:    {info['format']}",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from studio.errors import StudioError
-from studio.formats import files, kohya
+from studio.formats import embedding, files, kohya
 from studio.formats.adapter_file import AdapterFile
 from studio.formats.layouts import NAMES, layout
 from studio.formats.metadata import descriptive
@@ -23,6 +23,9 @@ def detect(tensors: dict, metadata: dict[str, str], where: str) -> str:
         return "native"
     if not tensors:
         raise StudioError(f"{where} holds no tensors: re-export it")
+    if embedding.looks_like(tensors):
+        raise StudioError(f"{where} is a textual-inversion embedding, not a layer adapter: it has no LoRA form to "
+                          f"export or bake; use it by its token in a prompt (studio generate --adapter FILE)")
     for name in NAMES:
         if layout(name).read is not None and layout(name).looks_like(tensors, metadata):
             return name

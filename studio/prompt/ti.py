@@ -28,9 +28,6 @@ from torch import nn
 
 from studio.errors import StudioError
 
-NAME = "ti"
-TASK = "image"
-SUMMARY = "textual inversion: new token embeddings for a trigger word (arXiv 2208.01618)"
 DEFAULT_LR = 5e-3
 """diffusers' textual_inversion example trains at 5e-4 x batch 4 x grad-accum 4 (scale_lr): ~5e-3."""
 
@@ -107,10 +104,6 @@ class TokenEmbedding(nn.Module):
         return torch.where(new.unsqueeze(-1), rows, out)
 
 
-def _embeddings(encoder) -> nn.Module:
-    return encoder.text_model.embeddings  # CLIPTextModel and CLIPTextModelWithProjection
-
-
 def _add_tokens(tokenizer, names: list[str], first: int, where: str) -> None:
     if len(tokenizer) != first:
         raise StudioError(f"{where}: the tokenizer has {len(tokenizer)} entries but its text encoder {first} rows: "
@@ -130,13 +123,13 @@ def add_trainable(pipe, token: str, init_word: str, vectors: int, where: str) ->
     starts = {c: init_id(tok, init_word, where) for c, (tok, _) in sides.items()}
     modules = {}
     for component, (tokenizer, encoder) in sides.items():
-        embeddings = _embeddings(encoder)
-        base = embeddings.token_embedding
+        base = encoder.get_input_embeddings()
         if isinstance(base, TokenEmbedding):
             raise StudioError(f"{where}: this text encoder already trains a token; train one token per run")
         start = base.weight.detach()[starts[component]].float().expand(vectors, -1)  # (N, d): N copies
         _add_tokens(tokenizer, vector_tokens(token, vectors), base.num_embeddings, where)
-        embeddings.token_embedding = modules[component] = TokenEmbedding(base, start)
+        modules[component] = TokenEmbedding(base, start)
+        encoder.set_input_embeddings(modules[component])
     return modules
 
 
@@ -144,7 +137,7 @@ def trained_rows(pipe) -> dict[str, torch.Tensor]:
     """Component -> the (N, d) rows its encoder's ``TokenEmbedding`` trains (fp32, detached)."""
     rows = {}
     for component, (_, encoder) in text_sides(pipe).items():
-        module = _embeddings(encoder).token_embedding
+        module = encoder.get_input_embeddings()
         if isinstance(module, TokenEmbedding):
             rows[component] = module.vectors.detach().float().clone()
     return rows
@@ -154,12 +147,12 @@ def restore_rows(pipe, rows: dict[str, torch.Tensor]) -> None:
     """Put checkpointed rows back into the training modules (resume)."""
     for component, (_, encoder) in text_sides(pipe).items():
         with torch.no_grad():
-            _embeddings(encoder).token_embedding.vectors.copy_(rows[component])
+            encoder.get_input_embeddings().vectors.copy_(rows[component])
 
 
 def install(tokenizer, encoder, token: str, rows: torch.Tensor, where: str) -> None:
     """Make ``token`` mean ``rows`` (N, d) at inference: new tokens and rows appended to the table."""
-    table = _embeddings(encoder).token_embedding
+    table = encoder.get_input_embeddings()
     if isinstance(table, TokenEmbedding):
         raise StudioError(f"{where}: the text encoder is training a token; load embeddings on a fresh base")
     names = vector_tokens(token, len(rows))
@@ -170,7 +163,7 @@ def install(tokenizer, encoder, token: str, rows: torch.Tensor, where: str) -> N
     _add_tokens(tokenizer, names, first, where)
     encoder.resize_token_embeddings(first + len(rows))
     with torch.no_grad():
-        _embeddings(encoder).token_embedding.weight[first:] = rows.to(table.weight.dtype)
+        encoder.get_input_embeddings().weight[first:] = rows.to(table.weight.dtype)
 
 
 class Installed:
@@ -190,17 +183,33 @@ class Installed:
         sides = text_sides(self.pipe)
         if self._pristine is None:
             self._pristine = ({c: copy.deepcopy(tok) for c, (tok, _) in sides.items()},
-                              {c: _embeddings(enc).token_embedding.num_embeddings for c, (_, enc) in sides.items()})
+                              {c: enc.get_input_embeddings().num_embeddings for c, (_, enc) in sides.items()})
         tokenizers, sizes = self._pristine
         for component, (_, encoder) in sides.items():
             setattr(self.pipe, "tokenizer_2" if component == "te2" else "tokenizer", copy.deepcopy(tokenizers[component]))
-            if _embeddings(encoder).token_embedding.num_embeddings != sizes[component]:
+            if encoder.get_input_embeddings().num_embeddings != sizes[component]:
                 encoder.resize_token_embeddings(sizes[component])
         self.tokens = []
+        self._check(embeddings)
         for emb in embeddings:
             for component, (tokenizer, encoder) in text_sides(self.pipe).items():
                 install(tokenizer, encoder, emb.token, emb.vectors[component], emb.where)
             self.tokens.append(emb.token)
+
+    def _check(self, embeddings: list) -> None:
+        """Everything that could stop an install half-way, asked of the pristine pipeline."""
+        sides = text_sides(self.pipe)
+        widths = {c: enc.get_input_embeddings().weight.shape[1] for c, (_, enc) in sides.items()}
+        seen = {}
+        for emb in embeddings:
+            emb.check_fits(widths, "sdxl" if "te2" in sides else "sd15")
+            if emb.token in seen:
+                raise StudioError(f"{emb.where} and {seen[emb.token]} are both the token {emb.token!r}: keep one "
+                                  f"of them in the mix")
+            seen[emb.token] = emb.where
+            if any(existing_token(tok, emb.token) for tok, _ in sides.values()):
+                raise StudioError(f"{emb.where}: token {emb.token!r} is already a word of this base's vocabulary: "
+                                  f"rename the file (A1111 uses its name as the token)")
 
 
 def in_prompt(token: str, *prompts: str | None) -> bool:
