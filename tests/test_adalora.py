@@ -48,13 +48,14 @@ def _peft_twin(base, paths, cfg):
     return get_peft_model(copy.deepcopy(base), pc)
 
 
-def test_adalora_matches_peft_rank_pattern_and_logits(tiny_lm):
+@pytest.mark.parametrize("alpha", [8.0, 7.0])  # scale alpha / r = 2 (a power of two) and 1.75
+def test_adalora_matches_peft_rank_pattern_and_logits(tiny_lm, alpha):
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(tiny_lm).eval()
     ours = copy.deepcopy(base)
     paths = [n for n, _ in ours.named_modules() if n.rpartition(".")[2] in LEAVES]
-    cfg = adalora.Config(rank=4, alpha=8.0, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=14)
+    cfg = adalora.Config(rank=4, alpha=alpha, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=14)
     A.attach(ours, "a", "adalora", cfg, paths)
     peft = _peft_twin(base, paths, cfg)
     inner = peft.base_model.model
@@ -77,7 +78,7 @@ def test_adalora_matches_peft_rank_pattern_and_logits(tiny_lm):
         (_, opt, sched), (_, popt, psched) = runs
         loss = ours(input_ids=ids, labels=ids).loss + training.aux_loss([ours], "a")
         peft_loss = peft(input_ids=ids, labels=ids).loss  # PEFT adds its orthogonality term itself
-        assert abs(loss.item() - peft_loss.item()) <= 1e-6 * abs(peft_loss.item()), step
+        assert abs(loss.item() - peft_loss.item()) <= 1e-5 * abs(peft_loss.item()), step
         loss.backward()
         loop.apply_step(NoAccel(), params, opt, sched, 0.0, 1,
                         after=lambda: training.after_step([ours], "a", step, cfg.total_step))
@@ -98,12 +99,13 @@ def test_adalora_matches_peft_rank_pattern_and_logits(tiny_lm):
     ids = torch.randint(3, vocab, (2, 16), generator=data)
     with torch.no_grad():
         got, want, before = ours(input_ids=ids).logits, peft(input_ids=ids).logits, base(input_ids=ids).logits
-    # Measured: 0.0 (bit-identical). The same fp32 ops run in the same order on both sides (A * E, the
-    # two matmuls, the budget's kthvalue); the scale alpha / r = 2 folded into B is a power of two, so
-    # it commutes with rounding. The bound allows for an fp32 ulp elsewhere (a scale that is not a power
-    # of two, another BLAS); the adapters' own effect is four orders of magnitude above it.
+    # Measured: alpha 8, 0.0 (bit-identical): the same fp32 ops run in the same order on both sides (A * E,
+    # the two matmuls, the budget's kthvalue) and the scale 2 folded into B is a power of two, so it commutes
+    # with rounding. alpha 7: ~1e-6 (scale 1.75 folded into B once vs PEFT's * lora_alpha / (ranknum + 1e-5)
+    # on every output rounds differently by an ulp, which 14 Adam steps carry along). The bound, 1e-5 of
+    # the logits' size, is ten times that; the adapters' own effect is four orders of magnitude above it.
     diff = (got - want).abs().max().item()
-    print(f"AdaLoRA vs PEFT after {cfg.total_step} steps: logits max |diff| {diff:.2e}, adapter effect "
+    print(f"AdaLoRA vs PEFT (alpha {alpha}) after {cfg.total_step} steps: logits max |diff| {diff:.2e}, adapter effect "
           f"{(want - before).abs().max().item():.3f}")
     assert diff <= 1e-5 * want.abs().max().item()
     assert (want - before).abs().max().item() > 0.01
