@@ -315,3 +315,17 @@ def test_resume_after_the_budget_phase_is_bit_identical(tiny_lm, tmp_path, monke
     a, b = _crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at=7)  # checkpoint 6: the pattern is fixed
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def test_a_run_in_epochs_too_short_for_the_budget_schedule_writes_nothing(tmp_path, capsys):
+    """Given in epochs, the run's length is known only once the data is counted: the trainers ask the
+    methods then (training.check_steps), before the run folder holds anything."""
+    from cli_helpers import one_error_line
+    from studio.cli import main  # noqa: F401  (one_error_line runs it)
+
+    style = Path(__file__).resolve().parents[1] / "sample_data" / "styles" / "stripes"
+    out = tmp_path / "run"
+    line = one_error_line(capsys, ["train", str(style), "--method", "adalora", "--method-args", "tinit=500",
+                                   "--epochs", "1", "--out", str(out), "--sample-every", "0"])
+    assert "tinit=500 must be below total steps" in line
+    assert not out.exists() or not any(out.iterdir())

@@ -117,6 +117,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     total = cfg.total_steps(order.steps_per_epoch)
     if cfg.relora_every:
         relora.check_steps(cfg.relora_every, total)  # a run given in epochs knows its length only here
+    training.check_steps(trained_models, name, total)  # methods with a schedule of their own (AdaLoRA's budget)
     schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total, cfg.optimizer,
                                   cfg.relora_every or 0, relora.rewarm_steps(cfg.relora_every or 0, cfg.relora_warmup))
     optimizer = accelerator.prepare(optimizer)  # gradients are averaged across processes by hand below
