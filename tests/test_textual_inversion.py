@@ -123,6 +123,20 @@ def test_a_hand_built_a1111_file_imports_and_inspect_reads_it(tmp_path, capsys):
     assert "token:     robo (3 vectors" in text and "emb_params 64 wide" in text
 
 
+@pytest.mark.parametrize("tensors, token, family, widths", [
+    ({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, "robo", "sdxl", {"te1": 768, "te2": 1280}),
+    ({"string_to_param.*": torch.randn(2, 768)}, "robo", "sd15", {"te": 768}),  # A1111's .pt layout, flattened
+    ({"<cat-toy>": torch.randn(768)}, "<cat-toy>", "sd15", {"te": 768}),  # diffusers' learned_embeds
+])
+def test_other_documented_layouts_import(tmp_path, capsys, tensors, token, family, widths):
+    from studio.formats import embedding
+    save_file(tensors, str(tmp_path / "robo.safetensors"))
+    emb = embedding.read(tmp_path / "robo.safetensors")
+    assert (emb.token, emb.family, emb.widths) == (token, family, widths)
+    assert main(["inspect", str(tmp_path / "robo.safetensors")]) == 0
+    assert f"base:      {embedding.FAMILY_NAMES[family]} ({family})" in capsys.readouterr().out
+
+
 def _sdxl_pipe(tmp: Path, widths=(16, 24)):
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

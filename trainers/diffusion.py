@@ -407,7 +407,8 @@ def _save_embedding(cfg, base, path: Path, steps: int, say) -> None:
     vectors = cfg.prompt_kind.trained_rows(base.pipe)
     emb = embedding.Embedding(cfg.token, vectors, where=str(path))
     embedding.write(emb, path, overwrite=True, extra={"studio.init_word": cfg.init_word, "ss_steps": str(steps),
-                                                      "ss_seed": str(cfg.seed), "ss_output_name": path.stem})
+                                                      "ss_seed": str(cfg.seed), "ss_output_name": path.stem,
+                                                      "ss_sd_model_name": cfg.base or cfg.BASE_NAME})
     if say is not None:
         widths = ", ".join(f"{embedding.KEYS[c]} {v.shape[1]}" for c, v in vectors.items())
         say(f"embedding: {path} ({cfg.token}, {emb.count} vectors, {widths} wide)\n"

@@ -30,6 +30,7 @@ FAMILY = {("te",): "sd15", ("te1", "te2"): "sdxl"}
 ARCHITECTURE = {"sd15": "stable-diffusion-v1/textual-inversion", "sdxl": "stable-diffusion-xl-v1-base/textual-inversion"}
 """ModelSpec 1.0 architecture ids (``/textual-inversion`` is the spec's adapter suffix)."""
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+STANDARD_WIDTHS = {"sd15": {"te": 768}, "sdxl": {"te1": 768, "te2": 1280}}
 
 
 @dataclass
@@ -114,9 +115,12 @@ def describe(path: str | os.PathLike) -> dict:
     """What ``studio inspect`` shows of an embedding file."""
     emb = read(path)
     digest = files.data_hash(path)
+    layout = FAMILY_NAMES[emb.family]
+    base = emb.family if emb.widths == STANDARD_WIDTHS[emb.family] else "sd-custom"  # the mini base: 64 wide
     return {"path": str(path), "format": "embedding", "kind": "embedding", "token": emb.token,
-            "a1111_name": Path(path).stem, "vectors": emb.count, "base": emb.family,
-            "base_name": FAMILY_NAMES[emb.family], "trigger_words": [emb.token],
+            "a1111_name": Path(path).stem, "vectors": emb.count, "base": base,
+            "base_name": FAMILY_NAMES[base] if base != "sd-custom" else f"a custom-size SD model ({layout} layout)",
+            "trigger_words": [emb.token],
             "methods": {c: "ti" for c in emb.vectors}, "ranks": {},  # what the UI library's cards read
             "encoders": {KEYS[c]: w for c, w in emb.widths.items()}, "size_bytes": Path(path).stat().st_size,
             "hash": {"sha256": digest, "short": digest[:12]}, "metadata": dict(emb.metadata)}
