@@ -18,6 +18,7 @@ import torch
 from studio import formats, text_world
 from studio.errors import StudioError
 from studio.models import load_causal_lm
+from studio.prompt import prefix
 
 
 def load_with_adapters(base: str | None, adapters: list[tuple[str, float]]):
@@ -25,8 +26,28 @@ def load_with_adapters(base: str | None, adapters: list[tuple[str, float]]):
     model, tokenizer = load_causal_lm(base)
     model.eval()
     for index, (path, weight) in enumerate(adapters):
-        formats.attach_file(formats.read(path), {"lm": model}, f"adapter{index}-{Path(path).stem}", weight)
+        af = formats.read(path)
+        if af.prompt:
+            _install_prefix(model, af, path, weight, context_of(model))
+        if af.parts:
+            formats.attach_file(af, {"lm": model}, f"adapter{index}-{Path(path).stem}", weight)
     return model, tokenizer
+
+
+def context_of(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0))
+
+
+def _install_prefix(model, af, path: str, weight: float, context: int) -> None:
+    """A file's prefix (prefix tuning, or the prefix half of LoRA + prefix) on the model, checked first."""
+    if af.base != "lm":
+        raise StudioError(f"{path} has a prefix for a language model but is a Stable Diffusion file: re-export it")
+    if weight != 1.0:
+        raise StudioError(f"--adapter {path}:{weight:g}: a prefix has no strength to scale (its keys and values are "
+                          f"attended as they are): give the file without a weight (or :1)")
+    if prefix.installed_length(model):
+        raise StudioError(f"{path}: another --adapter already brought a prefix; one prefix at a time: drop one")
+    prefix.install_tensors(model, af.prompt, path, context)
 
 
 @torch.no_grad()
@@ -34,7 +55,7 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, sto
              temperature: float = 0.0, seed: int = 0) -> list[str]:
     """Continuations of ``prompts`` (the new text only), cut at the first ``stop`` string.
     Greedy at temperature 0; otherwise sampled with a generator seeded by ``seed``."""
-    context = int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0))
+    context = context_of(model) - prefix.installed_length(model)  # a prefix's virtual tokens hold their positions
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # batched decoding continues every prompt from its last token
     try:
@@ -43,8 +64,9 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, sto
         tokenizer.padding_side = side
     length = batch["input_ids"].shape[1]
     if context and length + max_new_tokens > context:
+        taken = f" (after the prefix's {prefix.installed_length(model)} tokens)" if prefix.installed_length(model) else ""
         raise StudioError(f"the prompt is {length} tokens and {max_new_tokens} new tokens were asked for, but the "
-                          f"model's context is {context}: shorten the prompt or lower --max-new-tokens")
+                          f"model's context is {context}{taken}: shorten the prompt or lower --max-new-tokens")
     sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
     if temperature > 0:
         torch.manual_seed(seed)  # transformers samples from the global generator

@@ -26,6 +26,7 @@ from studio.adapters import registry, training
 from studio import formats
 from studio.config import to_toml
 from studio.models import load_causal_lm
+from studio.prompt import prefix
 from studio.text import complete
 from trainers import batches, data_text, loop, memory
 from trainers import extras, optimizers, relora
@@ -34,6 +35,8 @@ from trainers.output import prepare_output, write_text_atomic
 
 COMPONENT = "lm"
 """The component name of a language model in adapter files (``lm.<module path>.<tensor>``)."""
+PREFIX_STATE = "prompt.train."
+"""Checkpoint keys of a prefix's trained parameters (the MLP's too, which the adapter file drops)."""
 
 
 def context_length(model) -> int:
@@ -51,8 +54,10 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     identity = cfg.identity
     start_checkpoint = prepare_output(out, resume, identity)
     model, tokenizer = load_causal_lm(cfg.base)
-    context = context_length(model)
-    examples = data_text.load_examples(cfg.data, tokenizer, cfg.block_size or context, context)
+    context = room = context_length(model)
+    if cfg.prefix_tokens:  # the prefix takes its P positions of the context from every example
+        room = context - prefix.check_length(cfg.prefix_tokens, context)
+    examples = data_text.load_examples(cfg.data, tokenizer, cfg.block_size or room, room)
 
     accelerator = loop.make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     device, world, rank_index = accelerator.device, accelerator.num_processes, accelerator.process_index
@@ -63,12 +68,21 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     name = cfg.adapter_name
     for p in model.parameters():
         p.requires_grad_(False)
-    A.attach(model, name, cfg.method, cfg.method_config(), cfg.target_list)
-    params = A.trainable_parameters(model, name)
+    if cfg.layer_method is not None:
+        A.attach(model, name, cfg.method, cfg.method_config(), cfg.target_list)
+    params = A.trainable_parameters(model, name) if cfg.layer_method is not None else []
+    encoder = None  # prefix tuning: its parameters live beside the model and train at their own lr
+    if cfg.prefix_tokens:
+        encoder = prefix.for_training(model, cfg.prefix_tokens, cfg.prefix_projection,
+                                      torch.tensor(examples[0].input_ids))
     memory.cast_frozen(model, memory.DTYPES[cfg.base_dtype])  # the adapters stay fp32 (trainers/memory.py)
     if cfg.gradient_checkpointing:
         memory.enable_checkpointing(model)
-    groups = optimizers.loraplus_groups([(params, cfg.learning_rate)], [model], name, cfg.loraplus_ratio)  # LoRA+
+    groups = optimizers.loraplus_groups([(params, cfg.learning_rate)] if params else [], [model], name,
+                                        cfg.loraplus_ratio)  # LoRA+
+    if encoder is not None:
+        groups.append((list(encoder.parameters()), cfg.prefix_learning_rate))
+    trained = params + (list(encoder.parameters()) if encoder is not None else [])  # averaged and clipped together
     optimizer = loop.make_optimizer(groups, cfg.optimizer, cfg.optimizer_args, cfg.warmup_steps)
     hooked = training.has_hooks([model], name)  # methods with an aux loss / after-step hook
 
@@ -78,6 +92,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     total = cfg.total_steps(order.steps_per_epoch)
     if cfg.relora_every:
         relora.check_steps(cfg.relora_every, total)  # a run given in epochs knows its length only here
+    training.check_steps([model], name, total)  # methods with a schedule of their own (AdaLoRA's budget)
     schedule = loop.make_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total, cfg.optimizer,
                                   cfg.relora_every or 0, relora.rewarm_steps(cfg.relora_every or 0, cfg.relora_warmup))
     optimizer = accelerator.prepare(optimizer)  # gradients are averaged across processes by hand below
@@ -87,6 +102,8 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
         start, tensors, states, saved_identity = loop.load_checkpoint(start_checkpoint)
         loop.check_identity(saved_identity, identity, start_checkpoint)
         _restore(model, name, tensors)
+        if encoder is not None:
+            encoder.load_state_dict({k[len(PREFIX_STATE):]: v for k, v in tensors.items() if k.startswith(PREFIX_STATE)})
         optimizer.load_state_dict(states["optimizer"])
         schedule.load_state_dict(states["schedule"])
         extra.load_state_dict(states)
@@ -122,7 +139,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
             loop.guard_finite(loss.detach(), step, last_checkpoint)
             accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.item() / cfg.grad_accum
-        loop.apply_step(accelerator, params, optimizer, schedule, cfg.max_grad_norm, world,
+        loop.apply_step(accelerator, trained, optimizer, schedule, cfg.max_grad_norm, world,
                         after=[(lambda: training.after_step([model], name, step, total)) if hooked else None,
                                *extra.hooks(step, total)])
         done = step + 1
@@ -130,7 +147,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
         if done % cfg.save_every == 0 or done == total:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(model, name),
+                last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(model, name, encoder),
                                                        optimizer, schedule, identity, extra.state_dict())
         if accelerator.is_main_process and ((cfg.sample_every and done % cfg.sample_every == 0) or done == total):
             with extra.for_samples():  # the EMA when on
@@ -141,12 +158,12 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     path = out / f"{name}.safetensors"
     if accelerator.is_main_process:
         with extra.for_file():
-            _save_adapter(cfg, model, name, path, len(examples), total, time.perf_counter() - began)
+            _save_adapter(cfg, model, name, path, len(examples), total, time.perf_counter() - began, encoder)
         if extra.ema is not None:
             with extra.for_file(ema=True):
                 _save_adapter(cfg, model, name, out / f"{name}-ema.safetensors", len(examples), total,
                               time.perf_counter() - began)
-        routed = registry.get(cfg.method).TRAITS.export == "none"  # a routed mixture has no PEFT form
+        routed = cfg.layer_method is not None and registry.get(cfg.method).TRAITS.export == "none"  # no PEFT form
         say(f"adapter: {path} (native" + ("; a routed mixture, no PEFT form)" if routed else
                                            f"; `studio export {path} --format peft -o DIR` for PEFT)"))
     return path
@@ -167,8 +184,13 @@ def token_loss(model, batch: dict[str, torch.Tensor], denominator: float) -> tor
     return total / denominator
 
 
-def _adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
-    return {f"{COMPONENT}.{k}": v for k, v in A.adapter_state_dict(model, name).items()}
+def _adapter_tensors(model, name: str, encoder=None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: the layer adapter's, and a prefix's trained parameters (its MLP too)."""
+    tensors = {f"{COMPONENT}.{k}": v for k, v in A.adapter_state_dict(model, name).items()} if name in A.adapter_names(model) \
+        else {}
+    if encoder is not None:
+        tensors |= {f"{PREFIX_STATE}{k}": v.detach().clone() for k, v in encoder.state_dict().items()}
+    return tensors
 
 
 def _restore(model, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -190,7 +212,7 @@ def sample_prompts(cfg: LMTrainConfig) -> list[str]:
 def _write_samples(model, tokenizer, cfg: LMTrainConfig, writer, path: Path, step: int) -> None:
     """Greedy answers to the sample prompts; prompts with no room left in the context are skipped
     (a sample must never stop a finished run from saving its adapter)."""
-    room = context_length(model) - cfg.sample_tokens
+    room = context_length(model) - prefix.installed_length(model) - cfg.sample_tokens
     prompts = [p for p in sample_prompts(cfg) if len(tokenizer(p)["input_ids"]) <= room]
     if not prompts:
         return
@@ -206,11 +228,17 @@ def _write_samples(model, tokenizer, cfg: LMTrainConfig, writer, path: Path, ste
         writer.add_text("samples", block.replace("\n", "  \n"), step)
 
 
-def _save_adapter(cfg: LMTrainConfig, model, name: str, path: Path, examples: int, steps: int, seconds: float) -> None:
+def _save_adapter(cfg: LMTrainConfig, model, name: str, path: Path, examples: int, steps: int, seconds: float,
+                  encoder=None) -> None:
     metadata = formats.training_metadata(
         title=name, output_name=name, steps=steps, seed=cfg.seed, learning_rate=cfg.learning_rate,
         base_model_name=cfg.base or "mini-lm", training_comment=f"studio train --task lm, "
         f"{seconds:.0f} s", lm_architecture=model.config.model_type, lm_examples=examples,
         lm_data=Path(cfg.data).name, network_args=extras.network_args(cfg, None), **extras.metadata(cfg))
-    af = formats.from_models({COMPONENT: model}, name, base="lm", metadata=metadata)
+    if encoder is not None:
+        metadata["studio.prefix"] = f"{cfg.prefix_tokens} virtual tokens" + (
+            f", trained through a {cfg.prefix_projection}-wide MLP (folded)" if cfg.prefix_projection else "")
+    prompt_side = encoder.fold() if encoder is not None else {}  # the prefixes alone: the MLP is dropped
+    af = (formats.from_models({COMPONENT: model}, name, base="lm", metadata=metadata).replace(prompt=prompt_side)
+          if cfg.layer_method is not None else formats.AdapterFile("lm", {}, metadata=metadata, prompt=prompt_side))
     formats.save(af, path, "native", overwrite=True)

@@ -53,11 +53,14 @@ class AdapterFile:
     """Descriptive header fields carried along (ss_*, modelspec.*, studio.*); never the layout keys."""
     source: dict = field(default_factory=dict)
     """How it was read: path, format, ranks and alphas as stored, dtype. Empty for in-memory adapters."""
+    prompt: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Prompt-side tensors beside the layer parts (``studio.prompt``): a prefix's ``prefix.key`` /
+    ``prefix.value`` (L, H_kv, P, d). A prefix-tuning file has these and no parts."""
 
     def __post_init__(self) -> None:
         if self.base not in FAMILIES:
             raise StudioError(f"unknown base family {self.base!r}: choose one of {', '.join(FAMILIES)}")
-        if not self.parts:
+        if not self.parts and not self.prompt:
             raise StudioError("an adapter file needs at least one component with tensors")
         allowed = FAMILIES[self.base]
         stray = [c for c in self.parts if c not in allowed]

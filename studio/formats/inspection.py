@@ -47,6 +47,15 @@ def _alphas(af: AdapterFile) -> dict[str, list]:
     return out
 
 
+def _prompt(af: AdapterFile) -> dict[str, dict]:
+    """{"prefix": length, layers, key/value heads, head width} of a file with a prefix (prefix tuning)."""
+    key = af.prompt.get("prefix.key")
+    if key is None:
+        return {}
+    layers, heads, length, head_dim = key.shape
+    return {"prefix": {"length": length, "layers": layers, "kv_heads": heads, "head_dim": head_dim}}
+
+
 def _mixtures(af: AdapterFile) -> dict[str, dict]:
     """{component: experts, routing, balance, experts per block} of the parts whose method describes its
     routing (the routed mixtures' ``describe`` hook)."""
@@ -222,6 +231,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "alphas": _alphas(af),
         "modules": af.module_counts(),
         "mixtures": _mixtures(af),
+        "prompt": _prompt(af),
         "dtypes": af.source.get("dtypes", []),
         "tensors": af.source.get("tensor_count"),
         "size_bytes": Path(path).stat().st_size,
@@ -249,6 +259,9 @@ def render_text(info: dict) -> str:
                      + (f", alpha {alphas}" if alphas else ""))
         if component in info["mixtures"]:
             lines += _mixture_lines(info["mixtures"][component])
+    for kind, p in info.get("prompt", {}).items():
+        lines.append(f"  {kind}  {p['length']} virtual tokens x {p['layers']} layers ({p['kv_heads']} key/value "
+                     f"heads x {p['head_dim']})")
     lines.append(f"trigger:   {', '.join(info['trigger_words']) or '-'}")
     lines.append(f"top tags:  {', '.join(f'{t} ({n})' for t, n in info['top_tags']) or '-'}")
     h = info["hash"]

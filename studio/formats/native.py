@@ -2,6 +2,7 @@
 
     <component>.<module path>.<tensor>        the core's saved tensors (LoRA: A, B; PiSSA / MiLoRA:
                                               A, B, A0, B0; SVF: z, basis_hash), fp32
+    prompt.prefix.key, prompt.prefix.value    a prefix (studio/prompt/prefix.py): (L, H_kv, P, d), fp32
     studio.format = native, studio.format_version = 1, studio.base = sd15 | sdxl | sd-custom | lm
     studio.adapter = {"<component>": {"method": ..., "config": {...}}, ...}   (JSON)
 
@@ -24,8 +25,11 @@ from studio.formats.adapter_file import AdapterFile, Part
 from studio.formats.metadata import export_metadata
 from studio.formats.refuse import refuse_leftovers
 from studio.formats.writing import ExportReport, WriteOptions
+from studio.prompt import prefix
 
 FORMAT_VERSION = "1"
+PROMPT = "prompt."
+"""Key prefix of the prompt-side tensors (``AdapterFile.prompt``): ``prompt.prefix.key`` / ``.value``."""
 
 
 NAME = "native"
@@ -48,7 +52,8 @@ def write(af: AdapterFile, path, opts: WriteOptions) -> ExportReport:
         raise StudioError("--format native is written in fp32 (exact resume and mixing): use --format kohya "
                           "for a half-precision file")
     tensors, layout = to_tensors(af)
-    meta = export_metadata(af.metadata, base=af.base, fmt="native", stem=Path(path).stem, methods=af.methods)
+    meta = export_metadata(af.metadata, base=af.base, fmt="native", stem=Path(path).stem,
+                           methods=[*af.methods, *(["prefix"] if af.prompt else [])])
     meta.update(layout)
     digest = files.write(target, tensors, meta, overwrite=opts.overwrite)
     return ExportReport(str(target), NAME, "fp32", None, [], af.module_counts(), 1.0, 0.0, {}, [], digest)
@@ -57,6 +62,7 @@ def write(af: AdapterFile, path, opts: WriteOptions) -> ExportReport:
 def to_tensors(af: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     layout = {c: {"method": p.method, "config": p.config} for c, p in af.parts.items()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in af.tensors().items()}
+    tensors |= {f"{PROMPT}{k}": v.detach().cpu().contiguous() for k, v in af.prompt.items()}  # a prefix, exactly
     return tensors, {"studio.format_version": FORMAT_VERSION, "studio.adapter": json.dumps(layout, sort_keys=True)}
 
 
@@ -81,7 +87,13 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
             raise StudioError(f"{where}: {err}") from None
         parts[component] = Part(method, config, {})
     leftovers = []
+    prompt = {k[len(PROMPT):]: v.float() for k, v in tensors.items() if k.startswith(PROMPT)}
+    if prompt and set(prompt) != set(prefix.KEYS):
+        raise StudioError(f"{where}: its prompt-side tensors {sorted(prompt)} are not a prefix "
+                          f"({', '.join(prefix.KEYS)}): the file is damaged")
     for key, value in tensors.items():
+        if key.startswith(PROMPT):
+            continue
         component, _, rest = key.partition(".")
         tensor = rest.rpartition(".")[2]
         if component not in parts or tensor not in METHODS[parts[component].method].SAVED:
@@ -94,6 +106,7 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
         raise StudioError(f"{where}: components {empty} are declared but have no tensors: the file is damaged")
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     try:
-        return AdapterFile(metadata.get("studio.base", ""), parts, source={"format": "native", "dtypes": dtypes})
+        return AdapterFile(metadata.get("studio.base", ""), parts, source={"format": "native", "dtypes": dtypes},
+                           prompt=prompt)
     except StudioError as err:
         raise StudioError(f"{where}: {err}") from None

@@ -5,6 +5,9 @@
     DIR/adapter_config.json         peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules
                                     (full module paths), rank_pattern (modules whose rank differs from r)
 
+A prefix (prefix tuning) is PEFT's PREFIX_TUNING folder, ``prompt_embeddings`` (P, L 2 H_kv d); LoRA +
+prefix is two folders, DIR/lora and DIR/prefix (``write_with_prefix`` says why and how to load them).
+
 Every method goes through ``lowrank`` first, as for kohya files: LoRA exactly, PiSSA / MiLoRA
 exactly as a plain LoRA of rank <= 2r (QR of the stacked factors + a small SVD), SVF truncated
 to ``rank`` / ``energy`` with the retained energy reported (exact at full rank). ``pack`` then
@@ -19,6 +22,7 @@ leaves an earlier DIR whole.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -102,6 +106,8 @@ def _uses_conv1d(paths, model: nn.Module | None) -> bool:
 def write(af: AdapterFile, out: str | os.PathLike, opts: WriteOptions) -> ExportReport:
     """Write ``af`` as a PEFT adapter folder (adapter_model.safetensors + adapter_config.json)."""
     rank, energy, dtype, models, overwrite = opts.rank, opts.energy, opts.dtype, opts.models, opts.overwrite
+    if af.prompt:  # prefix tuning, alone or with a layer adapter: see write_with_prefix
+        return write_with_prefix(af, out, opts)
     if af.base != "lm" or set(af.parts) != {"lm"}:
         raise StudioError(f"--format peft writes language-model adapters; {af.source.get('path') or af.name} is a "
                           f"Stable Diffusion adapter: export it with --format kohya or diffusers")
@@ -140,3 +146,82 @@ def write(af: AdapterFile, out: str | os.PathLike, opts: WriteOptions) -> Export
         raise
     return ExportReport(str(out), NAME, dtype, packed.alpha, ranks, af.module_counts(), summary["energy"],
                         summary["relative_error"], summary["per_module"], packed.notes, digest)
+
+
+# -- prefix tuning (studio/prompt/prefix.py) ------------------------------------------------------
+PREFIX_WEIGHTS = "prompt_embeddings"
+"""PEFT's one tensor of a prefix adapter: (P, L 2 H_kv d), the prefixes after any projection."""
+LORA_SUBFOLDER, PREFIX_SUBFOLDER = "lora", "prefix"
+
+
+def prefix_config(key: torch.Tensor, base_name: str | None) -> dict:
+    """PEFT's PrefixTuningConfig of a folded prefix: what ``save_pretrained`` writes for one (inference
+    mode, ``prefix_projection`` false: a trained MLP was evaluated into the prefixes, as PEFT does)."""
+    layers, heads, length, head_dim = key.shape
+    return {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+            "num_virtual_tokens": length, "token_dim": heads * head_dim, "num_attention_heads": heads,
+            "num_layers": layers, "num_transformer_submodules": 1, "encoder_hidden_size": heads * head_dim,
+            "prefix_projection": False, "inference_mode": True, "init_weights": None, "modules_to_save": None,
+            "revision": None, "auto_mapping": None}
+
+
+def write_with_prefix(af: AdapterFile, out: str | os.PathLike, opts: WriteOptions) -> ExportReport:
+    """A prefix as PEFT's prefix-tuning folder; with a layer adapter, DIR/lora and DIR/prefix.
+
+    PEFT runs one adapter type per PeftModel (a prompt-learning adapter does not combine with LoRA in
+    one model, nor in PeftMixedModel), so LoRA + prefix becomes two adapters, used as: merge the LoRA
+    (``PeftModel.from_pretrained(base, DIR/lora).merge_and_unload()``), then load DIR/prefix on the
+    merged model; that equals the studio's LoRA + prefix forward (tests/test_prefix_tuning.py)."""
+    from studio.prompt import prefix
+
+    if af.base != "lm":
+        raise StudioError(f"{af.source.get('path') or af.name} has a prefix but is not a language-model adapter: "
+                          f"it cannot be written for PEFT")
+    if not opts.exact and not af.parts:
+        raise StudioError("--rank / --energy truncate layer adapters; a prefix is written exactly: drop them")
+    target = check_folder(out, opts.overwrite)
+    dtype = opts.dtype or "fp32"
+    if dtype not in DTYPES:
+        raise StudioError(f"unknown --dtype {dtype!r}: choose fp16, bf16 or fp32")
+    key, value = af.prompt[prefix.KEYS[0]], af.prompt[prefix.KEYS[1]]
+    tensors = {PREFIX_WEIGHTS: prefix.to_flat(key, value).to(DTYPES[dtype]).contiguous()}
+    base_name = af.metadata.get("ss_sd_model_name") or None
+    layers, heads, length, head_dim = key.shape
+    note = f"prefix: {length} virtual tokens x {layers} layers ({heads} key/value heads x {head_dim})"
+    meta = export_metadata(af.metadata, base="lm", fmt="peft", stem=target.name, methods=[*af.methods, "prefix"],
+                           dtype=dtype)
+
+    def fill(folder: Path):
+        if not af.parts:
+            digest = files.write(folder / WEIGHTS, tensors, meta)
+            files.write_atomic(folder / CONFIG, [json.dumps(prefix_config(key, base_name), indent=2).encode("utf-8")])
+            return ExportReport(str(out), NAME, dtype, None, [], {}, 1.0, 0.0, {}, [note], digest)
+        layer = write(af.replace(prompt={}), folder / LORA_SUBFOLDER, dataclasses.replace(opts, overwrite=True))
+        (folder / PREFIX_SUBFOLDER).mkdir()
+        files.write(folder / PREFIX_SUBFOLDER / WEIGHTS, tensors, meta)
+        files.write_atomic(folder / PREFIX_SUBFOLDER / CONFIG,
+                           [json.dumps(prefix_config(key, base_name), indent=2).encode("utf-8")])
+        how = (f"LoRA + prefix is two PEFT adapters: {Path(out) / LORA_SUBFOLDER} (merge it: "
+               f"PeftModel.from_pretrained(model, ...).merge_and_unload()) then {Path(out) / PREFIX_SUBFOLDER} "
+               f"(PeftModel.from_pretrained on the merged model)")
+        return layer._replace(path=str(out), notes=[*layer.notes, note, how])
+
+    return _publish_folder(target, fill)
+
+
+def _publish_folder(target: Path, fill) -> ExportReport:
+    """``fill(tmp)`` builds the folder beside ``target``, which then replaces ``target`` in one rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        report = fill(tmp)
+        tmp.chmod(0o755)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
