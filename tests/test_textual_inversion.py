@@ -197,6 +197,22 @@ def test_sdxl_trains_both_encoders_and_writes_clip_l_clip_g(tmp_path):
         ti.Installed(_mini().pipe).sync([back])
 
 
+def test_studio_train_on_an_sdxl_base_trains_both_encoders(data, tmp_path):
+    pipe = _sdxl_pipe(tmp_path, widths=(16, 16))  # the tiny SDXL UNet's cross-attention is 16 + 16 wide
+    pipe.save_pretrained(tmp_path / "sdxl")
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--base", str(tmp_path / "sdxl"), "--method", "ti", "--token", TOKEN,
+                 "--init-word", "circle", "--vectors", "2", "--steps", "2", "--batch-size", "2", "--resolution", "32",
+                 "--sample-every", "0", "--set", "sample_steps=1", "--out", str(out),
+                 "--set", f"cache_dir={tmp_path / 'cache'}"]) == 0
+    tensors = load_file(str(out / "kbot.safetensors"))
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (2, 16), "clip_g": (2, 16)}
+    circle = pipe.tokenizer("circle", add_special_tokens=False)["input_ids"][0]
+    for key, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
+        start = encoder.get_input_embeddings().weight[circle]
+        assert (tensors[key] - start).abs().max() > 1e-4, key  # each encoder's rows trained
+
+
 def _png(folder: Path) -> np.ndarray:
     [path] = folder.glob("*.png")
     return np.asarray(Image.open(path))
