@@ -267,3 +267,34 @@ def test_an_sdxl_embedding_in_generate_on_the_mini_base(tmp_path, capsys):
                                    "--out", str(tmp_path / "out")])
     assert "is a SDXL embedding (clip_l 768, clip_g 1280 wide) but the base is SD1.5 (emb_params 64 wide)" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_pivotal_tuning_trains_a_lora_and_the_token_which_stops_early(data, tmp_path):
+    from studio import formats
+    common = ["--with-ti", TOKEN, "--init-word", "robot", "--vectors", "2", "--batch-size", "2", "--targets",
+              "unet-attn,te-attn", "--sample-every", "0", "--set", "sample_steps=1",
+              "--set", f"cache_dir={data.parent / 'cache'}"]
+    assert main(["train", str(data), *common, "--steps", "1", "--out", str(tmp_path / "one")]) == 0
+    assert main(["train", str(data), *common, "--steps", "3", "--ti-steps", "1", "--out", str(tmp_path / "three")]) == 0
+    rows = [load_file(str(tmp_path / run / "kbot.safetensors"))["emb_params"] for run in ("one", "three")]
+    assert torch.equal(rows[0], rows[1])  # the embedding trained at step 1 only, and exactly as a 1-step run
+    loras = [formats.read(tmp_path / run / "data.safetensors") for run in ("one", "three")]
+    assert set(loras[1].parts) == {"unet", "te"}
+    for component, part in loras[1].parts.items():  # the LoRA went on training after the embedding stopped
+        first = loras[0].parts[component].tensors
+        assert any(not torch.equal(v, first[k]) for k, v in part.tensors.items() if k.endswith(".B")), component
+    assert (tmp_path / "three" / "data.kohya.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--with-ti", "robot"], "--with-ti 'robot' in the train config is already in the base's vocabulary"),
+    (["--with-ti", TOKEN, "--ti-steps", "0"], "--ti-steps must be positive, got 0"),
+    (["--token", TOKEN], "beside a LoRA give the token as --with-ti '<kbot>'"),
+    (["--with-ti", TOKEN, "--trigger", "kbot"], "--trigger 'kbot' lacks the token '<kbot>'"),
+])
+def test_pivotal_bad_input_is_one_error_line(data, tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    argv = ["train", str(data), "--init-word", "robot", "--steps", "1", "--out", str(out),
+            "--set", f"cache_dir={tmp_path / 'cache'}", *args]
+    assert message in one_error_line(capsys, argv)
+    assert not out.exists()

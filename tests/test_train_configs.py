@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from studio import prompt
 from studio.adapters import registry
 from cli_helpers import one_error_line
 from studio.cli import build_parser, main
@@ -61,8 +62,9 @@ def test_every_field_of_both_configs_is_a_flag_with_its_docstring_as_help():
                  "--method-args", "-o"):
         assert flag in train._option_string_actions, flag
     method = by_dest["method"]
-    assert list(method.choices) == list(registry.METHODS)
+    assert list(method.choices) == [*registry.METHODS, *prompt.METHODS]  # layer methods, then prompt-side ones
     assert all(m.TRAITS.summary in method.help for m in registry.METHODS.values())
+    assert all(m.summary in method.help for m in prompt.METHODS.values())
     assert "Adapter input dropout while training" in by_dest["dropout"].help
     assert by_dest["data"].help and by_dest["task"].choices == ["image", "lm"]
 

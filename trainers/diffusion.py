@@ -74,8 +74,8 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
 
     # 2. adapters on the UNet and / or the text encoders; the base stays frozen
     torch.manual_seed(cfg.seed)
-    kind = cfg.prompt_kind  # textual inversion trains token embeddings (studio/prompt), no layer adapter
-    name, method_cfg = cfg.adapter_name, None if kind else cfg.method_config()
+    ti = cfg.ti_module  # textual inversion's token rows: alone (--method ti, no layer adapter) or --with-ti
+    name, method_cfg = cfg.adapter_name, None if cfg.prompt_kind else cfg.method_config()
     for p in list(unet.parameters()) + list(vae.parameters()) + [p for te in base.text_encoders for p in te.parameters()]:
         p.requires_grad_(False)
     groups = []
@@ -97,8 +97,10 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     base_dtype = memory.DTYPES[cfg.base_dtype]
     for model in [unet, vae, *base.text_encoders]:
         memory.cast_frozen(model, base_dtype)
-    if kind:  # after the cast: the new rows stay fp32 whatever the base's dtype
-        rows = kind.add_trainable(pipe, cfg.token, cfg.init_word, cfg.vectors, "the train config")
+    rows = {}
+    if ti:  # after the cast: the new rows stay fp32 whatever the base's dtype
+        rows = ti.add_trainable(pipe, cfg.ti_token, cfg.init_word, cfg.vectors, "the train config",
+                                "--with-ti" if cfg.with_ti else "--token")
         groups.append(([m.vectors for m in rows.values()], cfg.lr_ti))
     if cfg.gradient_checkpointing:
         for model in [unet] + (list(base.text_encoders) if cfg.train_te else []):
@@ -128,8 +130,8 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         start, tensors, states, saved_identity = loop.load_checkpoint(start_checkpoint)
         loop.check_identity(saved_identity, identity, start_checkpoint)
         _restore(base, name, tensors)
-        if kind:
-            kind.restore_rows(pipe, {c.removesuffix(".ti.vectors"): t for c, t in tensors.items()
+        if ti:
+            ti.restore_rows(pipe, {c.removesuffix(".ti.vectors"): t for c, t in tensors.items()
                                      if c.endswith(".ti.vectors")})
         optimizer.load_state_dict(states["optimizer"])
         schedule.load_state_dict(states["schedule"])
@@ -259,6 +261,8 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     began = time.perf_counter()
     for step in bar:
         torch.manual_seed(cfg.seed * 1_000_003 + step * 97 + rank_index)  # adapter dropout only
+        for module in rows.values() if cfg.ti_steps is not None and step >= cfg.ti_steps else ():
+            module.vectors.requires_grad_(False)  # pivotal tuning's early stop: no gradient, AdamW skips it
         global_batch = order.batch(step)
         reg_batch = reg_order.batch(step) if reg_order else None
         step_loss = 0.0
@@ -281,7 +285,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         if done % cfg.save_every == 0 or done == total:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(base, name, kind),
+                last_checkpoint = loop.save_checkpoint(out / "checkpoints", done, _adapter_tensors(base, name, ti),
                                                        optimizer, schedule, identity, extra.state_dict())
         if accelerator.is_main_process and cfg.save_adapter_every and done % cfg.save_adapter_every == 0 and done < total:
             with extra.for_file():
@@ -366,6 +370,10 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
     if cfg.prompt_kind:
         _save_embedding(cfg, base, path, steps, say)
         return
+    if cfg.with_ti:  # pivotal tuning: the token's file beside the LoRA ('kbot-step0000100' beside 'NAME-step0000100')
+        stem = cfg.ti_file_stem + path.stem[len(name):]
+        _save_embedding(cfg, base, path.with_name(f"{stem}{'-emb' if stem == path.stem else ''}.safetensors"), steps,
+                        say)
     tags: dict[str, int] = {}
     for item in items:
         for tag in (t.strip() for t in data_images.with_trigger(item.caption, cfg.trigger).split(",")):
@@ -404,13 +412,13 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
 def _save_embedding(cfg, base, path: Path, steps: int, say) -> None:
     from studio.formats import embedding
 
-    vectors = cfg.prompt_kind.trained_rows(base.pipe)
-    emb = embedding.Embedding(cfg.token, vectors, where=str(path))
+    vectors = cfg.ti_module.trained_rows(base.pipe)
+    emb = embedding.Embedding(cfg.ti_token, vectors, where=str(path))
     embedding.write(emb, path, overwrite=True, extra={"studio.init_word": cfg.init_word, "ss_steps": str(steps),
                                                       "ss_seed": str(cfg.seed), "ss_output_name": path.stem,
                                                       "ss_sd_model_name": cfg.base or cfg.BASE_NAME})
     if say is not None:
         widths = ", ".join(f"{embedding.KEYS[c]} {v.shape[1]}" for c, v in vectors.items())
-        say(f"embedding: {path} ({cfg.token}, {emb.count} vectors, {widths} wide)\n"
-            f"studio generate / UI: write {cfg.token} in the prompt; A1111 / ComfyUI: write {path.stem} / "
+        say(f"embedding: {path} ({cfg.ti_token}, {emb.count} vectors, {widths} wide)\n"
+            f"studio generate / UI: write {cfg.ti_token} in the prompt; A1111 / ComfyUI: write {path.stem} / "
             f"embedding:{path.stem}")

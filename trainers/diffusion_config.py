@@ -112,7 +112,13 @@ class DiffusionTrainConfig(TrainSpec):
     vectors: int = 1
     """--method ti: vectors of the embedding (the token expands to token, token_1, ... in prompts)."""
     ti_lr: float | None = None
-    """--method ti: learning rate of the new embedding rows; None = the method's default (5e-3)."""
+    """--method ti / --with-ti: learning rate of the new embedding rows; None = 5e-3."""
+    with_ti: str | None = None
+    """Pivotal tuning: also train this new token's embedding beside the layer adapter, e.g. --with-ti '<kbot>'
+    (with --init-word, --vectors)."""
+    ti_steps: int | None = None
+    """--with-ti: the embedding trains for the first N steps only, then stays fixed while the LoRA goes on (pivotal
+    tuning's early stop); None = every step."""
 
     DEFAULT_STEPS: ClassVar[int] = DEFAULT_STEPS
     BASE_NAME: ClassVar[str] = "mini-sd"
@@ -121,16 +127,16 @@ class DiffusionTrainConfig(TrainSpec):
         if not self.data:
             raise StudioError("no dataset given: studio train DATA_DIR (a folder of images with .txt captions)")
         self.check_run("image")
-        if self.method in self._prompt_methods or self.token is not None:
-            self._check_prompt_side()
-            return
-        parts = self.target_list
-        if not set(parts) <= {*UNET_TARGETS, "te-attn"} or len(set(parts) & set(UNET_TARGETS)) > 1 or not parts:
-            raise StudioError(f"--targets {self.targets!r}: use unet-transformer, unet-attn or unet-full, te-attn, "
-                              "or one UNet set plus te-attn, e.g. unet-attn,te-attn")
-        self.check_adapter(CONV_TARGETS, parts)
-        from trainers import blocks
-        blocks.check(self)
+        if self.method in self._prompt_methods or self.token is not None or self.with_ti is not None:
+            self._check_ti()
+        if self.prompt_kind is None:  # a layer adapter (a prompt-side method trains none)
+            parts = self.target_list
+            if not set(parts) <= {*UNET_TARGETS, "te-attn"} or len(set(parts) & set(UNET_TARGETS)) > 1 or not parts:
+                raise StudioError(f"--targets {self.targets!r}: use unet-transformer, unet-attn or unet-full, te-attn, "
+                                  "or one UNet set plus te-attn, e.g. unet-attn,te-attn")
+            self.check_adapter(CONV_TARGETS, parts)
+            from trainers import blocks
+            blocks.check(self)
         checks = [(0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
                   (self.save_adapter_every >= 0, f"save_adapter_every must be >= 0, got {self.save_adapter_every}"),
                   (self.prediction_type in (None, "epsilon", "v_prediction"),
@@ -146,28 +152,34 @@ class DiffusionTrainConfig(TrainSpec):
                 raise StudioError(message)
         self.timestep_sampler  # an unknown sampler or a bad option is refused here, not mid-run
 
-    def _check_prompt_side(self) -> None:
-        """A prompt-side method trains no layer: the layer checks do not apply, these do."""
+    def _check_ti(self) -> None:
+        """Textual inversion alone (--method ti) or beside a layer adapter (--with-ti, pivotal tuning)."""
         entry = self._prompt_methods.get(self.method)
         task = entry.task if entry else "image"
-        checks = [(self.prompt_kind is not None or task != "image",
-                   f"--token {self.token!r} is for --method ti (textual inversion): add it, or drop --token"),
-                  (task == "image", f"--method {self.method} is for --task {task}: add --task {task}"),
-                  (bool(self.token), "--method ti needs the new word: add --token '<kbot>'"),
-                  (bool(self.init_word), "--method ti needs a start: add --init-word WORD (one token close to the "
-                                         "concept, e.g. robot)"),
+        alone = self.prompt_kind is not None
+        checks = [(task == "image", f"--method {self.method} is for --task {task}: add --task {task}"),
+                  (alone or self.token is None, f"--token {self.token!r} is for --method ti (textual inversion); "
+                                                f"beside a LoRA give the token as --with-ti {self.token!r}"),
+                  (not alone or self.with_ti is None, f"--with-ti trains a token beside a layer adapter: with --method "
+                                                      f"ti give the token as --token {self.with_ti!r}"),
+                  (bool(self.ti_token), "--method ti needs the new word: add --token '<kbot>'"),
+                  (bool(self.init_word), "textual inversion needs a start: add --init-word WORD (one token close to "
+                                         "the concept, e.g. robot)"),
+                  (self.ti_steps is None or self.ti_steps > 0, f"--ti-steps must be positive, got {self.ti_steps}"),
+                  (not alone or self.ti_steps is None, "--ti-steps stops the embedding early beside a LoRA "
+                                                       "(--with-ti); with --method ti give --steps"),
                   (self.vectors >= 1, f"--vectors {self.vectors}: an embedding needs at least one vector, e.g. "
                                       f"--vectors 2"),
-                  (self.relora_every is None and self.loraplus_ratio is None,
+                  (not alone or (self.relora_every is None and self.loraplus_ratio is None),
                    "--relora-every / --loraplus-ratio act on LoRA factors, which --method ti has none of: drop them"),
-                  (not self.trigger or (self.token or "") in self.trigger,
-                   f"--trigger {self.trigger!r} lacks --token {self.token!r}: captions must contain the token to "
+                  (not self.trigger or (self.ti_token or "") in self.trigger,
+                   f"--trigger {self.trigger!r} lacks the token {self.ti_token!r}: captions must contain the token to "
                    f"train it; drop --trigger or include the token")]
         for ok, message in checks:
             if not ok:
                 raise StudioError(message)
         if not self.trigger:  # every caption carries the token (construction, not a change mid-run)
-            object.__setattr__(self, "trigger", self.token)
+            object.__setattr__(self, "trigger", self.ti_token)
 
     @property
     def _prompt_methods(self) -> dict:
@@ -181,16 +193,33 @@ class DiffusionTrainConfig(TrainSpec):
         return prompt.kind(self.method)
 
     @property
+    def ti_module(self):
+        """studio.prompt.ti when this run trains a token (--method ti, or --with-ti beside a LoRA), else None."""
+        if self.with_ti is None:
+            return self.prompt_kind
+        from studio.prompt import ti
+        return ti
+
+    @property
+    def ti_token(self) -> str | None:
+        return self.with_ti if self.with_ti is not None else self.token
+
+    @property
     def text_frozen(self) -> bool:
         """Whether the text encoders' outputs stay the same all run (their cache is valid)."""
-        return not self.train_te and self.prompt_kind is None
+        return not self.train_te and self.ti_module is None
 
     @property
     def adapter_name(self) -> str:
         """An embedding's file is named after its token (A1111 and ComfyUI use the file name)."""
         if self.name or self.prompt_kind is None:
             return super().adapter_name
-        return "".join(c for c in self.token if c.isalnum() or c in "-_") or super().adapter_name
+        return self.ti_file_stem
+
+    @property
+    def ti_file_stem(self) -> str:
+        """The token as a file name ('<kbot>' -> 'kbot'): what A1111 / ComfyUI prompts then write."""
+        return "".join(c for c in self.ti_token if c.isalnum() or c in "-_") or "embedding"
 
     @property
     def validates(self) -> bool:
@@ -207,7 +236,7 @@ class DiffusionTrainConfig(TrainSpec):
     @property
     def identity(self) -> dict:
         return {**super().identity, "block_ranks": self.block_ranks, "block_lrs": self.block_lrs,
-                **({"token": self.token, "vectors": self.vectors} if self.prompt_kind else {})}
+                **({"token": self.ti_token, "vectors": self.vectors} if self.ti_module else {})}
 
     @property
     def lr_unet(self) -> float:
@@ -217,7 +246,7 @@ class DiffusionTrainConfig(TrainSpec):
 
     @property
     def lr_ti(self) -> float:
-        return self.ti_lr if self.ti_lr is not None else self.prompt_kind.DEFAULT_LR
+        return self.ti_lr if self.ti_lr is not None else self.ti_module.DEFAULT_LR
 
     @property
     def lr_te(self) -> float:

@@ -52,15 +52,15 @@ def existing_token(tokenizer, token: str) -> bool:
     return len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
 
 
-def check_token(tokenizers: list, token: str, where: str) -> None:
+def check_token(tokenizers: list, token: str, where: str, flag: str = "--token") -> None:
     """Refuse a token the base already has (training it would change a word other prompts use)."""
     if not token or any(c.isspace() for c in token):
-        raise StudioError(f"--token {token!r} in {where}: give one word without spaces, e.g. --token '<kbot>'")
+        raise StudioError(f"{flag} {token!r} in {where}: give one word without spaces, e.g. --token '<kbot>'")
     if any(existing_token(t, token) for t in tokenizers):
         stem = token.strip("<>") or "concept"
         suggestion = next((s for s in (f"<{stem}>", f"<{stem}-ti>", f"<{stem}-ti2>", f"<{stem}-ti3>")
                            if s != token and not any(existing_token(t, s) for t in tokenizers)), "<my-concept>")
-        raise StudioError(f"--token {token!r} in {where} is already in the base's vocabulary: pick a new word such "
+        raise StudioError(f"{flag} {token!r} in {where} is already in the base's vocabulary: pick a new word such "
                           f"as {suggestion!r} (textual inversion teaches the model a word it does not know)")
 
 
@@ -113,13 +113,14 @@ def _add_tokens(tokenizer, names: list[str], first: int, where: str) -> None:
         raise StudioError(f"{where}: the tokenizer did not add {names} as new tokens: pick another --token")
 
 
-def add_trainable(pipe, token: str, init_word: str, vectors: int, where: str) -> dict[str, TokenEmbedding]:
+def add_trainable(pipe, token: str, init_word: str, vectors: int, where: str,
+                  flag: str = "--token") -> dict[str, TokenEmbedding]:
     """Teach every tokenizer of ``pipe`` the N tokens and give its encoder trainable rows; returns
     component -> the module holding them. Everything is checked before anything changes."""
     if vectors < 1:
         raise StudioError(f"--vectors {vectors} in {where}: an embedding needs at least one vector, e.g. --vectors 2")
     sides = text_sides(pipe)
-    check_token([tok for tok, _ in sides.values()], token, where)
+    check_token([tok for tok, _ in sides.values()], token, where, flag)
     starts = {c: init_id(tok, init_word, where) for c, (tok, _) in sides.items()}
     modules = {}
     for component, (tokenizer, encoder) in sides.items():
