@@ -10,6 +10,8 @@ Per adapted Linear ``N`` (``lora_unet_...``, ``lora_te_...``, SDXL ``lora_te1_``
 A 1x1 convolution (SD1.5's ``proj_in`` / ``proj_out``) stores ``lora_down (r_N, in, 1, 1)`` and
 ``lora_up (out, r_N, 1, 1)``; reading squeezes the kernel dims, writing restores them for the
 modules ``lowrank.conv_kernels`` marks; k x k LoCon kernels keep their down kernel (r, in, kh, kw).
+A Tucker LoCon (LyCORIS's ``use_tucker``, ``lora_mid (r, r, kh, kw)`` between a 1x1 down and up) is
+read as that down kernel, the core folded into it exactly (``lycoris.fold_tucker``).
 
 Writing uses one alpha for the file (``lowrank.pack``) and, on SDXL, SGM UNet names by default
 (one layout per file, never mixed). Reading accepts SD1.5 and SDXL in both UNet layouts and turns
@@ -36,6 +38,7 @@ from studio.formats.writing import ExportReport, WriteOptions, plain_write
 NAME = "kohya"
 PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+TUCKER = "lora_mid.weight"  # LyCORIS's Tucker core of a k x k LoCon, folded into lora_down on reading
 
 
 def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -72,16 +75,18 @@ def write(af: AdapterFile, path, opts: WriteOptions) -> ExportReport:
 
 def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> AdapterFile:
     methods_by_marker = lycoris.markers()  # DoRA's dora_scale, LoHa's hada_*, ...: read through the method's own hooks
-    refuse_unsupported(tensors, where, allowed=tuple(methods_by_marker))
+    refuse_unsupported(tensors, where, allowed=(*methods_by_marker, TUCKER))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     leftovers = []
     for key, value in tensors.items():
         name, _, suffix = key.partition(".")
-        if suffix not in SUFFIXES + tuple(methods_by_marker) or split_kohya_name(name) is None:
+        if suffix not in (*SUFFIXES, TUCKER, *methods_by_marker) or split_kohya_name(name) is None:
             leftovers.append(key)
         else:
             grouped.setdefault(name, {})[suffix] = value
     refuse_leftovers(leftovers, where, "kohya")
+    # a Tucker LoCon (plain or under DoRA's dora_scale) is the plain LoCon pair its core holds, exactly
+    grouped = {name: lycoris.fold_tucker(parts, where, name) for name, parts in grouped.items()}
     owners = {n: sorted({methods_by_marker[s] for s in d if s in methods_by_marker}) for n, d in grouped.items()}
     several = sorted(n for n, ms in owners.items() if len(ms) > 1)
     if several:

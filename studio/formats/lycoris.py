@@ -74,6 +74,36 @@ def to_tensors(af: AdapterFile, dtype: str, layout: str, models: dict[str, nn.Mo
     return out
 
 
+def fold_tucker(parts: dict[str, torch.Tensor], where: str, name: str) -> dict[str, torch.Tensor]:
+    """A LoCon module with a Tucker core (LyCORIS ``use_tucker`` / the older ``use_cp`` on a k x k conv) as the
+    plain LoCon pair the core holds, exactly (reference/lycoris.md 1):
+
+        lora_down D (r, in, 1, 1)   lora_mid M (r, r, kh, kw)   lora_up U (out, r, 1, 1)
+        dW[o, i, h, w] = s sum_pq U[o, p] M[p, q, h, w] D[q, i]  =  U x (M D),  s = alpha / r
+
+    so the down kernel (r, in, kh, kw) is M D; LyCORIS runs the core with the layer's stride and padding
+    after a 1x1 down (which commutes with the zero padding), as the folded kernel does. ``parts`` without
+    lora_mid come back unchanged."""
+    if "lora_mid.weight" not in parts:
+        return parts
+    mid, down, up = parts["lora_mid.weight"], parts.get("lora_down.weight"), parts.get("lora_up.weight")
+    if down is None or up is None:
+        raise StudioError(f"{where}: module '{name}' has a Tucker core (lora_mid) without both lora_down and "
+                          f"lora_up: the file is damaged or incomplete")
+    if mid.dim() != 4 or down.dim() not in (2, 4) or down.shape[2:] not in ((), (1, 1)):
+        raise StudioError(f"{where}: module '{name}' has lora_mid {tuple(mid.shape)} and lora_down "
+                          f"{tuple(down.shape)}: a Tucker LoCon stores the core as (r, r, kh, kw) and lora_down as "
+                          f"(r, in, 1, 1): the file is damaged")
+    r = down.shape[0]
+    if tuple(mid.shape[:2]) != (r, r) or up.dim() < 2 or up.shape[1] != r:
+        raise StudioError(f"{where}: module '{name}' has a Tucker core lora_mid of ranks {tuple(mid.shape[:2])} "
+                          f"between lora_down rank {r} and lora_up rank {up.shape[1] if up.dim() > 1 else '?'}: the "
+                          f"core must be (r, r, kh, kw) with the factors' rank r: the file is damaged")
+    folded = torch.einsum("pqhw,qi->pihw", mid.float(), down.float().flatten(1))  # (r, in, kh, kw), in fp32
+    rest = {k: v for k, v in parts.items() if k != "lora_mid.weight"}
+    return {**rest, "lora_down.weight": folded}
+
+
 def part(method: str, modules: dict[str, dict[str, torch.Tensor]], where: str, component: str
          ) -> tuple[Part, dict[str, tuple[int | None, float | None]]]:
     """One component's modules {path: {suffix: tensor}} of ``method`` as one Part, and each module's

@@ -8,9 +8,11 @@ lycoris.kohya`` with the ``algo`` in ``ss_network_args``. This is what A1111, Fo
 LyCORIS's own ``create_network_from_weights`` load. A method without such a layout (SVF, (IA)^3) is
 refused: it converts to a plain LoRA with ``--format kohya``.
 
-Reading: LyCORIS's generic wrapper (SimpleTuner, ai-toolkit's legacy option) names UNet modules
-``lycoris_<diffusers path with _>``; they are the kohya ``lora_unet_`` names under another prefix and
-are read by the kohya reader (every key consumed or the file refused).
+Reading: LyCORIS's generic wrapper (``create_lycoris``: SimpleTuner, ai-toolkit's legacy option) names
+UNet modules ``lycoris_<diffusers path with _>``; they are the kohya ``lora_unet_`` names under another
+prefix and are read by the kohya reader (every key consumed or the file refused), every kind the kohya
+reader takes (LoCon incl. Tucker, LoHa, LoKr, DoRA, full). Text-encoder paths under this prefix are
+refused: no tool reads them as a text encoder.
 """
 
 from __future__ import annotations
@@ -31,7 +33,18 @@ def looks_like(tensors: dict, metadata: dict[str, str]) -> bool:
     return bool(tensors) and all(k.startswith(PREFIX) for k in tensors)
 
 
+# where a text encoder's module paths start (CLIPTextModel[WithProjection] / CLIPTextTransformer), with _ for dots
+TEXT_ENCODER_STARTS = ("text_model_", "encoder_layers_", "embeddings_", "final_layer_norm", "text_projection")
+
+
 def read(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
+    # The generic wrapper names whatever module it wraps; SimpleTuner wraps the UNet, and ComfyUI reads lycoris_
+    # as UNet names only: a wrapped text encoder would silently miss every layer there, so it is refused here
+    te = sorted(k for k in tensors if k[len(PREFIX):].startswith(TEXT_ENCODER_STARTS))
+    if te:
+        raise StudioError(f"{where}: key '{te[0]}' names a text-encoder module under the lycoris_ prefix, which "
+                          f"SimpleTuner and ComfyUI use for UNet modules only: rename the text encoder's keys to "
+                          f"lora_te_<path> (lora_te1_ / lora_te2_ on SDXL), the kohya names every tool reads")
     renamed = {"lora_unet_" + k[len(PREFIX):]: v for k, v in tensors.items()}
     af = kohya.read(renamed, metadata, where)
     af.source["format"] = "lycoris (lycoris_ UNet names)"

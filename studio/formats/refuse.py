@@ -6,7 +6,8 @@ before looking at anything else, and raises on any key it did not consume (``ref
 
 LyCORIS's LoHa (``hada_*``), LoKr (``lokr_*``), full (``diff``) and DoRA (``dora_scale``) modules are
 read by their methods' own hooks in kohya-named files (``formats.lycoris``; the kohya reader passes
-their markers as ``allowed``); elsewhere (other key layouts) they are refused saying so.
+their markers as ``allowed``), and so is a Tucker LoCon's core (``lora_mid``, folded into its down
+kernel); elsewhere (other key layouts) they are refused saying so.
 
 Convolution LoRAs (``(r, in, kh, kw)`` / ``(out, r, 1, 1)``: SD1.5's 1x1 ``proj_in`` / ``proj_out``,
 kohya's ``conv_dim`` LoCon on 3x3 convs) import; other factor shapes are refused as damaged.
@@ -23,8 +24,6 @@ UNSUPPORTED = [
      "ComfyUI, Forge and A1111 load it in kohya names"),
     ("lora_magnitude_vector", "DoRA (PEFT)", "its magnitude vectors rescale the weight and cannot be dropped",
      "diffusers and PEFT load it"),
-    ("lora_mid", "LyCORIS LoCon with a Tucker core (lora_mid)", "its convolution core has no Linear equivalent",
-     "A1111, Forge and ComfyUI load it"),
     ("oft_", "OFT / BOFT", "it rotates the weight instead of adding a delta", "ComfyUI, Forge and A1111 load it"),
     ("boft_", "OFT / BOFT", "it rotates the weight instead of adding a delta", "PEFT loads it"),
     ("on_input", "(IA)^3", "it rescales activations instead of adding a delta",
@@ -34,9 +33,10 @@ UNSUPPORTED = [
 ]
 _ENDINGS = [(".a1.weight", "GLoRA", "ComfyUI and Forge load it (A1111 only GLoRA's older layout)"),
             (".b1.weight", "GLoRA", "ComfyUI and Forge load it (A1111 only GLoRA's older layout)")]
-STUDIO_READS = "the studio imports LoRA / LoCon, LoHa, LoKr, DoRA and full (diff) files"
+STUDIO_READS = "the studio imports LoRA / LoCon (also with a Tucker core), LoHa, LoKr, DoRA and full (diff) files"
 # read in kohya names only: (marker, whether it ends the key, algorithm name, the suffix family it is read by)
 KOHYA_ONLY = [(".hada_", False, "LyCORIS LoHa", "hada_"), (".lokr_", False, "LyCORIS LoKr", "lokr_"),
+              (".lora_mid.", False, "LyCORIS LoCon with a Tucker core (lora_mid)", "lora_mid"),
               (".diff", True, "LyCORIS full (diff)", "diff"), (".diff_b", True, "LyCORIS full (diff)", "diff")]
 
 
