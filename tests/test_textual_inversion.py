@@ -298,3 +298,12 @@ def test_pivotal_bad_input_is_one_error_line(data, tmp_path, capsys, args, messa
             "--set", f"cache_dir={tmp_path / 'cache'}", *args]
     assert message in one_error_line(capsys, argv)
     assert not out.exists()
+
+
+def test_export_and_bake_of_an_embedding_say_what_it_is(run, tmp_path, capsys):
+    out, _ = run
+    file = str(out / "kbot.safetensors")
+    target = str(tmp_path / "x.safetensors")
+    for argv in (["export", file, "-o", target], ["bake", file, "-o", target]):
+        assert "is a textual-inversion embedding, not a layer adapter" in one_error_line(capsys, argv)
+        assert not (tmp_path / "x.safetensors").exists()

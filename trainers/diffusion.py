@@ -412,13 +412,8 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
 def _save_embedding(cfg, base, path: Path, steps: int, say) -> None:
     from studio.formats import embedding
 
-    vectors = cfg.ti_module.trained_rows(base.pipe)
-    emb = embedding.Embedding(cfg.ti_token, vectors, where=str(path))
-    embedding.write(emb, path, overwrite=True, extra={"studio.init_word": cfg.init_word, "ss_steps": str(steps),
-                                                      "ss_seed": str(cfg.seed), "ss_output_name": path.stem,
-                                                      "ss_sd_model_name": cfg.base or cfg.BASE_NAME})
+    emb = embedding.Embedding(cfg.ti_token, cfg.ti_module.trained_rows(base.pipe), where=str(path))
+    embedding.write(emb, path, overwrite=True, extra=embedding.training_metadata(
+        path, init_word=cfg.init_word, steps=steps, seed=cfg.seed, base_name=cfg.base or cfg.BASE_NAME))
     if say is not None:
-        widths = ", ".join(f"{embedding.KEYS[c]} {v.shape[1]}" for c, v in vectors.items())
-        say(f"embedding: {path} ({cfg.ti_token}, {emb.count} vectors, {widths} wide)\n"
-            f"studio generate / UI: write {cfg.ti_token} in the prompt; A1111 / ComfyUI: write {path.stem} / "
-            f"embedding:{path.stem}")
+        say(embedding.usage(emb, path))

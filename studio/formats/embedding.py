@@ -27,7 +27,8 @@ from studio.formats import files
 KEYS = {"te": "emb_params", "te1": "clip_l", "te2": "clip_g"}
 """Component (the adapter files' text-encoder names) -> the tensor's key in the file."""
 FAMILY = {("te",): "sd15", ("te1", "te2"): "sdxl"}
-ARCHITECTURE = {"sd15": "stable-diffusion-v1/textual-inversion", "sdxl": "stable-diffusion-xl-v1-base/textual-inversion"}
+ARCHITECTURE = {"sd15": "stable-diffusion-v1/textual-inversion",
+                "sdxl": "stable-diffusion-xl-v1-base/textual-inversion"}
 """ModelSpec 1.0 architecture ids (``/textual-inversion`` is the spec's adapter suffix)."""
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 STANDARD_WIDTHS = {"sd15": {"te": 768}, "sdxl": {"te1": 768, "te2": 1280}}
@@ -109,6 +110,20 @@ def write(emb: Embedding, path: str | os.PathLike, overwrite: bool = False, extr
                 "modelspec.architecture": ARCHITECTURE[emb.family], "modelspec.implementation": "diffusers",
                 "modelspec.title": emb.token, "modelspec.trigger_phrase": emb.token, **(extra or {})}
     return files.write(path, tensors, metadata, overwrite=overwrite)
+
+
+def training_metadata(path: Path, init_word: str, steps: int, seed: int, base_name: str) -> dict[str, str]:
+    """The header of a trained embedding besides the token (kohya's ss_* names where they exist)."""
+    return {"studio.init_word": init_word, "ss_steps": str(steps), "ss_seed": str(seed),
+            "ss_output_name": Path(path).stem, "ss_sd_model_name": base_name}
+
+
+def usage(emb: Embedding, path: Path) -> str:
+    """What a finished run prints: the file, and how each tool's prompt writes it."""
+    widths = ", ".join(f"{KEYS[c]} {w}" for c, w in emb.widths.items())
+    stem = Path(path).stem
+    return (f"embedding: {path} ({emb.token}, {emb.count} vector{'s' if emb.count > 1 else ''}, {widths} wide)\n"
+            f"studio generate / UI: write {emb.token} in the prompt; A1111 / ComfyUI: write {stem} / embedding:{stem}")
 
 
 def describe(path: str | os.PathLike) -> dict:

@@ -187,7 +187,8 @@ class Installed:
                               {c: enc.get_input_embeddings().num_embeddings for c, (_, enc) in sides.items()})
         tokenizers, sizes = self._pristine
         for component, (_, encoder) in sides.items():
-            setattr(self.pipe, "tokenizer_2" if component == "te2" else "tokenizer", copy.deepcopy(tokenizers[component]))
+            slot = "tokenizer_2" if component == "te2" else "tokenizer"
+            setattr(self.pipe, slot, copy.deepcopy(tokenizers[component]))
             if encoder.get_input_embeddings().num_embeddings != sizes[component]:
                 encoder.resize_token_embeddings(sizes[component])
         self.tokens = []
