@@ -135,7 +135,8 @@ class MixSession:
         stamps = {name: _stamp(Path(e.path)) for name, e in embeddings.items()}
         if stamps != {name: stamp for name, (stamp, _) in self._embeddings.items()}:
             loaded = {name: embedding.read(e.path) for name, e in embeddings.items()}
-            self._installed.sync(list(loaded.values()))  # checks every file before it changes anything
+            self._embeddings = {}  # a refused set leaves none installed, and the next sync tries again
+            self._installed.sync(list(loaded.values()))  # checks every file before it installs any
             self._embeddings = {name: (stamps[name], emb) for name, emb in loaded.items()}
         return adapters
 

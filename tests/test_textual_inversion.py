@@ -244,6 +244,14 @@ def test_a_mix_drops_an_embedding_without_a_trace(run):
     assert session.tokens == [TOKEN] and len(base.pipe.tokenizer) == size + 2
     session.sync([])
     assert len(base.pipe.tokenizer) == size and base.pipe.text_encoder.get_input_embeddings().num_embeddings == words
+    # a set with a file that does not fit is refused whole, and the next sync installs again
+    xl = out.parent / "xl.safetensors"
+    save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, str(xl))
+    with pytest.raises(Exception, match="SDXL embedding"):
+        session.sync([MixEntry(str(out / "kbot.safetensors")), MixEntry(str(xl))])
+    assert session.tokens == [] and len(base.pipe.tokenizer) == size
+    session.sync([MixEntry(str(out / "kbot.safetensors"))])
+    assert session.tokens == [TOKEN] and len(base.pipe.tokenizer) == size + 2
 
 
 @pytest.mark.parametrize("args, message", [

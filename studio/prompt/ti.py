@@ -162,7 +162,7 @@ def install(tokenizer, encoder, token: str, rows: torch.Tensor, where: str) -> N
                           f"embedding in the mix: rename the file (A1111 uses its name as the token) or drop the other")
     first = table.num_embeddings
     _add_tokens(tokenizer, names, first, where)
-    encoder.resize_token_embeddings(first + len(rows))
+    encoder.resize_token_embeddings(first + len(rows), mean_resizing=False)  # the rows are written next
     with torch.no_grad():
         encoder.get_input_embeddings().weight[first:] = rows.to(table.weight.dtype)
 
@@ -190,7 +190,7 @@ class Installed:
             slot = "tokenizer_2" if component == "te2" else "tokenizer"
             setattr(self.pipe, slot, copy.deepcopy(tokenizers[component]))
             if encoder.get_input_embeddings().num_embeddings != sizes[component]:
-                encoder.resize_token_embeddings(sizes[component])
+                encoder.resize_token_embeddings(sizes[component], mean_resizing=False)
         self.tokens = []
         self._check(embeddings)
         for emb in embeddings:
