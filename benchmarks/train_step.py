@@ -132,7 +132,7 @@ def studio(base: Path, steps: int, batch: int, rank: int, resolution: int, cache
 
     keep_freed_memory()  # as the `studio` command does before anything loads
 
-    diffusion._render_samples = lambda *_: None  # the final sample grid: not part of a step, and the reference has none
+    diffusion._render_samples = lambda *_, **__: None  # the final sample grid: not part of a step, and the reference has none
 
     report = loop.report_step
 
