@@ -256,6 +256,29 @@ def test_simpletuner_lycoris_files_apply_as_lycoris_applies_them(generic, sd, tm
         _close({"unet": unet_sample(ours["unet"])}, {"unet": unet_sample(ly["unet"])})
 
 
+def test_a_simpletuner_sdxl_layout_file_saved_in_bf16_applies_as_lycoris_applies_it(generic, tmp_path):
+    """SimpleTuner saves in the network's dtype (bf16 training): diffusers names of the SDXL UNet, incl. its
+    add_embedding (text_time conditioning) and Linear proj_in / proj_out."""
+    from lycoris import create_lycoris
+    torch.manual_seed(0)
+    base = {"unet": tiny_sdxl_unet().eval()}
+    ly = copy.deepcopy(base)
+    net = create_lycoris(ly["unet"], 1.0, 2, 1, algo="lokr", factor=4)
+    net.apply_to()
+    _moved(net, torch.bfloat16)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    net.save_weights(str(path), torch.bfloat16, {"lycoris_config": json.dumps({"algo": "lokr", "factor": 4})})
+    af = F.read(path)
+    assert af.source["dtypes"] == ["bfloat16"] and af.parts["unet"].method == "lokr"
+    ours = copy.deepcopy(base)
+    attached = F.attach_file(af, ours, "ly")
+    assert len(attached["unet"]) == len(net.loras)
+    assert {"add_embedding.linear_1", "conv_in", "down_blocks.1.attentions.0.proj_in"} <= set(attached["unet"])
+    want = _xl_unet(ly["unet"])
+    assert (want - _xl_unet(base["unet"])).abs().max() > 1e-2
+    _close({"unet": _xl_unet(ours["unet"])}, {"unet": want})
+
+
 @pytest.mark.xfail(strict=True, reason="SimpleTuner's default LoKr config gives Attention factor 16 and FeedForward "
                                        "factor 8 (module_algo_map); the LoKr part keeps one factor per component "
                                        "(studio/adapters/lokr.py uniform)")
