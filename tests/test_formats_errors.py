@@ -48,7 +48,7 @@ def _never_unpickle(monkeypatch):
 
 # -- algorithms refused by name ----------------------------------------------------------------
 @pytest.mark.parametrize("key,name", [
-    (f"{LORA}.lora_mid.weight", "LyCORIS LoCon"), (f"{LORA}.a1.weight", "GLoRA"), (f"{LORA}.oft_blocks", "OFT / BOFT"),
+    (f"{LORA}.a1.weight", "GLoRA"), (f"{LORA}.oft_blocks", "OFT / BOFT"),  # (Tucker lora_mid imports now)
     (f"{LORA}.w_norm", "LyCORIS norm"),
     ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector", "DoRA"),
 ])
