@@ -25,29 +25,9 @@ def load_with_adapters(base: str | None, adapters: list[tuple[str, float]]):
     """(model, tokenizer) of the base (the mini LM when None) with every adapter file attached at its weight."""
     model, tokenizer = load_causal_lm(base)
     model.eval()
-    for index, (path, weight) in enumerate(adapters):
-        af = formats.read(path)
-        if af.prompt:
-            _install_prefix(model, af, path, weight, context_of(model))
-        if af.parts:
-            formats.attach_file(af, {"lm": model}, f"adapter{index}-{Path(path).stem}", weight)
+    for index, (path, weight) in enumerate(adapters):  # a file's prefix too (studio/prompt/prefix.py)
+        formats.attach_file(formats.read(path), {"lm": model}, f"adapter{index}-{Path(path).stem}", weight)
     return model, tokenizer
-
-
-def context_of(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0))
-
-
-def _install_prefix(model, af, path: str, weight: float, context: int) -> None:
-    """A file's prefix (prefix tuning, or the prefix half of LoRA + prefix) on the model, checked first."""
-    if af.base != "lm":
-        raise StudioError(f"{path} has a prefix for a language model but is a Stable Diffusion file: re-export it")
-    if weight != 1.0:
-        raise StudioError(f"--adapter {path}:{weight:g}: a prefix has no strength to scale (its keys and values are "
-                          f"attended as they are): give the file without a weight (or :1)")
-    if prefix.installed_length(model):
-        raise StudioError(f"{path}: another --adapter already brought a prefix; one prefix at a time: drop one")
-    prefix.install_tensors(model, af.prompt, path, context)
 
 
 @torch.no_grad()
@@ -55,7 +35,7 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, sto
              temperature: float = 0.0, seed: int = 0) -> list[str]:
     """Continuations of ``prompts`` (the new text only), cut at the first ``stop`` string.
     Greedy at temperature 0; otherwise sampled with a generator seeded by ``seed``."""
-    context = context_of(model) - prefix.installed_length(model)  # a prefix's virtual tokens hold their positions
+    context = prefix.context(model.config) - prefix.installed_length(model)  # the prefix holds P positions
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # batched decoding continues every prompt from its last token
     try:

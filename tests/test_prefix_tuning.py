@@ -21,6 +21,7 @@ from cli_helpers import one_error_line
 from lm_helpers import pirate_jsonl, tiny_gpt2_lm, tiny_lm  # noqa: F401  (fixtures)
 from studio import formats
 from studio.cli import main
+from studio.errors import StudioError
 from studio.prompt import prefix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_forward_equals_peft_prefix_tuning(tiny_lm, tiny_gpt2_lm, arch, projecti
     with torch.no_grad():
         reference = _peft(folder, encoder)(input_ids=ids, attention_mask=mask).logits
         base = ours(input_ids=ids, attention_mask=mask).logits
-        prefix.install_tensors(ours, encoder.fold(), "test", 64)  # the MLP evaluated once: only prefixes remain
+        prefix.install_tensors(ours, encoder.fold(), "test")  # the MLP evaluated once: only prefixes remain
         got = ours(input_ids=ids, attention_mask=mask).logits
     assert (reference - base).abs().max() > 1e-2  # the prefix matters, so the agreement below means something
     assert torch.allclose(got, reference, atol=1e-5, rtol=0), (got - reference).abs().max()
@@ -75,7 +76,7 @@ def test_generate_decodes_what_one_full_forward_predicts(tiny_lm):
     model = _model(tiny_lm)
     torch.manual_seed(1)
     encoder = prefix.PrefixEncoder(prefix.geometry(model.config), 6, 16)
-    prefix.install_tensors(model, encoder.fold(), "test", 64)
+    prefix.install_tensors(model, encoder.fold(), "test")
     ids, mask = torch.randint(3, 250, (2, 9)), torch.ones(2, 9, dtype=torch.long)
     mask[0, :3] = 0  # left padding, as studio.text.complete batches prompts
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
@@ -213,6 +214,25 @@ def test_generate_uses_the_prefix(tiny_lm, runs, capsys):
     model, tokenizer = load_with_adapters(str(tiny_lm), [(str(files["direct"]), 1.0)])
     assert with_prefix.strip() == (prompt + complete(model, tokenizer, [prompt], 12, stop=None)[0]).strip()
     assert with_prefix != without
+
+
+def test_a_prefix_file_attaches_and_detaches_like_any_adapter(tiny_lm, runs):
+    """The UI's mixing session goes through attach_file / set_file_weight / detach_file, as generate does."""
+    _, files = runs
+    model = _model(tiny_lm)
+    ids, mask = _batch()
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+        formats.attach_file(formats.read(files["lora"]), {"lm": model}, "mix")
+        adapted = model(input_ids=ids, attention_mask=mask).logits
+        with pytest.raises(StudioError, match="no strength to scale"):
+            formats.set_file_weight({"lm": model}, "mix", 0.5)
+        with pytest.raises(StudioError, match="one prefix adapter at a time"):
+            formats.attach_file(formats.read(files["direct"]), {"lm": model}, "second")
+        formats.detach_file({"lm": model}, "mix")
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert (adapted - base).abs().max() > 1e-2 and torch.equal(after, base)
+    assert prefix.installed_length(model) == 0
 
 
 def _cli(*args):

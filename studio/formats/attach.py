@@ -15,6 +15,7 @@ from studio.adapters import METHODS, adapter_config, adapter_names, adapter_stat
 from studio.adapters.layer import site_of
 from studio.adapters.targets import layer_config
 from studio.errors import StudioError
+from studio.prompt import prefix
 from studio.formats.adapter_file import AdapterFile, Part, guess_family, model_family, normalise_models
 from studio.formats.names import FAMILY_NAMES, TEXT_ENCODERS, canonical_te_path, resolve_path
 
@@ -86,6 +87,8 @@ def attach_file(af: AdapterFile, models: dict[str, nn.Module], name: str, weight
     where = _where(af)
     _check_family(af, models, where)
     resolved = _resolve(af, models, where)
+    if af.prompt:  # a prefix (prefix tuning): checked with the rest, installed after the layer parts
+        _check_prefix(af, models, where, weight)
     done: list[nn.Module] = []
     attached = {}
     try:
@@ -102,12 +105,26 @@ def attach_file(af: AdapterFile, models: dict[str, nn.Module], name: str, weight
         for model in done:
             detach(model, name)
         raise StudioError(f"{where}: {err}") from None
+    if af.prompt:
+        prefix.install_tensors(models["lm"], af.prompt, where, name)
+        attached["prompt"] = ["prefix"]
     return attached
+
+
+def _check_prefix(af: AdapterFile, models: dict[str, nn.Module], where: str, weight: float) -> None:
+    if "lm" not in models:
+        raise StudioError(f"{where} has a prefix for a language model: load it on a language model")
+    if weight != 1.0:
+        raise StudioError(f"{where} at weight {weight:g}: a prefix has no strength to scale (its keys and values "
+                          f"are attended as they are): use it at weight 1")
+    prefix.check_tensors(models["lm"], af.prompt, where)
 
 
 def set_file_weight(models: dict[str, nn.Module], name: str, weight: float, te_weight: float | None = None) -> None:
     """Move an attached file's sliders: no re-attach, merged layers re-merge."""
     for component, model in normalise_models(models).items():
+        if prefix.installed_name(model) == name and weight != 1.0:
+            raise StudioError(f"adapter {name!r} is a prefix, which has no strength to scale: use it at weight 1")
         if name in adapter_names(model):
             set_weight(model, name, te_weight if component in TEXT_ENCODERS and te_weight is not None else weight)
 
@@ -116,6 +133,8 @@ def detach_file(models: dict[str, nn.Module], name: str) -> None:
     for model in normalise_models(models).values():
         if name in adapter_names(model):
             detach(model, name)
+        if prefix.installed_name(model) == name:
+            prefix.uninstall(model)
 
 
 def from_models(models: dict[str, nn.Module], name: str, base: str | None = None,

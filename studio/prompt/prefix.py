@@ -137,10 +137,10 @@ class Installed:
     ``source`` returns key, value (L, H, P, d): an encoder while training, fixed tensors after.
     """
 
-    def __init__(self, model: nn.Module, source, length: int) -> None:
+    def __init__(self, model: nn.Module, source, length: int, name: str | None = None) -> None:
         from transformers import DynamicCache
 
-        self.model, self.source, self.length, self._cache_type = model, source, length, DynamicCache
+        self.model, self.source, self.length, self.name, self._cache_type = model, source, length, name, DynamicCache
         self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def remove(self) -> None:
@@ -176,22 +176,38 @@ def installed_length(model: nn.Module) -> int:
     return prefix.length if prefix is not None else 0
 
 
-def install(model: nn.Module, source, length: int) -> Installed:
+def install(model: nn.Module, source, length: int, name: str | None = None) -> Installed:
     """Feed a prefix to ``model`` (one at a time); ``uninstall`` takes it off."""
     if getattr(model, "_studio_prefix", None) is not None:
         raise StudioError("the model already has a prefix: use one prefix adapter at a time")
-    installed = Installed(model, source, length)
+    installed = Installed(model, source, length, name)
     object.__setattr__(model, "_studio_prefix", installed)  # not a submodule: its tensors are no model weights
     return installed
 
 
-def install_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, context: int) -> Installed:
-    """Install a saved prefix (``prefix.key`` / ``prefix.value``), checked against the model."""
-    key, value = tensors[KEYS[0]], tensors[KEYS[1]]
-    check(key, value, geometry(model.config), context, where)
+def context(config) -> int:
+    """The model's context in tokens (Llama family / GPT-2 names)."""
+    return int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0))
+
+
+def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """A saved prefix (``prefix.key`` / ``prefix.value``) fits ``model``, which has none yet."""
+    check(tensors[KEYS[0]], tensors[KEYS[1]], geometry(model.config), context(model.config), where)
+    if installed_length(model):
+        raise StudioError(f"{where} brings a prefix but the model has one already: use one prefix adapter at a time")
+
+
+def install_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, name: str | None = None) -> Installed:
+    """Install a saved prefix, checked against the model first."""
+    check_tensors(model, tensors, where)
     device = model.get_input_embeddings().weight.device
-    key, value = key.to(device), value.to(device)
-    return install(model, lambda: (key, value), int(key.shape[2]))
+    key, value = tensors[KEYS[0]].to(device), tensors[KEYS[1]].to(device)
+    return install(model, lambda: (key, value), int(key.shape[2]), name)
+
+
+def installed_name(model: nn.Module) -> str | None:
+    prefix = getattr(model, "_studio_prefix", None)
+    return prefix.name if prefix is not None else None
 
 
 def uninstall(model: nn.Module) -> None:
