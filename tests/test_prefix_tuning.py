@@ -270,6 +270,8 @@ def test_bad_prefix_input_is_one_error_line_and_writes_nothing(tiny_lm, tmp_path
         ("--method", "prefix", "--with-prefix", "8"): "--prefix-length 8",
         ("--method", "lora", "--prefix-projection", "16"): "no prefix trains",
         ("--method", "prefix", "--prefix-length", "64"): "does not fit the model's context of 64",
+        ("--method", "prefix", "--prefix-length", "64", "--check"): "does not fit the model's context of 64",
+        ("--method", "lora", "--with-prefix", "8", "--gradient-checkpointing"): "drop it when training a prefix",
     }
     for extra, says in cases.items():
         line = one_error_line(capsys, _train(data, tiny_lm, out, "--steps", "2", *extra))

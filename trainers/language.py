@@ -44,6 +44,12 @@ def context_length(model) -> int:
     return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
 
 
+def text_room(cfg: LMTrainConfig, model) -> int:
+    """Positions an example may take: the context less the run's prefix (refused when it leaves none)."""
+    context = context_length(model)
+    return context - prefix.check_length(cfg.prefix_tokens, context) if cfg.prefix_tokens else context
+
+
 def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
@@ -54,9 +60,7 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
     identity = cfg.identity
     start_checkpoint = prepare_output(out, resume, identity)
     model, tokenizer = load_causal_lm(cfg.base)
-    context = room = context_length(model)
-    if cfg.prefix_tokens:  # the prefix takes its P positions of the context from every example
-        room = context - prefix.check_length(cfg.prefix_tokens, context)
+    room = text_room(cfg, model)
     examples = data_text.load_examples(cfg.data, tokenizer, cfg.block_size or room, room)
 
     accelerator = loop.make_accelerator(cfg.mixed_precision, cfg.grad_accum)

@@ -106,6 +106,9 @@ class LMTrainConfig(TrainSpec):
         if self.prefix_tokens and (self.ema_decay is not None or self.relora_every is not None):
             raise StudioError("--ema-decay / --relora-every act on the layer adapter only, not on a prefix: drop "
                               "them, or train without a prefix")
+        if self.prefix_tokens and self.gradient_checkpointing:
+            raise StudioError("--gradient-checkpointing re-runs each layer in the backward pass, which would add the "
+                              "prefix to the key/value cache a second time: drop it when training a prefix")
         if self.layer_method is None and self.loraplus_ratio is not None:
             raise StudioError("--loraplus-ratio scales LoRA's up factors; a prefix has none: drop it")
 
