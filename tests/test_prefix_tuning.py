@@ -284,4 +284,8 @@ def test_bad_prefix_input_is_one_error_line_and_writes_nothing(tiny_lm, tmp_path
     line = one_error_line(capsys, ["generate", "--task", "lm", "--base", str(tiny_lm), "--prompt", "Q:",
                                    "--adapter", f"{files['direct']}:0.5"])
     assert "a prefix has no strength" in line, line
+    baked = tmp_path / "bake.safetensors"
+    line = one_error_line(capsys, ["bake", f"{files['lora']}:0.5", "--format", "native", "-o", str(baked)])
+    assert "has a prefix (prefix tuning), which a bake into layer weights cannot keep" in line, line
+    assert not baked.exists()
     assert not out.exists()

@@ -35,6 +35,10 @@ def bake(inputs: list[tuple[AdapterFile, float, float | None]], rank: int | None
                           f"separately")
     for af, _, _ in inputs:
         refuse_routed(af, "studio bake")
+        if af.prompt:  # a prefix is attended, not added: no weighted sum of weights holds it
+            raise StudioError(f"{af.source.get('path') or af.name} has a prefix (prefix tuning), which a bake into "
+                              f"layer weights cannot keep: bake the layer adapters without it, and use the prefix "
+                              f"file beside the bake")
     models = normalise_models(models or {})
     family = next(iter(families))
     stacks: dict[str, dict[str, list]] = {}
