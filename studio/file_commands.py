@@ -142,7 +142,7 @@ def export_run(args: argparse.Namespace) -> int:
     _print_report(report)
     if args.format == "diffusers":
         print("note: the diffusers layout loads in diffusers only; use --format kohya for A1111, Forge, ComfyUI")
-    if args.format == "peft":
+    if args.format == "peft" and not (af.prompt and af.parts):  # LoRA + prefix: two folders, the notes say how
         print(f"load it with peft.PeftModel.from_pretrained(model, {args.out!r}) on the base it was trained on")
     return 0
 
