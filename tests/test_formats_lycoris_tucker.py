@@ -279,9 +279,6 @@ def test_a_simpletuner_sdxl_layout_file_saved_in_bf16_applies_as_lycoris_applies
     _close({"unet": _xl_unet(ours["unet"])}, {"unet": want})
 
 
-@pytest.mark.xfail(strict=True, reason="SimpleTuner's default LoKr config gives Attention factor 16 and FeedForward "
-                                       "factor 8 (module_algo_map); the LoKr part keeps one factor per component "
-                                       "(studio/adapters/lokr.py uniform)")
 def test_simpletuners_default_lokr_config_with_per_module_factors_imports(generic, sd, tmp_path):
     config = {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16,
               "apply_preset": {"target_module": ["Attention", "FeedForward"],

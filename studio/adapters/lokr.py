@@ -9,7 +9,8 @@
 Shapes follow LyCORIS's rule, from the layer and the config alone (``layout``): (a, b) and (c, d)
 are ``factorization(out, factor)`` / ``factorization(in_channels, factor)`` (the most balanced
 divisor pair m <= n with m <= factor; -1 = no bound; a factor dividing the size gives (factor, size /
-factor), sorted), a and b swapped with ``unbalanced_factorization``; W1 is factored when
+factor), sorted), a and b swapped with ``unbalanced_factorization``, or the layer's own W1 shape from
+``module_shapes`` (files split with several factors, or unsorted: lokr_shapes.py); W1 is factored when
 ``decompose_both`` and r < max(a, c) / 2, W2 when r < max(b, d) / 2, neither with ``full_matrix``.
 So ``expected_shapes`` is exact: the config decides which halves are factored, per layer.
 
@@ -20,9 +21,10 @@ All 2-D: a conv's kernel is flattened into W2's columns (kron(W1, W2) is then th
 
 Init as LyCORIS: W1 and w2 (factored) kaiming-uniform, the last factor of W2 zero, so dW = 0.
 
-A file is imported as one config (``uniform``): its factor is the one whose rule gives every
-module's factor shapes, its rank per group (Linear / 1x1, k x k convs) the smallest the rule turns
-into the file's forms; halves the rule wants full are multiplied out and smaller ranks zero-padded,
+A file is imported as one config (``uniform``): its factor is the one whose rule gives the most
+modules' factor shapes, each other module's W1 shape recorded in ``module_shapes`` by path
+(``lokr_shapes.choose_split``); its rank per group (Linear / 1x1, k x k convs) the smallest the rule
+turns into the file's forms; halves the rule wants full are multiplied out and smaller ranks zero-padded,
 with the scale kept, so the delta is the file's. A Tucker W2 (``lokr_t2`` (r, r, kh, kw),
 ``lokr_w2_a`` (r, b), ``lokr_w2_b`` (r, d)) is folded into the flat (b, r) / (r, d K) pair exactly.
 
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -43,6 +44,8 @@ import torch.nn.functional as F
 
 from studio.adapters.common import LowRankConfig, pad_rank
 from studio.adapters.contract import Base, Site, Traits
+from studio.adapters.lokr_shapes import check_module_shapes, choose_split, modules, split
+from studio.adapters.lokr_shapes import factorization  # noqa: F401 (LyCORIS's rule, read here as lokr.factorization)
 from studio.errors import StudioError
 
 NAME = "lokr"
@@ -66,6 +69,11 @@ class Config(LowRankConfig):
     """Keep both halves full (s = 1): no rank."""
     unbalanced_factorization: bool = False
     """Swap W1's and W2's output sizes (W1 the larger)."""
+    module_shapes: tuple = ()
+    """Per-module splits, as a file records them: ((regex over module paths, (a, c)), ...); the first rule
+    that fullmatches a layer's path gives it W1 (a, c) and W2 (out / a, in_channels / c) in place of the
+    factor rule (a file split with several factors, as LyCORIS's module_algo_map; or with W1 the larger
+    half, as ai-toolkit writes). Empty = the factor rule everywhere."""
 
     label: ClassVar[str] = "LoKr"
 
@@ -75,24 +83,7 @@ class Config(LowRankConfig):
         if not isinstance(factor, int) or isinstance(factor, bool) or not (factor == -1 or factor > 0):
             raise StudioError(f"LoKr factor must be -1 or a positive integer, got {self.factor!r}: pass "
                               f"--method-args factor=8 (or leave the default -1)")
-
-
-@lru_cache(maxsize=4096)
-def factorization(size: int, factor: int = -1) -> tuple[int, int]:
-    """(m, n), m <= n, m n = size: LyCORIS's rule (see the module docstring)."""
-    if factor > 0 and size % factor == 0:
-        return min(factor, size // factor), max(factor, size // factor)
-    limit = size if factor < 0 else factor
-    m = 1
-    for candidate in range(2, size + 1):  # divisors in ascending order, until the pair crosses or passes the bound
-        if size % candidate:
-            continue
-        if candidate > limit:
-            break
-        m = candidate
-        if candidate >= size // candidate:
-            break
-    return min(m, size // m), max(m, size // m)
+        object.__setattr__(self, "module_shapes", check_module_shapes(self.module_shapes, self.label))
 
 
 class Layout(NamedTuple):
@@ -107,10 +98,7 @@ class Layout(NamedTuple):
 
 def layout(cfg: Config, site: Site) -> Layout:
     K = site.kernel[0] * site.kernel[1]
-    a, b = factorization(site.out_features, cfg.factor)
-    if cfg.unbalanced_factorization:
-        a, b = b, a
-    c, d = factorization(site.in_features // K, cfg.factor)
+    a, b, c, d = split(cfg, site)
     r = cfg.rank_at(site.is_conv)
     r1 = r if cfg.decompose_both and not cfg.full_matrix and r < max(a, c) / 2 else 0
     r2 = r if not cfg.full_matrix and r < max(b, d) / 2 else 0
@@ -255,37 +243,7 @@ def from_lycoris(stored: dict, where: str) -> tuple[dict, dict]:
     return {"rank": r or None, "alpha": float(tensors["alpha"]), "kernel": kernel}, tensors
 
 
-class _Module(NamedTuple):
-    path: str
-    t: dict
-    a: int
-    b: int
-    c: int
-    d: int
-    kernel: tuple
-
-    @property
-    def conv(self) -> bool:
-        return self.kernel != (1, 1)
-
-
-def _modules(entries: dict, kernels: dict) -> list[_Module]:
-    out = []
-    for path, (_, t) in entries.items():
-        kernel = kernels.get(path) or (1, 1)
-        q, K = t["w2_b"].shape[1], kernel[0] * kernel[1]
-        if q % K:  # the name rule guessed a kernel the tensors cannot hold: attach checks against the layer
-            kernel, K = (1, 1), 1
-        out.append(_Module(path, t, t["w1"].shape[0], t["w2"].shape[0], t["w1_b"].shape[1], q // K, kernel))
-    return out
-
-
-def _fits(m: _Module, factor: int, unbalanced: bool) -> bool:
-    a, b = factorization(m.a * m.b, factor)
-    return ((b, a) if unbalanced else (a, b)) == (m.a, m.b) and factorization(m.c * m.d, factor) == (m.c, m.d)
-
-
-def _reform(m: _Module, L: Layout, r: int) -> dict:
+def _reform(m, L: Layout, r: int) -> dict:
     """The module's tensors in the forms ``L`` wants (halves multiplied out, ranks padded), scale kept."""
     s, t = scale(m.t), {}
     for half, rank in (("1", L.r1), ("2", L.r2)):
@@ -304,17 +262,8 @@ def _reform(m: _Module, L: Layout, r: int) -> dict:
 
 def uniform(entries: dict, kernels: dict, where: str) -> tuple[dict, dict]:
     """One config reproducing every module's factor shapes (see the module docstring), and the tensors."""
-    mods = _modules(entries, kernels)
-    small = max(max(m.a, m.c) for m in mods)
-    candidates = [-1] + sorted(set(range(1, small + 1)) | {v for m in mods for v in (m.a, m.b, m.c, m.d)})
-    choice = next(((f, u) for f in candidates for u in (False, True) if all(_fits(m, f, u) for m in mods)), None)
-    if choice is None:
-        bad = next(m for m in mods if not _fits(m, -1, False))
-        raise StudioError(f"{where}: LoKr module '{bad.path}' has W1 ({bad.a}, {bad.c}) and W2 ({bad.b}, {bad.d}"
-                          f"{', ' + str(bad.kernel) if bad.conv else ''}), a split of its weight that no one LyCORIS "
-                          f"factor gives together with the file's other modules: the studio keeps one factor per "
-                          f"component; re-export the file with one factor")
-    factor, unbalanced = choice
+    mods = modules(entries, kernels)
+    factor, unbalanced, module_shapes = choose_split(mods)
     ranks = {}
     for conv in (False, True):
         members = [m for m in mods if m.conv == conv]
@@ -323,7 +272,7 @@ def uniform(entries: dict, kernels: dict, where: str) -> tuple[dict, dict]:
                               + [m.t[k].shape[0] for m in members for k in ("w1_b", "w2_b")] + [1])
     rank = ranks.get(False, ranks.get(True))
     fields = {"rank": rank, "alpha": None, "rslora": False, "dropout": 0.0, "factor": factor, "full_matrix": False,
-              "unbalanced_factorization": unbalanced,
+              "unbalanced_factorization": unbalanced, "module_shapes": module_shapes,
               "conv_rank": ranks[True] if len(ranks) == 2 and ranks[True] != rank else None, "conv_alpha": None}
     if not any(m.t[k].shape[0] for m in mods for k in ("w1_b", "w2_b")):  # every half full: say so, no rank needed
         stored = {float(m.t["alpha"]) for m in mods}  # (LyCORIS, and init here, store alpha = r then)
@@ -331,8 +280,7 @@ def uniform(entries: dict, kernels: dict, where: str) -> tuple[dict, dict]:
         fields.update(full_matrix=True, conv_rank=None, rank=int(r) if r >= 1 and r == int(r) else rank)
     for decompose_both in ((True, False) if any(m.t["w1_b"].shape[0] for m in mods) else (False,)):
         cfg = Config(**fields, decompose_both=decompose_both)
-        layouts = {m.path: layout(cfg, Site(m.path, m.a * m.b, m.c * m.d * m.kernel[0] * m.kernel[1], m.kernel))
-                   for m in mods}
+        layouts = {m.path: layout(cfg, m.site) for m in mods}
         if all(not (L.r1 and not m.t["w1_b"].shape[0]) for m, L in zip(mods, layouts.values())):
             break  # (else a full W1 where the rule wants it factored: multiply every W1 out instead)
     tensors, alphas = {}, {False: set(), True: set()}
