@@ -76,7 +76,7 @@ class MixSession:
         self.base = base
         self._attached: dict[str, _Attached] = {}   # session name -> record, in mix order
         self._embeddings: dict[str, tuple] = {}     # session name -> (stamp, Embedding), in mix order
-        self._installed = ti.Installed(base.pipe)
+        self._installed = ti.Installed(getattr(base, "pipe", None))  # (a language model has no pipe, no embeddings)
         self._warned: set = set()
         self.warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
 
@@ -133,6 +133,10 @@ class MixSession:
             is_embedding = path.is_file() and embedding.looks_like(read_header(path).tensors)
             (embeddings if is_embedding else adapters)[name] = entry
         stamps = {name: _stamp(Path(e.path)) for name, e in embeddings.items()}
+        if embeddings and self._installed.pipe is None:
+            names = ", ".join(Path(e.path).name for e in embeddings.values())
+            raise StudioError(f"{names}: textual-inversion embeddings apply to Stable Diffusion bases, not to a "
+                              f"language model: remove it from this mix")
         if stamps != {name: stamp for name, (stamp, _) in self._embeddings.items()}:
             loaded = {name: embedding.read(e.path) for name, e in embeddings.items()}
             self._embeddings = {}  # a refused set leaves none installed, and the next sync tries again

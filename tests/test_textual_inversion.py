@@ -235,6 +235,7 @@ def test_generate_uses_the_embedding_by_its_token(run, tmp_path, capsys):
 
 
 def test_a_mix_drops_an_embedding_without_a_trace(run):
+    from studio.errors import StudioError
     from studio.mixing import MixEntry, MixSession
     out, _ = run
     base = _mini()
@@ -315,3 +316,19 @@ def test_export_and_bake_of_an_embedding_say_what_it_is(run, tmp_path, capsys):
     for argv in (["export", file, "-o", target], ["bake", file, "-o", target]):
         assert "is a textual-inversion embedding, not a layer adapter" in one_error_line(capsys, argv)
         assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_an_embedding_in_a_language_model_mix_is_one_error(tmp_path):
+    """The Text tab's session has no pipeline (and so no token table to grow): an embedding there is
+    refused by name instead of failing on the missing pipeline."""
+    from types import SimpleNamespace
+
+    from studio.errors import StudioError
+    from studio.mixing import MixEntry, MixSession
+
+    path = tmp_path / "kbot.safetensors"
+    save_file({"emb_params": torch.randn(2, 64)}, str(path))
+    session = MixSession(SimpleNamespace(components={"lm": torch.nn.Linear(2, 2)}))  # a LanguageBase's shape
+    with pytest.raises(StudioError, match="kbot.safetensors: textual-inversion embeddings apply to Stable Diffusion"):
+        session.sync([MixEntry(str(path))])
+    session.sync([])  # and the session stays usable
