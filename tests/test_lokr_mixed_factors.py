@@ -251,6 +251,6 @@ def test_a_file_whose_record_does_not_fit_the_base_is_refused_before_any_layer_i
     assert "[8, 8]" in meta["studio.adapter"]
     save_file(tensors, str(native), {**meta, "studio.adapter": meta["studio.adapter"].replace("[8, 8]", "[3, 8]")})
     ours = copy.deepcopy(sd)
-    with pytest.raises(StudioError, match=r"module '.*attn1\.to_q' W1 \(3, 8\), which does not divide"):
+    with pytest.raises(StudioError, match=r"native.safetensors does not fit this base .*module '.*attn1\.to_q' W1 \(3, 8\), which does not divide"):
         F.attach_file(F.read(native), ours, "bad")
     assert not A.adapter_names(ours["unet"])

@@ -67,7 +67,10 @@ def _resolve(af: AdapterFile, models: dict[str, nn.Module], where: str) -> dict[
             if layer_cfg is None:
                 raise StudioError(f"{where} is damaged: it has tensors for '{component}.{path}', which its block-rank "
                                   f"rule leaves without an adapter")
-            expected = METHODS[part.method].expected_shapes(layer_cfg, site)
+            try:
+                expected = METHODS[part.method].expected_shapes(layer_cfg, site)
+            except StudioError as e:  # a method's own refusal of this layer (a LoKr split that does not divide)
+                raise StudioError(f"{where} does not fit this base ({base}): {e}") from None
             for key, want in expected.items():
                 got = tuple(tensors[key].shape) if key in tensors else None
                 if got != tuple(want):
