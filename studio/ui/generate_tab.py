@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 import gradio as gr
+from studio.ui import gate_map
 from studio.ui.library import Card
 from studio.ui.service import MixRow, Request, Studio
 
@@ -74,6 +75,11 @@ def slot_request(base, prompt, negative, seed, steps, cfg, width, height, sample
                    count=int(count or 1), mix=slot_rows(slots), base=base)
 
 
+def show_gate_maps(image) -> dict:
+    """The heat maps under the images (``gate_map.draw_all`` of a generation), hidden without a routed mixture."""
+    return gr.update(value=image, visible=image is not None)
+
+
 def build(studio: Studio, run) -> dict:
     """Lay out the tab inside the current Blocks context; returns the components other tabs use.
     ``run(fn)`` wraps a handler so a StudioError becomes a UI message (app.py)."""
@@ -118,6 +124,10 @@ def build(studio: Studio, run) -> dict:
         with gr.Column(scale=4, min_width=360):
             gallery = gr.Gallery(label="images", format="png", columns=3, height="auto", elem_id="output_gallery",
                                  object_fit="contain", allow_preview=False)
+            gate_maps = gr.Image(label="router: mean gate per expert and block (last image)", type="pil",
+                                 format="png", interactive=False, visible=False, elem_id="gate_maps", height="auto",
+                                 show_label=False)  # each map has its title: the label badge would cover it
+            maps_state = gr.State(None)  # the generate event's maps, shown by a follow-up (/generate keeps its outputs)
             parameters = gr.Textbox(label="parameters (also in each PNG)", lines=4, elem_id="parameters",
                                     buttons=["copy"])
             with gr.Accordion("Library", open=True):
@@ -157,12 +167,13 @@ def build(studio: Studio, run) -> dict:
         for note in result.notes:
             gr.Warning(note)
         items = [(str(p), f"seed {request.seed + i}") for i, p in enumerate(result.paths)]
-        return items, "\n\n".join(result.parameters), request.seed
+        return items, "\n\n".join(result.parameters), request.seed, gate_map.draw_all(result.gate_maps)
 
-    go.click(run(on_generate), settings + slots, [gallery, parameters, seed], api_name="generate",
-             concurrency_id="model", concurrency_limit=1)
-    prompt.submit(run(on_generate), settings + slots, [gallery, parameters, seed], api_visibility="private",
-                  concurrency_id="model", concurrency_limit=1)
+    outputs = [gallery, parameters, seed, maps_state]
+    for event, visibility in ((go.click, {"api_name": "generate"}), (prompt.submit, {"api_visibility": "private"})):
+        event(run(on_generate), settings + slots, outputs, concurrency_id="model", concurrency_limit=1,
+              **visibility).success(show_gate_maps, maps_state, gate_maps,
+                                    api_visibility="private")
 
     def on_grid(base_, prompt_, negative_, seed_, randomize_, steps_, cfg_, width_, height_, sampler_, count_,
                 x_slot_, x_values_, y_slot_, y_values_, *slot_values, progress=gr.Progress()):

@@ -17,6 +17,7 @@ from typing import Callable
 from studio.errors import StudioError
 from studio.generate_command import next_index
 from studio.mixing import MixEntry, MixSession
+from studio.ui import gate_map
 from studio.ui.library import Library
 from studio.ui.security import ADAPTER_SUFFIXES, IMAGE_SUFFIXES, check_upload, safe_filename
 
@@ -54,6 +55,8 @@ class Result:
     paths: list[Path]
     parameters: list[str]
     notes: list[str] = field(default_factory=list)
+    gate_maps: list = field(default_factory=list)
+    """The last image's router heat-map data, one ``gate_map.GateMap`` per routed mixture in the mix."""
 
 
 def parse_values(text: str, what: str) -> list[float]:
@@ -136,7 +139,9 @@ class Studio:
                 s, capped = self._settings(session, request, request.seed + i)
                 if i == 0:
                     result.notes += capped
-                image = session.render([s])[0]
+                with gate_map.recording(session) as maps:  # every image's; the last one's stay
+                    image = session.render([s])[0]
+                result.gate_maps = maps
                 path, text = self._save(image, s, "images")
                 result.paths.append(path)
                 result.parameters.append(text)
