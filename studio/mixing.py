@@ -12,6 +12,8 @@ is refused with a message instead of being silently doubled.
 A textual-inversion embedding in the list is no layer adapter: its token is taught to the
 tokenizers (``studio.prompt.ti.Installed``) and a prompt uses it by writing the token; its weight is
 not applied (A1111 and ComfyUI have none either: weigh it in the prompt, ``(<kbot>:1.2)`` there).
+A kohya LoRA with bundled embeddings (pivotal tuning's ``bundle_emb.*`` keys) is both: its LoRA is
+attached at its weight and its tokens are installed beside the embedding files, as A1111 does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from studio import adapters as A
 from studio import formats
 from studio.errors import StudioError
-from studio.formats import embedding
+from studio.formats import embedding, kohya
 from studio.formats.files import data_hash, read_header
 from studio.formats.metadata import trigger_words
 from studio.pipeline import Settings, generate
@@ -75,7 +77,8 @@ class MixSession:
     def __init__(self, base, warn=None):
         self.base = base
         self._attached: dict[str, _Attached] = {}   # session name -> record, in mix order
-        self._embeddings: dict[str, tuple] = {}     # session name -> (stamp, Embedding), in mix order
+        self._embeddings: dict[str, tuple] = {}     # session name -> (stamp, [Embedding]), in mix order
+        self._bundled: dict[str, object] = {}       # session name -> AdapterFile read for its bundle, for _attach
         self._installed = ti.Installed(getattr(base, "pipe", None))  # (a language model has no pipe, no embeddings)
         self._warned: set = set()
         self.warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
@@ -127,34 +130,46 @@ class MixSession:
     def _sync_embeddings(self, wanted: dict[str, MixEntry]) -> dict[str, MixEntry]:
         """Install the embedding files of ``wanted`` (all of them again when the set changed);
         returns the layer-adapter entries."""
-        embeddings, adapters = {}, {}
+        embeddings, adapters, bundles = {}, {}, {}
         for name, entry in wanted.items():
             path = Path(entry.path)
-            is_embedding = path.is_file() and embedding.looks_like(read_header(path).tensors)
-            (embeddings if is_embedding else adapters)[name] = entry
-        stamps = {name: _stamp(Path(e.path)) for name, e in embeddings.items()}
+            keys = read_header(path).tensors if path.is_file() else {}
+            (embeddings if embedding.looks_like(keys) else adapters)[name] = entry
+            if any(embedding.is_bundled(k) for k in keys):
+                bundles[name] = entry  # a LoRA carrying its token (pivotal tuning)
+        stamps = {name: _stamp(Path(e.path)) for name, e in (embeddings | bundles).items()}
         if embeddings and self._installed.pipe is None:
             names = ", ".join(Path(e.path).name for e in embeddings.values())
             raise StudioError(f"{names}: textual-inversion embeddings apply to Stable Diffusion bases, not to a "
                               f"language model: remove it from this mix")
+        self._bundled = {name: formats.read(e.path) for name, e in bundles.items()  # read once: _attach reuses it
+                         if name not in self._attached or stamps[name] != self._attached[name].stamp}
         if stamps != {name: stamp for name, (stamp, _) in self._embeddings.items()}:
-            loaded = {name: embedding.read(e.path) for name, e in embeddings.items()}
+            loaded = {name: [embedding.read(e.path)] if name in embeddings else self._bundle_of(name, e.path)
+                      for name, e in wanted.items() if name in stamps}
             self._embeddings = {}  # a refused set leaves none installed, and the next sync tries again
-            self._installed.sync(list(loaded.values()))  # checks every file before it installs any
-            self._embeddings = {name: (stamps[name], emb) for name, emb in loaded.items()}
+            self._installed.sync([emb for embs in loaded.values() for emb in embs])  # checks all before installing
+            self._embeddings = {name: (stamps[name], embs) for name, embs in loaded.items()}
         return adapters
+
+    def _bundle_of(self, name: str, path: str) -> list:
+        af = self._bundled.get(name) or self._attached[name].af
+        if self._installed.pipe is None:
+            raise StudioError(f"{path} bundles a textual-inversion embedding, which applies to Stable Diffusion "
+                              f"bases, not to a language model: remove it from this mix")
+        return af.source.get(kohya.EMBEDDINGS, [])
 
     @property
     def tokens(self) -> list[str]:
         """The tokens of the embeddings in the mix."""
-        return [emb.token for _, emb in self._embeddings.values()]
+        return [emb.token for _, embs in self._embeddings.values() for emb in embs]
 
     def _attach(self, name: str, entry: MixEntry) -> None:
         path = Path(entry.path)
         if not path.is_file():
             raise StudioError(f"adapter file {path} does not exist: check the path")
         stamp = _stamp(path)
-        af = formats.read(path)
+        af = self._bundled.pop(name, None) or formats.read(path)
         formats.attach_file(af, self.base.components, name, entry.weight, entry.te_weight)
         self._attached[name] = _Attached(entry, af, path.stem, data_hash(path)[:12], stamp,
                                          trigger_words(af.metadata))

@@ -99,6 +99,9 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         memory.cast_frozen(model, base_dtype)
     rows = {}
     if ti:  # after the cast: the new rows stay fp32 whatever the base's dtype
+        if cfg.with_ti:  # asked now, not at the save: the kohya file bundles the token under its name
+            from studio.formats.embedding import check_bundle_token
+            check_bundle_token(cfg.ti_token, "--with-ti")
         rows = ti.add_trainable(pipe, cfg.ti_token, cfg.init_word, cfg.vectors, "the train config",
                                 "--with-ti" if cfg.with_ti else "--token")
         groups.append(([m.vectors for m in rows.values()], cfg.lr_ti))
@@ -370,10 +373,12 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
     if cfg.prompt_kind:
         _save_embedding(cfg, base, path, steps, say)
         return
+    bundle = {}  # pivotal tuning: the kohya file also carries the token (A1111's bundle_emb keys, formats.kohya)
     if cfg.with_ti:  # pivotal tuning: the token's file beside the LoRA ('kbot-step0000100' beside 'NAME-step0000100')
         stem = cfg.ti_file_stem + path.stem[len(name):]
-        _save_embedding(cfg, base, path.with_name(f"{stem}{'-emb' if stem == path.stem else ''}.safetensors"), steps,
-                        say)
+        emb = _save_embedding(cfg, base, path.with_name(f"{stem}{'-emb' if stem == path.stem else ''}.safetensors"),
+                              steps, say)
+        bundle = {"embeddings": [emb]}
     tags: dict[str, int] = {}
     for item in items:
         for tag in (t.strip() for t in data_images.with_trigger(item.caption, cfg.trigger).split(",")):
@@ -396,6 +401,7 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
     kohya = path.with_name(f"{name}.kohya.safetensors")
     # LyCORIS-layout methods (DoRA) stay exact; truncated plain-LoRA exports keep their declared energy
     energy = default_energy(af, "kohya")
+    af = af.replace(source={**af.source, **bundle})
     try:
         report = formats.save(af, kohya, "kohya", dtype="fp16", energy=energy, models=base.components, overwrite=True)
     except StudioError as err:
@@ -406,10 +412,13 @@ def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: 
         report = formats.save(af, kohya, "kohya", dtype="fp16", energy=fallback, models=base.components,
                               overwrite=True)
     say(f"adapter: {path} (exact, for the studio)\n"
-        f"A1111 / ComfyUI / Forge / kohya: {kohya} (retained energy {report.energy:.4f})")
+        f"A1111 / ComfyUI / Forge / kohya: {kohya} (retained energy {report.energy:.4f})"
+        + (f"\n  with {cfg.ti_token} bundled (bundle_emb keys: A1111 and the studio install it from this one file; "
+           f"ComfyUI and diffusers need the embedding file, and diffusers' LoRA loader refuses bundled keys)"
+           if bundle else ""))
 
 
-def _save_embedding(cfg, base, path: Path, steps: int, say) -> None:
+def _save_embedding(cfg, base, path: Path, steps: int, say):
     from studio.formats import embedding
 
     emb = embedding.Embedding(cfg.ti_token, cfg.ti_module.trained_rows(base.pipe), where=str(path))
@@ -417,3 +426,4 @@ def _save_embedding(cfg, base, path: Path, steps: int, say) -> None:
         path, init_word=cfg.init_word, steps=steps, seed=cfg.seed, base_name=cfg.base or cfg.BASE_NAME))
     if say is not None:
         say(embedding.usage(emb, path))
+    return emb

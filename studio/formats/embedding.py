@@ -11,6 +11,15 @@ it trained into the header (``studio.token``) and reads it back from there, else
 
 This is a reader and writer beside the layer-adapter layouts of ``layouts.TABLE``, not one of them:
 an embedding is no delta of any layer, so it has no kohya / diffusers LoRA form to export to or from.
+
+Bundled in a kohya LoRA (pivotal tuning: one file for A1111), an embedding is stored under its token,
+as A1111's ``extensions-builtin/Lora/networks.py`` reads it (the name ends at the first '.'):
+
+    SD1.5 (and the mini base)   bundle_emb.<token>.string_to_param.*  (N, 768)   (A1111's .pt layout)
+    SDXL                        bundle_emb.<token>.clip_l (N, 768), bundle_emb.<token>.clip_g (N, 1280)
+    read also                   bundle_emb.<token>.emb_params, bundle_emb.<token>.string_to_param.<any>
+
+``bundle_tensors`` writes those keys and ``read_bundle`` reads them back; ``formats.kohya`` calls both.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ ARCHITECTURE = {"sd15": "stable-diffusion-v1/textual-inversion",
 """ModelSpec 1.0 architecture ids (``/textual-inversion`` is the spec's adapter suffix)."""
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 STANDARD_WIDTHS = {"sd15": {"te": 768}, "sdxl": {"te1": 768, "te2": 1280}}
+BUNDLE = "bundle_emb"
+BUNDLE_KEYS = {"te": "string_to_param.*", "te1": "clip_l", "te2": "clip_g"}
+"""Component -> the key after ``bundle_emb.<token>.`` (A1111 reads SD1.5's as its .pt layout, SDXL's as clip_l / clip_g)."""
 
 
 @dataclass
@@ -154,3 +166,63 @@ def render_text(info: dict) -> str:
         lines.append("metadata:")
         lines += [f"  {k} = {info['metadata'][k]}" for k in sorted(info["metadata"])]
     return "\n".join(lines)
+
+
+# -- embeddings bundled in a kohya LoRA (bundle_emb.<token>.*) -----------------------------------
+def is_bundled(key: str) -> bool:
+    """A key of an embedding bundled in a LoRA file: ``bundle_emb.<token>.<tensor>``."""
+    head, _, rest = key.partition(".")
+    token, _, tensor = rest.partition(".")
+    return head == BUNDLE and bool(token) and bool(tensor)
+
+
+def check_bundle_token(token: str, where: str) -> None:
+    """A1111 ends a bundled embedding's name at the first '.', so a token with one could not be read back."""
+    if "." in token:
+        raise StudioError(f"token {token!r} in {where} has a '.', which ends a bundled embedding's name in A1111 "
+                          f"(bundle_emb.<token>.*): pick a token without dots, e.g. '<kbot>'")
+
+
+def bundle_tensors(embeddings: list[Embedding], where: str) -> dict[str, torch.Tensor]:
+    """The ``bundle_emb.*`` keys of ``embeddings``: fp32, the very tensors their own files hold."""
+    out: dict[str, torch.Tensor] = {}
+    for emb in embeddings:
+        check_bundle_token(emb.token, where)
+        if any(k.startswith(f"{BUNDLE}.{emb.token}.") for k in out):
+            raise StudioError(f"two embeddings bundled in {where} are both the token {emb.token!r}: bundle one")
+        out |= {f"{BUNDLE}.{emb.token}.{BUNDLE_KEYS[c]}": v.detach().float().contiguous()
+                for c, v in emb.vectors.items()}
+    return out
+
+
+def read_bundle(tensors: dict[str, torch.Tensor], where: str) -> list[Embedding]:
+    """The embeddings bundled in a LoRA file's tensors, each checked as an embedding file is."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if is_bundled(key):
+            token, _, tensor = key[len(BUNDLE) + 1:].partition(".")
+            grouped.setdefault(token, {})[tensor] = value
+    out = []
+    for token, found in grouped.items():
+        named = f"{where} (bundle_emb.{token})"
+        one = next(iter(found.values())) if len(found) == 1 else None
+        if set(found) == {"clip_l", "clip_g"}:
+            vectors = {"te1": found["clip_l"], "te2": found["clip_g"]}
+        elif one is not None and (next(iter(found)) == "emb_params" or next(iter(found)).startswith("string_to_param.")):
+            vectors = {"te": one.reshape(1, -1) if one.dim() == 1 else one}
+        else:
+            keys = ", ".join(f"{BUNDLE}.{token}.{k}" for k in sorted(found))
+            raise StudioError(f"{named}: the bundled embedding's keys {keys} are no embedding: A1111 reads "
+                              f"{BUNDLE}.{token}.string_to_param.* (SD1.5) or .clip_l + .clip_g (SDXL); the bundle "
+                              f"is damaged: re-export the LoRA, or use the separate embedding file")
+        out.append(Embedding(token, {c: v.float() for c, v in vectors.items()}, where=named))
+    return out
+
+
+def check_bundle_fits(embeddings: list[Embedding], widths: dict[str, int | None]) -> None:
+    """Refuse a bundle that does not fit the LoRA's base. ``widths``: the base's text encoders -> width, None
+    where the file does not tell (a custom-size base without text-encoder modules; generate checks it again)."""
+    family = "sdxl" if "te2" in widths else "sd15"
+    for emb in embeddings:
+        if set(emb.vectors) != set(widths) or any(w is not None and emb.widths[c] != w for c, w in widths.items()):
+            emb.check_fits({c: w if w is not None else "?" for c, w in widths.items()}, family)

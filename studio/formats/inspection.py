@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from studio.adapters.registry import get
-from studio.formats import embedding, files
+from studio.formats import embedding, files, kohya
 from studio.formats.adapter_file import AdapterFile
 from studio.formats.load import read
 from studio.formats.metadata import top_tags, trigger_words
@@ -179,17 +179,39 @@ def _kohya(keys: list[str], family: str) -> tuple[list[str], str]:
 
 # tool -> its key rules; the studio's own line comes from having read the file
 TOOLS = {"A1111": _a1111, "Forge": _comfyui, "ComfyUI": _comfyui, "diffusers": _diffusers, "kohya": _kohya}
+# what each tool does with an embedding bundled in a LoRA (bundle_emb.<token>.*; A1111's networks.py installs it)
+BUNDLE_NOTES = {
+    "A1111": "installs the bundled embedding too: write its token in the prompt",
+    "Forge": "skips the bundled embedding: load the embedding file beside it",
+    "ComfyUI": "skips the bundled embedding ('lora key not loaded'): load the embedding file beside it, "
+               "embedding:NAME in the prompt",
+    "diffusers": "load_lora_weights refuses the whole file ('Invalid LoRA checkpoint': the bundle_emb keys are "
+                 "no kohya LoRA keys) and loads nothing: studio export FILE --format diffusers writes the LoRA "
+                 "alone; load_textual_inversion reads the embedding file",
+    "kohya": "networks.lora ignores the bundled embedding",
+}
+
+
+def _with_bundle(tool: str, skipped: list[str], note: str, keys: list[str], bundle: list[str]) -> tuple[list, str]:
+    """A tool's line for a file with bundled-embedding keys: A1111 loads them, diffusers refuses the whole file
+    (its kohya path needs every key to be a LoRA key), the others skip them."""
+    if not bundle or tool not in BUNDLE_NOTES:
+        return skipped, note
+    skipped = keys + bundle if tool == "diffusers" else skipped + ([] if tool == "A1111" else bundle)
+    return skipped, "; ".join(filter(None, [BUNDLE_NOTES[tool], note if tool != "diffusers" else ""]))
 
 
 def compatibility(keys: list[str], family: str, path: str = "FILE", fmt: str = "") -> dict[str, dict]:
     """{tool: {"modules": applied, "of": modules, "unloaded": [keys], "note": why}} (image tools on SD files):
     a module counts as applied when a key of it other than its alpha loads."""
+    bundle = [k for k in keys if embedding.is_bundled(k)]  # an embedding, not a module of the LoRA
+    keys = [k for k in keys if k not in bundle]
     modules = {_split(k)[0] for k in keys}
     out = {"studio": {"modules": len(modules), "of": len(modules), "unloaded": [], "note": ""}}
     if family == "lm":
         return out
     for tool, rules in TOOLS.items():
-        skipped, note = rules(keys, family)
+        skipped, note = _with_bundle(tool, *rules(keys, family), keys, bundle)
         skipped = sorted(set(skipped))
         applied = {_split(k)[0] for k in keys if k not in skipped and _split(k)[1] != "alpha"}
         if fmt == "native":  # the studio's own layout: no other tool reads it
@@ -242,6 +264,9 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "metadata": header,
         "compatibility": compatibility(list(files.read_header(path).tensors), af.base, str(path),
                                        af.source["format"]),
+        "embeddings": [{"token": e.token, "vectors": e.count, "encoders": {embedding.KEYS[c]: w for c, w in
+                                                                           e.widths.items()}}
+                       for e in af.source.get(kohya.EMBEDDINGS, [])],  # bundled (pivotal tuning)
     }
 
 
@@ -262,6 +287,11 @@ def render_text(info: dict) -> str:
     for kind, p in info.get("prompt", {}).items():
         lines.append(f"  {kind}  {p['length']} virtual tokens x {p['layers']} layers ({p['kv_heads']} key/value "
                      f"heads x {p['head_dim']})")
+    for e in info.get("embeddings", []):
+        widths = ", ".join(f"{k} {w}" for k, w in e["encoders"].items())
+        lines.append(f"  bundled embedding {e['token']} ({e['vectors']} vector{'s' if e['vectors'] != 1 else ''}, "
+                     f"{widths} wide): studio generate and A1111 install it from this file; write "
+                     f"{e['token']} in the prompt")
     lines.append(f"trigger:   {', '.join(info['trigger_words']) or '-'}")
     lines.append(f"top tags:  {', '.join(f'{t} ({n})' for t, n in info['top_tags']) or '-'}")
     h = info["hash"]

@@ -21,6 +21,11 @@ LyCORIS's modules in the same names (DoRA's ``dora_scale``, LoHa's ``hada_*``, L
 full's ``diff`` / ``diff_b``: any registered method's ``LYCORIS_MARKER``) are handed whole to that
 method's ``from_lycoris`` through ``formats.lycoris``, which checks their keys; a module carrying
 two methods' markers is refused, and one file component holds one method.
+
+Pivotal tuning's embedding rides along as A1111's bundled keys (``bundle_emb.<token>.*``, the layout in
+``formats.embedding``): reading checks them against the LoRA's base and keeps them in
+``af.source["embeddings"]`` (the layer parts stay the LoRA alone); writing an AdapterFile whose source
+holds embeddings writes them back, so a re-export keeps the bundle.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, guess_family
-from studio.formats import lycoris
+from studio.formats import embedding, files, lycoris
 from studio.formats.lowrank import Packed, check_pair, lora_part
 from studio.formats.names import canonical_te_path, is_sgm, kohya_name, sgm_to_diffusers, split_kohya_name
 from studio.formats.refuse import refuse_leftovers, refuse_unsupported
@@ -38,6 +43,8 @@ from studio.formats.writing import ExportReport, WriteOptions, plain_write
 NAME = "kohya"
 PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+EMBEDDINGS = "embeddings"
+"""``AdapterFile.source`` key of the bundled embeddings (``embedding.Embedding``), read and written here."""
 TUCKER = "lora_mid.weight"  # LyCORIS's Tucker core of a k x k LoCon, folded into lora_down on reading
 
 
@@ -59,7 +66,8 @@ def to_tensors(packed: Packed, unet_layout: str = "diffusers") -> dict[str, torc
 
 
 def looks_like(tensors: dict, metadata: dict[str, str]) -> bool:
-    return bool(tensors) and all(k.startswith(PREFIXES) for k in tensors)
+    return (any(k.startswith(PREFIXES) for k in tensors)
+            and all(k.startswith(PREFIXES) or embedding.is_bundled(k) for k in tensors))
 
 
 def keeps_exactly(af: AdapterFile) -> bool:
@@ -68,13 +76,34 @@ def keeps_exactly(af: AdapterFile) -> bool:
 
 
 def write(af: AdapterFile, path, opts: WriteOptions) -> ExportReport:
+    bundled = af.source.get(EMBEDDINGS) or []
+    bundle = embedding.bundle_tensors(bundled, str(path))  # checked before anything is written
+    embedding.check_bundle_fits(bundled, _text_widths(af.base, af.parts))
     if opts.exact and lycoris.writes(af):
-        return lycoris.write(af, path, opts)
-    return plain_write(af, path, opts, NAME, lambda packed, layout: (to_tensors(packed, layout), {}))
+        report = lycoris.write(af, path, opts)
+        if not bundle:
+            return report
+        # LyCORIS's writer knows no bundle: add it to the file just written (one more atomic write)
+        tensors, metadata = files.read(report.path)
+        return report._replace(sha256=files.write(report.path, tensors | bundle, metadata, overwrite=True))
+    return plain_write(af, path, opts, NAME, lambda packed, layout: (to_tensors(packed, layout) | bundle, {}))
+
+
+def _text_widths(family: str, parts: dict) -> dict[str, int | None]:
+    """The widths of the base's text encoders, which a bundled embedding must have: the standard ones of SD1.5 /
+    SDXL; on a custom-size base (the mini base) what the LoRA's text-encoder factors say (None: no such factor)."""
+    if family in embedding.STANDARD_WIDTHS:
+        return embedding.STANDARD_WIDTHS[family]
+    components = ["te1", "te2"] if "te1" in parts or "te2" in parts else ["te"]
+    return {c: next((int(t.shape[-1]) for k, t in parts[c].tensors.items() if k.endswith("_proj.A")), None)
+            if c in parts else None for c in components}
 
 
 def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> AdapterFile:
     methods_by_marker = lycoris.markers()  # DoRA's dora_scale, LoHa's hada_*, ...: read through the method's own hooks
+    bundled = embedding.read_bundle(tensors, where)  # pivotal tuning's token, checked against the base below
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    tensors = {k: v for k, v in tensors.items() if not embedding.is_bundled(k)}
     refuse_unsupported(tensors, where, allowed=(*methods_by_marker, TUCKER))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     leftovers = []
@@ -165,7 +194,9 @@ def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str)
     ranks = {f"{c}.{p}": r for c, mods in stored.items() for p, (r, _) in mods.items() if r is not None}
     alphas = {f"{c}.{p}": a if a is not None else float(r) for c, mods in stored.items() for p, (r, a) in mods.items()
               if a is not None or r is not None}
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     source = {"format": "kohya", "unet_layout": (layouts or {"none"}).pop(), "ranks": ranks, "alphas": alphas,
               "dtypes": dtypes}
+    if bundled:
+        embedding.check_bundle_fits(bundled, _text_widths(family, parts))
+        source[EMBEDDINGS] = bundled
     return AdapterFile(family, parts, source=source)
