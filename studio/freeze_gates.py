@@ -70,7 +70,7 @@ class GateRecorder:
 
     def _hook(self, key, adapter):
         def record(module, inputs, output):
-            gate = adapter.scratch.get("mean_gate")
+            gate = adapter.scratch.pop("mean_gate", None)  # taken: a layer that did not route leaves nothing stale
             if gate is not None:
                 self.sums[key] = self.sums.get(key, 0) + gate.double()
                 self.counts[key] = self.counts.get(key, 0) + 1
