@@ -186,6 +186,21 @@ def test_a_damaged_bundle_is_one_error_line_and_nothing_is_written(run, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bundle_too_narrow_beside_a_unet_only_lora_is_refused_by_generate(run, tmp_path, capsys):
+    """Without text-encoder modules the file does not tell the mini base's width (inspect shows the bundle);
+    generate asks the loaded base, before anything is rendered."""
+    tensors = {k: v for k, v in load_file(str(run / "data.kohya.safetensors")).items() if k.startswith("lora_unet_")}
+    path = tmp_path / "unet.safetensors"
+    save_file(tensors | {BUNDLED: torch.randn(2, 32)}, str(path))
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0 and "emb_params 32 wide" in capsys.readouterr().out
+    line = one_error_line(capsys, ["generate", "--prompt", f"a {TOKEN}", "--steps", "1", "--adapter", str(path),
+                                   "--out", str(tmp_path / "out")])
+    assert "unet.safetensors (bundle_emb.<kbot>) is a SD1.5 embedding (emb_params 32 wide) but the base is SD1.5 " \
+           "(emb_params 64 wide)" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_token_with_a_dot_is_refused_before_training(run, tmp_path, capsys):
     data = run.parent / "data"
     out = tmp_path / "bad"
