@@ -49,6 +49,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     every = items + reg_items + val_items  # one index space: training, regularisation, held-out images
     pictures = [data_images.load_image(i.path) for i in every]
     mask_arrays = masks.load_all(every, pictures)  # a mask of another size than its image fails here
+    composed = _composed_experts(cfg) if cfg.mixture_of else None  # --mixture-of: the experts' files, checked
     out = cfg.out_dir
     identity = cfg.identity
     start_checkpoint = prepare_output(out, resume, identity)
@@ -81,7 +82,14 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     groups = []
     # a model with adapters to train is in training mode (adapter dropout; the SD bases have no
     # dropout of their own), the others stay in eval: new adapter layers take their model's mode
-    if cfg.train_unet:
+    if composed is not None:  # a router over frozen LoRA experts: only R and c train
+        unet.train()
+        formats.attach_file(composed, base.components, name)
+        routers = [p for n, p in unet.named_parameters() if n.endswith((f"{name}.R", f"{name}.c"))]
+        for p in set(A.trainable_parameters(unet, name)) - set(routers):
+            p.requires_grad_(False)
+        groups.append((routers, cfg.lr_unet))
+    elif cfg.train_unet:
         unet.train()
         A.attach(unet, name, cfg.method, blocks.unet_config(cfg, base.family), cfg.unet_targets)
         groups += blocks.lr_groups(unet, name, base.family, cfg.lr_unet,
@@ -310,6 +318,25 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
                 _save_adapter(cfg, base, name, out / f"{name}-ema.safetensors", items, total,
                               time.perf_counter() - began, say=None)
     return path
+
+
+def _composed_experts(cfg: DiffusionTrainConfig):
+    """The --mixture-of files as one MoLoRA file over their LoRA experts (studio/adapters/compose.py)."""
+    from studio.adapters import compose
+
+    files = [formats.read(path) for path in cfg.mixture_of]
+    for path, af in zip(cfg.mixture_of, files):
+        if af.base != files[0].base:
+            raise StudioError(f"{path} is for a {af.base} base but {cfg.mixture_of[0]} for {files[0].base}: "
+                              f"--mixture-of needs experts of one base")
+        if set(af.parts) != {"unet"} or af.prompt:
+            raise StudioError(f"{path} adapts {', '.join(sorted(af.parts)) or 'the prompt'}: --mixture-of routes UNet "
+                              f"experts only: give adapters trained on the UNet alone (the default --targets)")
+    experts = [(Path(p).stem, af.parts["unet"].method, af.parts["unet"].config, af.parts["unet"].modules())
+               for p, af in zip(cfg.mixture_of, files)]
+    config, tensors = compose.lora_experts(experts, cfg.method_args)
+    return formats.AdapterFile(files[0].base, {"unet": formats.Part(compose.ROUTED, config, tensors)},
+                               source={"path": ", ".join(cfg.mixture_of)})
 
 
 def _pack(result) -> dict[str, torch.Tensor]:

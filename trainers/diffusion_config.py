@@ -119,6 +119,9 @@ class DiffusionTrainConfig(TrainSpec):
     ti_steps: int | None = None
     """--with-ti: the embedding trains for the first N steps only, then stays fixed while the LoRA goes on (pivotal
     tuning's early stop); None = every step."""
+    mixture_of: list[str] = field(default_factory=list)
+    """Trained LoRA files to route between: they stay frozen as MoLoRA experts and only a router per layer trains
+    on DATA (studio/adapters/compose.py); the file embeds the experts exactly. E.g. --mixture-of a.safetensors b.safetensors"""
 
     DEFAULT_STEPS: ClassVar[int] = DEFAULT_STEPS
     BASE_NAME: ClassVar[str] = "mini-sd"
@@ -127,6 +130,8 @@ class DiffusionTrainConfig(TrainSpec):
         if not self.data:
             raise StudioError("no dataset given: studio train DATA_DIR (a folder of images with .txt captions)")
         self.check_run("image")
+        if self.mixture_of:
+            self._check_mixture_of()
         if self.method in self._prompt_methods or self.token is not None or self.with_ti is not None:
             self._check_ti()
         if self.prompt_kind is None:  # a layer adapter (a prompt-side method trains none)
@@ -151,6 +156,26 @@ class DiffusionTrainConfig(TrainSpec):
             if not ok:
                 raise StudioError(message)
         self.timestep_sampler  # an unknown sampler or a bad option is refused here, not mid-run
+
+    def _check_mixture_of(self) -> None:
+        """--mixture-of: a MoLoRA router over the files' LoRA experts on the UNet (the files decide the layers)."""
+        from studio.adapters import compose
+
+        if self.method == "lora":  # the default: a composed mixture is a MoLoRA file
+            object.__setattr__(self, "method", compose.ROUTED)
+        checks = [(len(self.mixture_of) >= 2, f"--mixture-of needs two or more trained adapter files to route "
+                                              f"between, got {len(self.mixture_of)}: add the other expert files"),
+                  (self.method == compose.ROUTED, f"--mixture-of trains a {compose.ROUTED} router over the files' "
+                                                  f"LoRA experts, not --method {self.method}: drop --method"),
+                  (self.targets == "unet-transformer",
+                   "--mixture-of routes the layers the expert files adapt: drop --targets"),
+                  (self.with_ti is None and self.relora_every is None and self.loraplus_ratio is None
+                   and self.block_ranks is None and self.block_lrs is None,
+                   "--mixture-of trains only the routers: drop --with-ti, --relora-every, --loraplus-ratio, "
+                   "--block-ranks and --block-lrs")]
+        for ok, message in checks:
+            if not ok:
+                raise StudioError(message)
 
     def _check_ti(self) -> None:
         """Textual inversion alone (--method ti) or beside a layer adapter (--with-ti, pivotal tuning)."""
@@ -236,7 +261,8 @@ class DiffusionTrainConfig(TrainSpec):
     @property
     def identity(self) -> dict:
         return {**super().identity, "block_ranks": self.block_ranks, "block_lrs": self.block_lrs,
-                **({"token": self.ti_token, "vectors": self.vectors} if self.ti_module else {})}
+                **({"token": self.ti_token, "vectors": self.vectors} if self.ti_module else {}),
+                **({"mixture_of": list(self.mixture_of)} if self.mixture_of else {})}
 
     @property
     def lr_unet(self) -> float:

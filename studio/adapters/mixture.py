@@ -66,6 +66,10 @@ class MixtureConfig(LowRankConfig):
     """Explicit experts per block, lowest block first (or from ``profile``)."""
     layout: tuple = ()
     """(block, experts) pairs, resolved from ``counts`` / ``profile`` when the adapter is made (stored in files)."""
+    sources: tuple = ()
+    """Frozen experts composed from trained LoRA files (``studio train --mixture-of``, ``compose.py``): one
+    (name, rank, scale, conv rank, conv scale) per expert, each expert's own scale s_i replacing ``alpha / rank``
+    (its A, B are the file's, zero-padded to the largest rank). Empty: experts trained with the router."""
 
     label = "mixture"
 
@@ -78,6 +82,10 @@ class MixtureConfig(LowRankConfig):
         object.__setattr__(self, "balance", number(self.balance, "balance", "balance=0.01 (0: no balance loss)"))
         object.__setattr__(self, "counts", parse_counts(self.counts))
         object.__setattr__(self, "layout", tuple((str(b), int(n)) for b, n in self.layout))  # JSON gives lists
+        object.__setattr__(self, "sources", tuple((str(n), int(r), float(s), int(cr), float(cs))
+                                                  for n, r, s, cr, cs in self.sources))
+        if self.sources and len(self.sources) != experts:
+            raise StudioError(f"{len(self.sources)} expert sources for {experts} experts: the file is damaged")
         if self.profile and self.profile not in PROFILES:
             raise StudioError(f"unknown expert profile {self.profile!r}: use --method-args profile= one of "
                               f"{', '.join(PROFILES)}, or counts=8,6,4,2 (one per block)")
@@ -207,11 +215,19 @@ def lora_experts_init(cfg: MixtureConfig, W0: torch.Tensor, site: Site, generato
     bound = 1.0 / math.sqrt(site.in_features)
     A = torch.empty(E, rank, site.in_features).uniform_(-bound, bound, generator=generator)  # (E, r, in)
     return {"A": A, "B": torch.zeros(E, site.out_features, rank), **router_init(E, site.in_features, generator),
-            "s": torch.tensor(cfg.scale_at(site.is_conv))}
+            "s": expert_scales(cfg, site.is_conv, E)}
+
+
+def expert_scales(cfg: MixtureConfig, conv: bool, E: int) -> torch.Tensor:
+    """s_i (E,): each composed expert's own scale (``sources``), else the config's alpha / rank for all."""
+    if cfg.sources:
+        return torch.tensor([cs if conv else s for _, _, s, _, cs in cfg.sources])
+    return torch.full((E,), cfg.scale_at(conv))
 
 
 def lora_experts_from_saved(cfg: MixtureConfig, tensors: dict, site: Site) -> dict:
-    return {**{k: tensors[k].float() for k in ("A", "B", "R", "c")}, "s": torch.tensor(cfg.scale_at(site.is_conv))}
+    return {**{k: tensors[k].float() for k in ("A", "B", "R", "c")},
+            "s": expert_scales(cfg, site.is_conv, tensors["A"].shape[0])}
 
 
 def lora_experts_shapes(cfg: MixtureConfig, site: Site) -> dict:
@@ -229,13 +245,13 @@ def lora_experts_forward(cfg: MixtureConfig, state: dict, x: torch.Tensor, base:
     gates = gates_of(cfg, state, x, base, scratch, training)
     hidden = base.apply(x, A.reshape(E * r, -1))                           # (..., E r) / (N, E r, H, W)
     hidden = hidden * gates.repeat_interleave(r, dim=channel_dim(base))
-    up = B.permute(1, 0, 2).reshape(B.shape[1], E * r) * (state["s"] * weight)   # (out, E r)
+    up = (B * (state["s"] * weight)[:, None, None]).permute(1, 0, 2).reshape(B.shape[1], E * r)   # (out, E r)
     return base.project(hidden, up)
 
 
 def lora_expert_factors(state: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each expert as a plain LoRA (down (r, in), up (out, r)) with the scale s folded in."""
-    return [(state["A"][i], state["B"][i] * state["s"]) for i in range(state["A"].shape[0])]
+    return [(state["A"][i], state["B"][i] * state["s"][i]) for i in range(state["A"].shape[0])]
 
 
 # -- balance losses -----------------------------------------------------------------------------
@@ -282,6 +298,11 @@ def describe(config: dict, modules: dict[str, dict], experts: str, balance: str 
 
 
 def describe_lora_experts(config: dict, modules: dict[str, dict], balance: str | None) -> dict:
+    sources = config.get("sources")
+    if sources:  # composed from trained files (--mixture-of): name them, with each file's rank and scale
+        experts = ("frozen LoRA experts from " + ", ".join(f"{n} (rank {r}, scale {s:g})" for n, r, s, *_ in sources)
+                   + "; only the router trained")
+        return describe(config, modules, experts, balance)
     ranks = sorted({int(t["A"].shape[1]) for t in modules.values()})
     return describe(config, modules, f"LoRA experts of rank {'/'.join(map(str, ranks))}", balance)
 
@@ -300,7 +321,7 @@ def freeze_lora_experts(method: str, config: dict, modules: dict[str, dict], gat
         E, r = A.shape[0], A.shape[1]
         kernel = kernels.get(path)
         conv = kernel is not None and tuple(kernel) != (1, 1)
-        scaled = B * (gates[path].float() * cfg.scale_at(conv))[:, None, None]
+        scaled = B * (gates[path].float() * expert_scales(cfg, conv, E))[:, None, None]
         down = A.reshape(E * r, -1)
         up = scaled.permute(1, 0, 2).reshape(B.shape[1], E * r)
         if conv:
