@@ -124,13 +124,23 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter .safetensors file (native, kohya or diffusers)")
     _policy_arguments(p, exact_flag=False)
     _output_arguments(p, DEFAULT)
+    p.add_argument("--no-bundle", action="store_true",
+                   help="leave out a pivotal-tuning file's bundled embedding (bundle_emb.* keys: A1111 installs them, "
+                        "diffusers refuses a file that has them)")
 
 
 def export_run(args: argparse.Namespace) -> int:
     from studio.formats import read, save
     from studio.formats.export import default_energy
+    from studio.formats.kohya import EMBEDDINGS
 
     af = read(args.adapter)
+    bundled = af.source.get(EMBEDDINGS)
+    if bundled and args.no_bundle:
+        af.source.pop(EMBEDDINGS)
+    elif bundled and args.format != "kohya":  # only kohya files carry bundle_emb keys
+        print(f"note: the bundled embedding ({', '.join(e.token for e in bundled)}) stays out of a {args.format} file: "
+              f"use the embedding file written beside the run")
     energy = args.energy
     if args.rank is None and energy is None and default_energy(af, args.format) is not None:
         energy = default_energy(af, args.format)

@@ -239,3 +239,15 @@ def test_sdxl_bundles_clip_l_and_clip_g_and_lycoris_layouts_keep_the_bundle(tmp_
     read = formats.read(tmp_path / "loha.safetensors")
     assert read.methods == ["loha"] and torch.equal(read.source["embeddings"][0].vectors["te"], emb.vectors["te"])
     assert report.sha256 == formats.data_hash(tmp_path / "loha.safetensors")
+
+
+def test_export_no_bundle_writes_the_lora_alone_that_diffusers_loads(run, tmp_path):
+    from studio.cli import main
+
+    out = tmp_path / "plain.safetensors"
+    assert main(["export", str(run / "data.kohya.safetensors"), "--no-bundle", "--dtype", "fp32", "-o", str(out)]) == 0
+    keys = set(load_file(str(out)))
+    assert keys and not any(k.startswith("bundle_emb.") for k in keys)
+    kept = tmp_path / "kept.safetensors"
+    assert main(["export", str(run / "data.kohya.safetensors"), "--dtype", "fp32", "-o", str(kept)]) == 0
+    assert keys == {k for k in load_file(str(kept)) if not k.startswith("bundle_emb.")}
