@@ -125,7 +125,7 @@ def test_top_k_uses_exactly_k_experts_per_token(k):
     # the layer output is the sum over exactly those experts, each with its gate
     with torch.no_grad():
         got = model.to_k(x) - model.to_k.base(x)
-        want = sum(gates[:, i:i + 1] * (x @ a.A[i].T @ a.B[i].T) * a.s for i in range(5))
+        want = sum(gates[:, i:i + 1] * (x @ a.A[i].T @ a.B[i].T) * a.s[i] for i in range(5))  # s: one scale per expert
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

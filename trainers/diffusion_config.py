@@ -7,6 +7,7 @@ per-part learning rates and the sample grid.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -161,7 +162,8 @@ class DiffusionTrainConfig(TrainSpec):
         """--mixture-of: a MoLoRA router over the files' LoRA experts on the UNet (the files decide the layers)."""
         from studio.adapters import compose
 
-        if self.method == "lora":  # the default: a composed mixture is a MoLoRA file
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "method")
+        if self.method == default:  # not chosen: a composed mixture is a MoLoRA file
             object.__setattr__(self, "method", compose.ROUTED)
         checks = [(len(self.mixture_of) >= 2, f"--mixture-of needs two or more trained adapter files to route "
                                               f"between, got {len(self.mixture_of)}: add the other expert files"),

@@ -59,11 +59,17 @@ def lora_experts(experts: list[tuple[str, str, dict, dict[str, dict[str, torch.T
     return dataclasses.asdict(make_config(ROUTED, config)), tensors  # the MoLoRA config's own checks (top_k)
 
 
+def _plain_lora(method) -> bool:
+    """A method whose saved A, B are its whole delta (LoRA; not PiSSA / MiLoRA, whose delta also subtracts
+    their initial factors): what a MoLoRA expert holds."""
+    return method.TRAITS.kind == "low-rank" and not method.TRAITS.needs_base and tuple(method.SAVED) == ("A", "B")
+
+
 def _expert_config(name: str, method: str, config: dict):
     if get(method).TRAITS.kind == "functional":
         raise StudioError(f"{name} is itself a routed mixture ({method}): nesting mixtures is not supported: give "
                           f"--mixture-of the LoRA files it was made from")
-    if method != "lora":
+    if not _plain_lora(get(method)):
         raise StudioError(f"{name} is a {method} adapter, which cannot be an expert of --mixture-of (LoRA / LoCon "
                           f"files only): export it as a plain LoRA first (studio export {name} --format kohya)")
     return make_config(method, config)
