@@ -130,22 +130,14 @@ def write(af: AdapterFile, out: str | os.PathLike, opts: WriteOptions) -> Export
     meta = export_metadata(af.metadata, base="lm", fmt="peft", stem=target.name, methods=af.methods, ranks=set(ranks),
                            alpha=packed.alpha, dtype=dtype, policy=policy.describe(),
                            summary=summary)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> ExportReport:
         digest = files.write(tmp / WEIGHTS, tensors, meta)
         files.write_atomic(tmp / CONFIG, [json.dumps(config, indent=2).encode("utf-8")])
-        tmp.chmod(0o755)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportReport(str(out), NAME, dtype, packed.alpha, ranks, af.module_counts(), summary["energy"],
-                        summary["relative_error"], summary["per_module"], packed.notes, digest)
+        return ExportReport(str(out), NAME, dtype, packed.alpha, ranks, af.module_counts(), summary["energy"],
+                            summary["relative_error"], summary["per_module"], packed.notes, digest)
+
+    return _publish_folder(target, fill)
 
 
 # -- prefix tuning (studio/prompt/prefix.py) ------------------------------------------------------
