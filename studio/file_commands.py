@@ -101,7 +101,7 @@ def _print_report(report, say=print) -> None:
 def _models_for(args, files_) -> dict | None:
     """The base for a kohya / diffusers write: needed for methods whose delta uses W0 (TRAITS.needs_base); when
     given, it also tells which modules
-    are 1x1 convolutions (else the family rule decides, see ``lowrank.conv_kernels``)."""
+    are 1x1 convolutions (else the family rule decides, see ``packing.conv_kernels``)."""
     if args.format == "native":
         return None
     lossless = args.rank is None and args.energy is None and all(layout(args.format).keeps_exactly(af) for af in files_)

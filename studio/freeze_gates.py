@@ -25,8 +25,9 @@ import torch
 import studio.adapters as A
 from studio import formats
 from studio.errors import StudioError
-from studio.formats.adapter_file import AdapterFile, Part
-from studio.formats.lowrank import kernel_of, uniform_part
+from studio.formats.adapter_file import AdapterFile
+from studio.formats.lowrank import uniform_part
+from studio.formats.packing import kernel_of
 from studio.formats.names import TEXT_ENCODERS, canonical_te_path
 
 MAX_PROMPTS = 64

@@ -15,7 +15,7 @@ import studio.adapters as A
 import studio.formats as F
 from builders import tiny_clip, tiny_sdxl_text_encoders, tiny_sdxl_unet, tiny_unet
 from formats_helpers import copies, deltas, linear_weights, train
-from studio.formats.lowrank import is_conv
+from studio.formats.packing import is_conv
 from test_formats_diffusers import _te_names, assert_fused_equal, diffusers_fused, studio_merged
 
 PROJ = ["proj_in", "proj_out"]

@@ -18,8 +18,8 @@ from studio.adapters import mix
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, normalise_models
 from studio.formats.export import refuse_routed
-from studio.formats.lowrank import (Policy, exact_factors, kernel_of, lora_part, one_thread, sorted_full, stored_kernels,
-                                    summarise, truncate)
+from studio.formats.lowrank import Policy, exact_factors, lora_part, one_thread, sorted_full, summarise, truncate
+from studio.formats.packing import kernel_of, stored_kernels
 from studio.formats.names import FAMILY_NAMES, TEXT_ENCODERS
 
 

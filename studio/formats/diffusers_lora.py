@@ -26,7 +26,8 @@ import torch
 
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, guess_family
-from studio.formats.lowrank import Packed, check_pair, lora_part
+from studio.formats.lowrank import check_pair, lora_part
+from studio.formats.packing import Packed
 from studio.formats.names import DIFFUSERS_PREFIX, TEXT_ENCODERS, canonical_te_path, with_text_model
 from studio.formats.refuse import refuse_leftovers, refuse_unsupported
 from studio.formats.writing import ExportReport, WriteOptions, plain_write

@@ -9,11 +9,11 @@ Per adapted Linear ``N`` (``lora_unet_...``, ``lora_te_...``, SDXL ``lora_te1_``
 
 A 1x1 convolution (SD1.5's ``proj_in`` / ``proj_out``) stores ``lora_down (r_N, in, 1, 1)`` and
 ``lora_up (out, r_N, 1, 1)``; reading squeezes the kernel dims, writing restores them for the
-modules ``lowrank.conv_kernels`` marks; k x k LoCon kernels keep their down kernel (r, in, kh, kw).
+modules ``packing.conv_kernels`` marks; k x k LoCon kernels keep their down kernel (r, in, kh, kw).
 A Tucker LoCon (LyCORIS's ``use_tucker``, ``lora_mid (r, r, kh, kw)`` between a 1x1 down and up) is
 read as that down kernel, the core folded into it exactly (``lycoris.fold_tucker``).
 
-Writing uses one alpha for the file (``lowrank.pack``) and, on SDXL, SGM UNet names by default
+Writing uses one alpha for the file (``packing.pack``) and, on SDXL, SGM UNet names by default
 (one layout per file, never mixed). Reading accepts SD1.5 and SDXL in both UNet layouts and turns
 the file into plain-LoRA parts (A = lora_down, B = lora_up, alpha -> the LoRA config's alpha).
 
@@ -35,7 +35,8 @@ import torch
 from studio.errors import StudioError
 from studio.formats.adapter_file import AdapterFile, guess_family
 from studio.formats import embedding, files, lycoris
-from studio.formats.lowrank import Packed, check_pair, lora_part
+from studio.formats.lowrank import check_pair, lora_part
+from studio.formats.packing import Packed
 from studio.formats.names import canonical_te_path, is_sgm, kohya_name, sgm_to_diffusers, split_kohya_name
 from studio.formats.refuse import refuse_leftovers, refuse_unsupported
 from studio.formats.writing import ExportReport, WriteOptions, plain_write

@@ -30,7 +30,8 @@ from studio.adapters.registry import METHODS, get, make_config
 from studio.errors import StudioError
 from studio.formats import files
 from studio.formats.adapter_file import AdapterFile, Part
-from studio.formats.lowrank import DTYPES, kernel_of, stored_kernels, uniform_part
+from studio.formats.lowrank import uniform_part
+from studio.formats.packing import DTYPES, kernel_of, stored_kernels
 from studio.formats.metadata import export_metadata
 from studio.formats.names import kohya_name
 from studio.formats.writing import ExportReport, WriteOptions, sd_dtype_and_layout

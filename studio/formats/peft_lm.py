@@ -35,7 +35,8 @@ import torch.nn as nn
 from studio.errors import StudioError
 from studio.formats import files
 from studio.formats.adapter_file import AdapterFile
-from studio.formats.lowrank import DTYPES, Policy, pack
+from studio.formats.lowrank import Policy
+from studio.formats.packing import DTYPES, pack
 from studio.formats.metadata import export_metadata
 from studio.formats.writing import ExportReport, WriteOptions, plain_lora
 

@@ -18,7 +18,8 @@ import torch.nn as nn
 from studio.errors import StudioError
 from studio.formats import files
 from studio.formats.adapter_file import AdapterFile, normalise_models
-from studio.formats.lowrank import DTYPES, Factors, Policy, conv_kernels, pack, summarise, to_lowrank
+from studio.formats.lowrank import Factors, Policy, summarise, to_lowrank
+from studio.formats.packing import DTYPES, conv_kernels, pack
 from studio.formats.metadata import export_metadata
 
 
