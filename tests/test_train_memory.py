@@ -15,7 +15,7 @@ import studio.adapters as A
 from builders import tiny_clip, tiny_llama, tiny_unet
 from cli_helpers import one_error_line
 from studio.cli import main
-from trainers import memory
+from trainers import memory, memory_report
 
 ROOT = Path(__file__).resolve().parents[1]
 STYLE = ROOT / "sample_data" / "styles" / "stripes"
@@ -144,6 +144,6 @@ def test_vram_budget_says_what_to_turn_on():
     # 0.5 runtime + 4 weights + 16 MB adapters + 4 x 1 activations = 8.5 GB; checkpointed (0.1 + 0.1 per
     # image): 0.5 + 4 + 0.016 + 0.8 = 5.31; + bf16 (weights and activations halve): 0.5 + 2.4 + 0.016 = 2.91
     assert e.total(False) == pytest.approx(8.5 * memory.GB, rel=0.01)
-    assert "fits" in memory.advise(e, cfg, 9 * memory.GB)
-    assert memory.advise(e, cfg, 6 * memory.GB).endswith("turn on: --gradient-checkpointing (5.31 GB)")
-    assert "--gradient-checkpointing --base-dtype bf16 (2.91 GB)" in memory.advise(e, cfg, 3 * memory.GB)
+    assert "fits" in memory_report.advise(e, cfg, 9 * memory.GB)
+    assert memory_report.advise(e, cfg, 6 * memory.GB).endswith("turn on: --gradient-checkpointing (5.31 GB)")
+    assert "--gradient-checkpointing --base-dtype bf16 (2.91 GB)" in memory_report.advise(e, cfg, 3 * memory.GB)

@@ -164,10 +164,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_memory(cfg) -> None:
-    """The run's memory estimate (trainers/memory.py) and, with --vram-budget, what to turn on to fit."""
-    from trainers import memory
+    """The run's memory estimate (trainers/memory.py) and, with --vram-budget, what to turn on (memory_report.py)."""
+    from trainers import memory, memory_report
 
     estimate = memory.estimate_diffusion(cfg)
-    print(memory.report(estimate, cfg))
+    print(memory_report.report(estimate, cfg))
     if cfg.vram_budget is not None:
-        print(memory.advise(estimate, cfg, memory.parse_size(cfg.vram_budget)))
+        print(memory_report.advise(estimate, cfg, memory.parse_size(cfg.vram_budget)))
