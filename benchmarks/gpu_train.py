@@ -141,11 +141,11 @@ def studio_side(base: Path, args) -> dict:
     """``studio train``'s trainer in this process, with the memory switches; step marks through
     ``trainers.loop.report_step``, which the trainer calls once per optimizer step."""
     from studio.allocator import keep_freed_memory
-    from trainers import diffusion, loop, memory
+    from trainers import diffusion, diffusion_outputs, loop, memory
     from trainers.diffusion_config import DiffusionTrainConfig
 
     keep_freed_memory()  # as the `studio` command does before anything loads
-    diffusion._render_samples = lambda *_, **__: None  # the final grid: not part of a step, the reference has none
+    diffusion_outputs.render_samples = lambda *_, **__: None  # the final grid: not part of a step, the reference has none
     meter = Meter(args.device)
     report = loop.report_step
 

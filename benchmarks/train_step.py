@@ -127,12 +127,12 @@ def studio(base: Path, steps: int, batch: int, rank: int, resolution: int, cache
     """``studio train`` for ``steps`` steps; ``after_step()`` runs at the end of each step, ``before(cfg)``
     before the trainer starts."""
     from studio.allocator import keep_freed_memory
-    from trainers import diffusion, loop
+    from trainers import diffusion, diffusion_outputs, loop
     from trainers.diffusion_config import DiffusionTrainConfig
 
     keep_freed_memory()  # as the `studio` command does before anything loads
 
-    diffusion._render_samples = lambda *_, **__: None  # the final sample grid: not part of a step, and the reference has none
+    diffusion_outputs.render_samples = lambda *_, **__: None  # the final sample grid: not part of a step, and the reference has none
 
     report = loop.report_step
 

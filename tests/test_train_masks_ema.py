@@ -200,19 +200,19 @@ class Killed(Exception):
 
 
 def test_ema_file_is_the_average_of_the_steps_and_survives_a_kill(tmp_path, monkeypatch):
-    from trainers import diffusion
+    from trainers import diffusion_outputs
 
     data, cache = _copy_data(tmp_path / "stripes"), tmp_path / "cache"
     args = ("--ema-decay", "0.9", "--steps", "4", "--save-every", "2", "--save-adapter-every", "1")
-    render, sampled = diffusion._render_samples, []
+    render, sampled = diffusion_outputs.render_samples, []
 
     def spying_render(pipe, *rest, **kw):  # the weights the sample grid is rendered with
         sampled.append({f"unet.{k}": v.clone() for k, v in A.adapter_state_dict(pipe.unet, "stripes").items()})
         return render(pipe, *rest, **kw)
 
-    monkeypatch.setattr(diffusion, "_render_samples", spying_render)
+    monkeypatch.setattr(diffusion_outputs, "render_samples", spying_render)
     straight = _run(data, tmp_path / "straight", cache, *args)
-    monkeypatch.setattr(diffusion, "_render_samples", render)
+    monkeypatch.setattr(diffusion_outputs, "render_samples", render)
     ema = _tensors(straight / "stripes-ema.safetensors")
     steps = [_tensors(straight / f"stripes-step{s:07d}.safetensors") for s in (1, 2, 3)]
     steps.append(_tensors(straight / "stripes.safetensors"))

@@ -10,7 +10,7 @@ import torch
 
 import studio.adapters as A
 from studio.pipeline import Settings
-from trainers.diffusion import _render_samples
+from trainers.diffusion_outputs import render_samples
 
 
 def _modes(pipe) -> dict[str, bool]:
@@ -47,7 +47,7 @@ def test_rendering_samples_restores_every_module_mode(family, tmp_path):
     _mixed_modes(pipe)
     before = _modes(pipe)
     assert len(set(before.values())) == 2  # the test means something only with both modes present
-    _render_samples(pipe, [Settings(prompt="a red circle", steps=1, cfg=1.0)], tmp_path / "grid.png")
+    render_samples(pipe, [Settings(prompt="a red circle", steps=1, cfg=1.0)], tmp_path / "grid.png")
     assert (tmp_path / "grid.png").is_file()
     after = _modes(pipe)
     assert after == before, sorted(k for k in before if before[k] != after[k])[:5]
@@ -56,7 +56,7 @@ def test_rendering_samples_restores_every_module_mode(family, tmp_path):
 def test_rendering_runs_the_adapters_in_eval_mode(tmp_path, monkeypatch):
     """During the render every module is in eval (no adapter dropout in the samples)."""
     from studio.models import load_diffusion_base
-    from trainers import diffusion
+    from trainers import diffusion_outputs
 
     pipe = load_diffusion_base(None).pipe
     _mixed_modes(pipe)
@@ -66,6 +66,6 @@ def test_rendering_runs_the_adapters_in_eval_mode(tmp_path, monkeypatch):
         seen.update(_modes(p))
         return [torch.zeros(8, 8, 3, dtype=torch.uint8).numpy() for _ in settings]
 
-    monkeypatch.setattr(diffusion, "generate", fake_generate)
-    _render_samples(pipe, [Settings(prompt="x", steps=1)], tmp_path / "grid.png")
+    monkeypatch.setattr(diffusion_outputs, "generate", fake_generate)
+    render_samples(pipe, [Settings(prompt="x", steps=1)], tmp_path / "grid.png")
     assert seen and not any(seen.values())

@@ -11,7 +11,6 @@ processes (``accelerate launch``) split exactly the global batch one process wou
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -21,14 +20,12 @@ import torch
 
 import studio.adapters as A
 from studio import formats
-from studio.adapters import registry, training
+from studio.adapters import training
 from studio.config import to_toml
 from studio.errors import StudioError
-from studio.formats.export import default_energy
 from studio.models import load_diffusion_base
-from studio.pipeline import Settings, generate, grid, save_png
 from trainers import batches, blocks, data_images, loop, masks, memory, validation
-from trainers import extras, optimizers, relora
+from trainers import diffusion_outputs as outputs, extras, optimizers, relora
 from trainers.caches import TensorCache, default_cache_dir, fingerprint
 from trainers.diffusion_config import DiffusionTrainConfig
 from trainers.output import prepare_output, write_text_atomic
@@ -243,7 +240,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
 
     # 5. the loop
     writer = SummaryWriter(str(out / "logs")) if accelerator.is_main_process else None
-    samples = _sample_settings(cfg, items)
+    samples = outputs.sample_settings(cfg, items)
     log = validation.LossLog(out, start) if accelerator.is_main_process else None
     validator = (validation.Validator(list(range(len(every) - len(val_items), len(every))),
                                       [data_images.with_trigger(i.caption, cfg.trigger) for i in val_items],
@@ -260,7 +257,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         writer.add_scalar("val_loss", value, done)
         if cfg.keep_best and log.improved(value):
             with extra.for_file():  # ReLoRA: restarted factors + the accumulated delta, folded as the final file
-                _save_adapter(cfg, base, name, out / f"{name}-best.safetensors", items, done,
+                outputs.save_adapter(cfg, base, name, out / f"{name}-best.safetensors", items, done,
                               time.perf_counter() - began, say=None)
         return value
 
@@ -300,11 +297,11 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
                                                        optimizer, schedule, identity, extra.state_dict())
         if accelerator.is_main_process and cfg.save_adapter_every and done % cfg.save_adapter_every == 0 and done < total:
             with extra.for_file():
-                _save_adapter(cfg, base, name, out / f"{name}-step{done:07d}.safetensors", items, done,
+                outputs.save_adapter(cfg, base, name, out / f"{name}-step{done:07d}.safetensors", items, done,
                               time.perf_counter() - began, say=None)
         if accelerator.is_main_process and ((cfg.sample_every and done % cfg.sample_every == 0) or done == total):
             with extra.for_samples():  # the EMA when on
-                _render_samples(pipe, samples, out / "samples" / f"step-{done:07d}.png",
+                outputs.render_samples(pipe, samples, out / "samples" / f"step-{done:07d}.png",
                                 preview=out / f"{name}.preview.png" if done == total else None)
     if writer:
         writer.close()
@@ -312,10 +309,10 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     path = out / f"{name}.safetensors"
     if accelerator.is_main_process:
         with extra.for_file():
-            _save_adapter(cfg, base, name, path, items, total, time.perf_counter() - began, say)
+            outputs.save_adapter(cfg, base, name, path, items, total, time.perf_counter() - began, say)
         if extra.ema is not None:
             with extra.for_file(ema=True):
-                _save_adapter(cfg, base, name, out / f"{name}-ema.safetensors", items, total,
+                outputs.save_adapter(cfg, base, name, out / f"{name}-ema.safetensors", items, total,
                               time.perf_counter() - began, say=None)
     return path
 
@@ -359,98 +356,3 @@ def _restore(base, name: str, tensors: dict[str, torch.Tensor]) -> None:
             with torch.no_grad():
                 for key in adapter.method.SAVED:
                     getattr(adapter, key).copy_(tensors[f"{component}.{path}.{key}"])
-
-
-def _sample_settings(cfg: DiffusionTrainConfig, items) -> list[Settings]:
-    prompts = list(cfg.sample_prompts)
-    if not prompts:
-        seen = []
-        for item in items:
-            caption = data_images.with_trigger(item.caption, cfg.trigger)
-            if caption and caption not in seen:
-                seen.append(caption)
-        prompts = seen[:4] or [cfg.trigger or ""]
-    return [Settings(prompt=p, seed=seed, steps=cfg.sample_steps, cfg=cfg.sample_cfg) for p in prompts for seed in (0, 1)]
-
-
-def _render_samples(pipe, settings: list[Settings], path: Path, preview: Path | None = None) -> None:
-    """Render the grid in eval mode, then give every module back its own mode: ``train(mode)`` on
-    a parent would set all its children alike, and an adapter may train inside a frozen eval
-    model (or the reverse). SDXL's second text encoder and the VAE are included."""
-    pipe.set_progress_bar_config(disable=True)
-    models = [m for m in (getattr(pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2", "vae"))
-              if m is not None]
-    modes = [(module, module.training) for model in models for module in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        images = generate(pipe, settings)
-    finally:
-        for module, mode in modes:
-            module.training = mode
-    text = "\n\n".join(f"{s.prompt}\nSeed: {s.seed}, Steps: {s.steps}, CFG scale: {s.cfg:g}" for s in settings)
-    save_png(grid(images, cols=2), path, text)
-    if preview is not None:  # the library's card image (A1111's NAME.preview.png): the first sample alone
-        save_png(images[0], preview, text.split("\n\n")[0])
-
-
-def _save_adapter(cfg, base, name: str, path: Path, items, steps: int, seconds: float, say) -> None:
-    """The adapter in the studio's exact layout at ``path``; with ``say``, also the kohya file beside it.
-    Textual inversion writes its embedding in A1111's layout instead (the one file every tool loads)."""
-    if cfg.prompt_kind:
-        _save_embedding(cfg, base, path, steps, say)
-        return
-    bundle = {}  # pivotal tuning: the kohya file also carries the token (A1111's bundle_emb keys, formats.kohya)
-    if cfg.with_ti:  # pivotal tuning: the token's file beside the LoRA ('kbot-step0000100' beside 'NAME-step0000100')
-        stem = cfg.ti_file_stem + path.stem[len(name):]
-        emb = _save_embedding(cfg, base, path.with_name(f"{stem}{'-emb' if stem == path.stem else ''}.safetensors"),
-                              steps, say)
-        bundle = {"embeddings": [emb]}
-    tags: dict[str, int] = {}
-    for item in items:
-        for tag in (t.strip() for t in data_images.with_trigger(item.caption, cfg.trigger).split(",")):
-            if tag:
-                tags[tag] = tags.get(tag, 0) + 1
-    metadata = formats.training_metadata(
-        title=name, output_name=name, trigger_phrase=cfg.trigger, steps=steps, seed=cfg.seed,
-        unet_lr=cfg.lr_unet, text_encoder_lr=cfg.lr_te if cfg.train_te else None,
-        num_train_images=len(items), base_model_name=cfg.base or "mini-sd", resolution=cfg.resolution or base.resolution,
-        tag_frequency={cfg.dataset_name: tags}, training_comment=f"studio train, {seconds:.0f} s",
-        network_args=extras.network_args(cfg, blocks.network_args(cfg, base.family)),  # kohya's ss_network_args
-        **extras.metadata(cfg))  # optimizer, ReLoRA, EMA
-    af = formats.from_models(base.components, name, metadata=metadata)
-    formats.save(af, path, "native", overwrite=True)
-    if say is None:
-        return
-    if registry.get(cfg.method).TRAITS.export == "none":  # routed experts: no fixed delta, no plain LoRA
-        say(f"adapter: {path} (native, for the studio; a {cfg.method} adapter has no kohya form)")
-        return
-    kohya = path.with_name(f"{name}.kohya.safetensors")
-    # LyCORIS-layout methods (DoRA) stay exact; truncated plain-LoRA exports keep their declared energy
-    energy = default_energy(af, "kohya")
-    af = af.replace(source={**af.source, **bundle})
-    try:
-        report = formats.save(af, kohya, "kohya", dtype="fp16", energy=energy, models=base.components, overwrite=True)
-    except StudioError as err:
-        fallback = registry.get(cfg.method).TRAITS.default_energy
-        if energy is not None or fallback is None:
-            raise
-        say(f"note: {err}; writing a plain LoRA keeping {fallback:.0%} of the energy instead")
-        report = formats.save(af, kohya, "kohya", dtype="fp16", energy=fallback, models=base.components,
-                              overwrite=True)
-    say(f"adapter: {path} (exact, for the studio)\n"
-        f"A1111 / ComfyUI / Forge / kohya: {kohya} (retained energy {report.energy:.4f})"
-        + (f"\n  with {cfg.ti_token} bundled (bundle_emb keys: A1111 and the studio install it from this one file; "
-           f"ComfyUI and diffusers need the embedding file, and diffusers' LoRA loader refuses bundled keys)"
-           if bundle else ""))
-
-
-def _save_embedding(cfg, base, path: Path, steps: int, say):
-    from studio.formats import embedding
-
-    emb = embedding.Embedding(cfg.ti_token, cfg.ti_module.trained_rows(base.pipe), where=str(path))
-    embedding.write(emb, path, overwrite=True, extra=embedding.training_metadata(
-        path, init_word=cfg.init_word, steps=steps, seed=cfg.seed, base_name=cfg.base or cfg.BASE_NAME))
-    if say is not None:
-        say(embedding.usage(emb, path))
-    return emb
