@@ -20,7 +20,7 @@ import torch
 
 import studio.adapters as A
 import studio.formats as SF
-from cli_helpers import one_error_line
+from cli_helpers import crash_at_step, one_error_line
 from lm_helpers import pirate_jsonl, tiny_lm  # noqa: F401  (fixture)
 from studio.adapters import adalora, training
 from studio.cli import main
@@ -276,9 +276,6 @@ def test_bad_options_are_one_error_line_and_write_nothing(tiny_lm, tmp_path, cap
     assert [adalora.Config(rank=r).target for r in (1, 4, 12)] == [1, 2, 8]  # PEFT's 12 -> 8, at least 1
 
 
-class Killed(Exception):
-    """Stands in for SIGKILL after a checkpoint (tests/test_train_run.py kills a real process)."""
-
 
 def _crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at: int) -> tuple[dict, dict]:
     """8 steps (budget phase steps 2-4, final allocation at step 5, then 3 steps on the fixed pattern), saved
@@ -294,18 +291,7 @@ def _crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at: int) -> tuple[dict
 
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     assert main(args(straight)) == 0
-    real, calls = loop.apply_step, {"steps": 0, "die_at": die_at}
-
-    def dies(*a, **k):
-        calls["steps"] += 1
-        if calls["steps"] == calls["die_at"]:
-            raise Killed
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "apply_step", dies)
-    with pytest.raises(Killed):
-        main(args(crashed))
-    calls.update(steps=0, die_at=None)
+    calls = crash_at_step(monkeypatch, args(crashed), die_at)
     assert main(["train", "--task", "lm", "--resume", str(crashed)]) == 0
     assert calls["steps"] == 8 - 2 * ((die_at - 1) // 2)
     return load_file(str(straight / "pirate.safetensors")), load_file(str(crashed / "pirate.safetensors"))
@@ -320,9 +306,6 @@ def test_resume_after_the_budget_phase_is_bit_identical(tiny_lm, tmp_path, monke
 def test_a_run_in_epochs_too_short_for_the_budget_schedule_writes_nothing(tmp_path, capsys):
     """Given in epochs, the run's length is known only once the data is counted: the trainers ask the
     methods then (training.check_steps), before the run folder holds anything."""
-    from cli_helpers import one_error_line
-    from studio.cli import main  # noqa: F401  (one_error_line runs it)
-
     style = Path(__file__).resolve().parents[1] / "sample_data" / "styles" / "stripes"
     out = tmp_path / "run"
     line = one_error_line(capsys, ["train", str(style), "--method", "adalora", "--method-args", "tinit=500",

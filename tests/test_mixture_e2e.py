@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import studio.adapters as A
-from cli_helpers import one_error_line
+from cli_helpers import crash_at_step, one_error_line
 from lm_helpers import pirate_jsonl, tiny_lm  # noqa: F401  (fixture)
 from studio import formats
 from studio.cli import main
@@ -136,16 +136,11 @@ def test_balance_loss_is_added_to_the_training_loss_and_trains_the_router(images
         assert not torch.equal(tensors["R"], adapters[0.05][module]["R"])   # every router did
 
 
-class Killed(Exception):
-    """Stands in for SIGKILL after the step-2 checkpoint (tests/test_train_run.py kills a real process)."""
-
 
 @pytest.mark.parametrize("task", ["image", "lm"])
 def test_a_mola_run_resumed_after_a_crash_is_bit_identical(images, tiny_lm, tmp_path, monkeypatch, task):
     """Top-k routing, the balance loss and a layer profile: the resumed run rebuilds the same experts
     per block from config.toml and ends on the straight run's tensors exactly."""
-    from trainers import loop
-
     text = pirate_jsonl(tmp_path, 16)
     extra = ("--save-every", "2", "--method-args", "profile=inverted", "balance=0.05")
 
@@ -155,19 +150,8 @@ def test_a_mola_run_resumed_after_a_crash_is_bit_identical(images, tiny_lm, tmp_
 
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     assert main(args(straight)) == 0
-    real, calls = loop.apply_step, {"steps": 0, "die_at": 3}
-
-    def dies_at_step_3(*a, **k):
-        calls["steps"] += 1
-        if calls["steps"] == calls["die_at"]:
-            raise Killed
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "apply_step", dies_at_step_3)
-    with pytest.raises(Killed):
-        main(args(crashed))
+    calls = crash_at_step(monkeypatch, args(crashed), 3)
     assert (crashed / "checkpoints" / "step-0000002").is_dir() and not list(crashed.glob("*.safetensors"))
-    calls.update(steps=0, die_at=None)
     assert main(["train", *(["--task", "lm"] if task == "lm" else []), "--resume", str(crashed)]) == 0
     assert calls["steps"] == 2  # it took steps 3 and 4 only, from the checkpoint
     a, b = load_file(str(_native(straight))), load_file(str(_native(crashed)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import one_error_line
+from cli_helpers import crash_at_step, one_error_line
 from studio import formats
 from studio.cli import main
 
@@ -192,14 +192,9 @@ def test_compose_refuses_other_methods_by_name_and_experts_on_other_layers(runs)
         compose.lora_experts(experts, {"top_k": 3})
 
 
-class Killed(Exception):
-    """Stands in for SIGKILL after the step-2 checkpoint (tests/test_train_run.py kills a real process)."""
-
 
 def test_a_mixture_of_run_resumed_after_a_crash_is_bit_identical(runs, tmp_path, monkeypatch):
     from safetensors.torch import load_file
-
-    from trainers import loop
 
     def args(out):
         return _train(runs["data"], out, 4, "--save-every", "2", "--unet-lr", "1e-2", "--mixture-of",
@@ -207,18 +202,7 @@ def test_a_mixture_of_run_resumed_after_a_crash_is_bit_identical(runs, tmp_path,
 
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     assert main(args(straight)) == 0
-    real, calls = loop.apply_step, {"steps": 0, "die_at": 3}
-
-    def dies_at_step_3(*a, **k):
-        calls["steps"] += 1
-        if calls["steps"] == calls["die_at"]:
-            raise Killed
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "apply_step", dies_at_step_3)
-    with pytest.raises(Killed):
-        main(args(crashed))
-    calls.update(steps=0, die_at=None)
+    calls = crash_at_step(monkeypatch, args(crashed), 3)
     assert main(["train", "--resume", str(crashed)]) == 0
     assert calls["steps"] == 2  # steps 3 and 4 only, from the checkpoint
     (a,), (b,) = ([load_file(str(p)) for p in run.glob("*.safetensors")] for run in (straight, crashed))
