@@ -2,7 +2,8 @@
 
 The layout is detected from the header and key names by asking each layout of ``layouts.LAYOUTS`` in
 its order: native (``studio.format``), kohya (every key starts ``lora_unet_`` / ``lora_te*_``), lycoris
-(``lycoris_`` names), diffusers / PEFT (component prefixes or bare diffusers UNet paths). Every key
+(``lycoris_`` names, or ComfyUI's own ``diffusion_model.`` / ``text_encoders.`` names as OneTrainer writes
+them), diffusers / PEFT (component prefixes or bare diffusers UNet paths). Every key
 must be consumed by the chosen reader.
 """
 

@@ -13,24 +13,39 @@ UNet modules ``lycoris_<diffusers path with _>``; they are the kohya ``lora_unet
 prefix and are read by the kohya reader (every key consumed or the file refused), every kind the kohya
 reader takes (LoCon incl. Tucker, LoHa, LoKr, DoRA, full). Text-encoder paths under this prefix are
 refused: no tool reads them as a text encoder.
+
+ComfyUI's own names (OneTrainer's COMFY key format; ``names.comfy_to_kohya``): ``diffusion_model.<SGM
+path>`` for the UNet, ``text_encoders.clip_l.transformer.<path>`` / ``text_encoders.clip_g.transformer.<path>``
+for CLIP-L / OpenCLIP-G, each followed by the tensor names of any kind the kohya reader takes. Every key
+is renamed to its kohya name, key by key (a key without a known tensor name or a module ComfyUI would not
+map is refused, named as the file has it), then read by the kohya reader; its errors name the file's keys.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 from studio.adapters.registry import get
 from studio.errors import StudioError
-from studio.formats import kohya, lycoris
+from studio.formats import embedding, kohya, lycoris
 from studio.formats.adapter_file import AdapterFile
+from studio.formats.names import COMFY_PREFIXES, comfy_to_kohya
+from studio.formats.refuse import refuse_leftovers, refuse_unsupported
 from studio.formats.writing import ExportReport, WriteOptions, plain_write
 
 NAME = "lycoris"
 PREFIX = "lycoris_"
+COMFY_FORMAT = "OneTrainer / ComfyUI names"
+
+
+def _comfy(tensors: dict) -> bool:
+    return (any(k.startswith(COMFY_PREFIXES) for k in tensors)
+            and all(k.startswith(COMFY_PREFIXES) or embedding.is_bundled(k) for k in tensors))
 
 
 def looks_like(tensors: dict, metadata: dict[str, str]) -> bool:
-    return bool(tensors) and all(k.startswith(PREFIX) for k in tensors)
+    return bool(tensors) and (all(k.startswith(PREFIX) for k in tensors) or _comfy(tensors))
 
 
 # where a text encoder's module paths start (CLIPTextModel[WithProjection] / CLIPTextTransformer), with _ for dots
@@ -38,6 +53,8 @@ TEXT_ENCODER_STARTS = ("text_model_", "encoder_layers_", "embeddings_", "final_l
 
 
 def read(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
+    if _comfy(tensors):
+        return _read_comfy(tensors, metadata, where)
     # The generic wrapper names whatever module it wraps; SimpleTuner wraps the UNet, and ComfyUI reads lycoris_
     # as UNet names only: a wrapped text encoder would silently miss every layer there, so it is refused here
     te = sorted(k for k in tensors if k[len(PREFIX):].startswith(TEXT_ENCODER_STARTS))
@@ -48,6 +65,32 @@ def read(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
     renamed = {"lora_unet_" + k[len(PREFIX):]: v for k, v in tensors.items()}
     af = kohya.read(renamed, metadata, where)
     af.source["format"] = "lycoris (lycoris_ UNet names)"
+    return af
+
+
+def _read_comfy(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
+    allowed = (*lycoris.markers(), kohya.TUCKER)
+    refuse_unsupported(tensors, where, allowed=allowed)  # GLoRA, OFT, ... by name, before anything else
+    suffixes = sorted({*kohya.SUFFIXES, *allowed}, key=len, reverse=True)  # lora_down.weight before a bare name
+    renamed, names, leftovers = {}, {}, []
+    for key, value in tensors.items():
+        if embedding.is_bundled(key):  # a pivotal-tuning bundle: the kohya reader's own keys
+            renamed[key] = value
+            continue
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+        module = key[:-len(suffix) - 1] if suffix else None
+        name = comfy_to_kohya(module) if module else None
+        if name is None or names.get(name, module) != module:  # (two spellings of one kohya name: not ours to pick)
+            leftovers.append(key)
+            continue
+        renamed[f"{name}.{suffix}"], names[name] = value, module
+    refuse_leftovers(leftovers, where, "ComfyUI-names")
+    try:
+        af = kohya.read(renamed, metadata, where)
+    except StudioError as err:  # said in the file's own names
+        pattern = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r"(?!\w)")
+        raise StudioError(pattern.sub(lambda m: names[m.group(0)], str(err))) from None
+    af.source["format"] = COMFY_FORMAT
     return af
 
 

@@ -208,3 +208,28 @@ def split_kohya_name(name: str) -> tuple[str, str] | None:
         if name.startswith(prefix):
             return component, join_underscored(name[len(prefix):])
     return None
+
+
+# -- ComfyUI's own names (OneTrainer's COMFY key format) ---------------------------------------
+# ComfyUI's generic LoRA names are its models' state-dict keys without ".weight" (comfy/lora.py
+# model_lora_keys_unet / model_lora_keys_clip): the UNet under diffusion_model. with SGM (LDM) paths,
+# SD1.5 and SDXL alike; CLIP-L and OpenCLIP-G under text_encoders.clip_l.transformer. /
+# text_encoders.clip_g.transformer. with transformers' paths (text_model.encoder.layers.N...,
+# text_projection). OneTrainer's COMFY output writes these names (reference/lycoris.md 10). Each is a
+# kohya name with another spelling; on SD1.x the clip_l names become lora_te_ (kohya.read decides).
+COMFY_UNET = "diffusion_model."
+COMFY_TEXT = {"text_encoders.clip_l.transformer.": "te1", "text_encoders.clip_g.transformer.": "te2"}
+COMFY_PREFIXES = (COMFY_UNET, *COMFY_TEXT)
+
+
+def comfy_to_kohya(module: str) -> str | None:
+    """'diffusion_model.input_blocks.1.1.proj_in' -> 'lora_unet_input_blocks_1_1_proj_in';
+    'text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1' -> 'lora_te1_text_model_encoder_...';
+    None for a name ComfyUI would not map to an SD1.5 / SDXL layer (diffusers paths under diffusion_model.)."""
+    if module.startswith(COMFY_UNET):
+        path = module[len(COMFY_UNET):]
+        return f"{KOHYA_PREFIX['unet']}_{underscored(path)}" if is_sgm(path) else None
+    for prefix, component in COMFY_TEXT.items():
+        if module.startswith(prefix) and module[len(prefix):].startswith(("text_model.", "text_projection")):
+            return f"{KOHYA_PREFIX[component]}_{underscored(module[len(prefix):])}"
+    return None
