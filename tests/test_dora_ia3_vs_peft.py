@@ -72,8 +72,16 @@ def _dora_pair(case, targets, rank=4, alpha=8):
     return ours, theirs, layers
 
 
+def _force(monkeypatch, path: str) -> None:
+    """DoRA picks per layer and input between W' x and the factored output (a cost model); both must
+    give PEFT's numbers, so each test runs every layer down one path."""
+    monkeypatch.setattr(A.dora, "_weight_is_cheaper", lambda *args: path == "weight")
+
+
+@pytest.mark.parametrize("path", ["weight", "factored"])
 @pytest.mark.parametrize("name", DORA_CASES)
-def test_dora_forward_and_gradients_match_peft(name):
+def test_dora_forward_and_gradients_match_peft(name, path, monkeypatch):
+    _force(monkeypatch, path)
     case, targets = DORA_CASES[name]
     ours, theirs, layers = _dora_pair(case, targets)
     if name == "unet":  # every layer kind is in the comparison
@@ -111,10 +119,12 @@ def test_dora_merge_matches_peft_merge_and_unload(name):
         _close(layer.base.weight, theirs.get_submodule(path).weight, f"{path} merged weight")
 
 
+@pytest.mark.parametrize("path", ["weight", "factored"])
 @pytest.mark.parametrize("name", DORA_CASES)
-def test_dora_user_weight_scales_the_delta_against_w0(name):
+def test_dora_user_weight_scales_the_delta_against_w0(name, path, monkeypatch):
     """Weight w runs W0 + w (W' - W0) (PEFT has no such weight): the fused forward folds w into its
     factors, so check it against the merged weight at the same w."""
+    _force(monkeypatch, path)
     case, targets = DORA_CASES[name]
     ours, _, _ = _dora_pair(case, targets)
     with torch.no_grad():

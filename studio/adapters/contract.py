@@ -31,6 +31,10 @@ as (IA)^3 adapts keys, values and the feed-forward's second projection), and, by
                  ``scratch`` is the adapter's own dict (``Adapter.scratch``, never saved) where the
                  forward leaves what its training hooks or the UI read (a router's statistics).
 
+and optionally ``CHECKPOINTED: tuple[str]``: state tensors a file does not hold but a resumed run needs
+(AdaLoRA's importance statistics); training checkpoints save and restore them beside the optimizer's
+state (trainers/extras.py), so a resume continues bit-identically;
+
 and optionally ``prepare(cfg, paths) -> cfg``: a config resolved against the targeted module paths
 before any layer is built (MoLA's per-block expert counts); the result is what a file stores.
 
@@ -115,6 +119,7 @@ class Base(NamedTuple):
     apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # apply(x, matrix (k, in)) -> (.., k) in the layer's layout
     channels: Callable[[torch.Tensor], torch.Tensor]              # a per-channel vector shaped to broadcast
     project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # project(hidden, up (out, k)): the 1x1 up-step
+    dtype: torch.dtype = torch.float32       # the frozen layer's own dtype (W0 and x above are fp32 views)
 
 
 @runtime_checkable

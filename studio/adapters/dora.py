@@ -95,12 +95,12 @@ def from_saved(cfg: Config, W0: torch.Tensor | None, tensors: dict, site: Site) 
     return {k: tensors[k].float() for k in SAVED}
 
 
-def adapted_weight(cfg: Config, state: dict, W0: torch.Tensor) -> torch.Tensor:
-    """W' = m V / ||V|| (out, in), fp32."""
+def adapted_weight(cfg: Config, state: dict, W0: torch.Tensor, detach_norm: bool = False) -> torch.Tensor:
+    """W' = m V / ||V|| (out, in), fp32; ``detach_norm``: ||V|| a constant in the backward (training)."""
     down, up = lora.factors(cfg, state)
-    V = W0.float() + up @ down
+    V = torch.addmm(W0.float(), up, down)
     _, K = _channels_in(state, W0)
-    scale = state["m"] / _norm(V, cfg.axis, K)
+    scale = state["m"] / _norm(V.detach() if detach_norm else V, cfg.axis, K)
     if cfg.axis == "out":
         return V * scale[:, None]
     return (V.view(V.shape[0], -1, K) * scale[None, :, None]).flatten(1)
@@ -126,17 +126,49 @@ def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float
 
 
 def output(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float, training: bool) -> torch.Tensor:
-    """The whole output y + delta = (1 + k) y + ..., when DoRA is its layer's only live adapter (training):
-    one multiply-add over the output instead of two."""
+    """The whole output y + delta when DoRA is its layer's only live adapter (training, or one file in a
+    mix): the adapted weight's own product (W0 + w dW) x + b where that is cheaper (_weight_is_cheaper),
+    else (1 + k) y + ..., one multiply-add over the output instead of two."""
+    if _weight_is_cheaper(cfg, state, x, base, training):
+        W = adapted_weight(cfg, state, base.W0, detach_norm=True)
+        out = base.apply(x, W if weight == 1 else torch.lerp(base.W0, W, weight))
+        return out if base.bias is None else out + base.channels(base.bias)
     return _dora(cfg, state, x, base, weight, training, 1.0)
+
+
+ELEMENTWISE_COST = 360
+"""What the factored path's elementwise passes over the output (writing y and the up-step, the
+multiply-add, and in the backward grad * k and the sum of grad * y for m) cost per output element,
+in multiply-adds of a matmul: measured on this CPU's single core (a pass over an (8192, 320) fp32
+tensor ~1.7 ms, a 320 x 320 matmul over it ~12 ms). GPUs favour the weight path more (their
+matmuls are cheaper against memory traffic), so the bound is conservative there."""
+
+
+def _weight_is_cheaper(cfg: Config, state: dict, x: torch.Tensor, base: Base, training: bool) -> bool:
+    """Whether W' x (one matmul with the (out, in) adapted weight; in training, the weight's gradient
+    gradᵀ x is the extra cost) beats the factored path (base output + A, B matmuls + passes).
+
+    Per output token: weight path in * out (its weight gradient; the forward is the base's own) or 0
+    without gradients; factored path 6 r (in + out) (2 r (in + out) without gradients) plus
+    ELEMENTWISE_COST * out. The weight path also composes and differentiates W' once: ~3 r in out.
+    A dropout on the adapter's input only exists in the factored path; axis 'in' forms W' anyway; a
+    half-precision base keeps its own half-precision product (the weight path would run in fp32)."""
+    if cfg.axis != "out" or (training and cfg.dropout > 0) or base.dtype != torch.float32:
+        return cfg.axis != "out"
+    out_f, in_f = base.W0.shape
+    rank = state["A"].shape[0]
+    tokens = x.numel() / (x.shape[1] if x.dim() == 4 else x.shape[-1])
+    grad = torch.is_grad_enabled()
+    weight_path = (tokens if grad else 0) * in_f * out_f + 3 * rank * in_f * out_f
+    factored = tokens * ((6 if grad else 2) * rank * (in_f + out_f) + ELEMENTWISE_COST * out_f)
+    return weight_path < factored
 
 
 def _dora(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float, training: bool,
           plus: float) -> torch.Tensor:
     down, up = lora.factors(cfg, state)                           # (r, in), (out, r); up carries s
     if cfg.axis == "in":  # rare (old files): form W' once
-        delta = base.apply(x, delta_weight(cfg, state, base.W0) * weight)
-        return delta + base.out() if plus else delta
+        return base.apply(x, (adapted_weight(cfg, state, base.W0, detach_norm=True) - base.W0) * weight)
     scale = state["m"] / _row_norm(cfg, state, base.W0, down, up)  # (out,) m / ||V||, gradient to m only
     k = (scale - 1) * weight                                      # (out,)
     c = None if base.bias is None else -k * base.bias             # (out,)  y holds b; W0 x does not

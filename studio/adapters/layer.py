@@ -190,18 +190,19 @@ class AdaptedLayer(nn.Module):
         return [a for n, a in self.adapters.items() if a.enabled and a.weight != 0 and n not in self.merged]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         live = self.live_adapters()
         if not live:
-            return y
+            return self.base(x)
         lowrank = [a for a in live if a.kind == "low-rank"]
         if len(lowrank) == len(live):
-            return self._lowrank_forward(x, y, lowrank, in_place=True)
+            return self._lowrank_forward(x, self.base(x), lowrank, in_place=True)
         xf = x if x.dtype == torch.float32 else x.float()
-        base = self._base_view(x, y)
         whole = getattr(live[0].method, "output", None) if len(live) == 1 and not self.merged else None
-        if whole is not None:  # the training path of a dense method: it writes y + delta in one pass
-            return whole(live[0].cfg, live[0].state(), xf, base, live[0].weight, live[0].training).to(y.dtype)
+        if whole is not None:  # a dense method's whole output; it may never need the base's own (DoRA's W' x)
+            base = self._base_view(x, None)
+            return whole(live[0].cfg, live[0].state(), xf, base, live[0].weight, live[0].training).to(x.dtype)
+        y = self.base(x)
+        base = self._base_view(x, y)
         delta = None
         for a in live:
             if a.kind != "low-rank":
@@ -210,12 +211,15 @@ class AdaptedLayer(nn.Module):
         out = y + delta.to(y.dtype)
         return self._lowrank_forward(x, out, lowrank, in_place=False) if lowrank else out
 
-    def _base_view(self, x: torch.Tensor, y: torch.Tensor) -> Base:
+    def _base_view(self, x: torch.Tensor, y: torch.Tensor | None) -> Base:
+        """``y``: the base layer's output when already computed; None: computed on first use."""
         cache: list[torch.Tensor] = []
 
         def pristine_out() -> torch.Tensor:
             if not cache:  # merged adapters are in y: recompute W0 x + b0 then
-                if self.merged:
+                if y is None:
+                    cache.append(self.base(x).float())
+                elif self.merged:
                     b0 = self.pristine_bias
                     out = self.apply_matrix(x.float(), self.pristine_weight.float())
                     cache.append(out if b0 is None else out + self.channels(b0.float()))
@@ -225,7 +229,7 @@ class AdaptedLayer(nn.Module):
 
         bias, W0 = self.pristine_bias, self.pristine_weight
         return Base(W0 if W0.dtype == torch.float32 else W0.float(), None if bias is None else bias.float(),
-                    pristine_out, self.apply_matrix, self.channels, self._up)
+                    pristine_out, self.apply_matrix, self.channels, self._up, W0.dtype)
 
     def _run(self, a: Adapter, x: torch.Tensor, base: Base) -> torch.Tensor:
         forward = getattr(a.method, "forward", None)
