@@ -206,32 +206,7 @@ def bake_run(args: argparse.Namespace) -> int:
 
 
 def _bake_frozen(args: argparse.Namespace, inputs: list) -> int:
-    """``bake --freeze-gates``: the mixtures frozen at their average gates on the prompts (``studio.freeze_gates``),
-    then the ordinary bake, then the baked file rendered against the live mix on the same prompts."""
-    import tempfile
-
+    """``bake --freeze-gates``: image and language-model mixtures alike (``studio.freeze_gates.bake_frozen``)."""
     from studio import freeze_gates
-    from studio.formats import bake, read, save
-    from studio.models import load_diffusion_base
 
-    prompts = freeze_gates.read_prompts(args.freeze_gates)
-    if args.gate_steps < 1:
-        raise StudioError(f"steps {args.gate_steps} out of range in --gate-steps: give at least 1 "
-                          f"(e.g. --gate-steps 20)")
-    base = load_diffusion_base(args.base)
-    frozen, live, gates = freeze_gates.freeze(inputs, prompts, base, args.gate_steps)
-    baked, summary = bake(frozen, rank=args.rank, models=base.components)
-    options = dict(dtype=args.dtype, models=base.components, unet_layout=args.unet_layout)
-    with tempfile.TemporaryDirectory() as scratch:  # measure the file as written (its dtype, its layout)
-        trial = Path(scratch) / Path(args.out).name
-        save(baked, trial, args.format, **options)
-        report = freeze_gates.measure(read(trial), base, prompts, args.gate_steps, 0, live)
-    baked = baked.replace(metadata={**baked.metadata, **freeze_gates.metadata(report, gates)})
-    mode = f"rank {args.rank}" if args.rank else "exact"
-    print(f"froze the gates of {len(gates)} routed mixture(s) over {len(prompts)} prompt(s) x {args.gate_steps} steps; "
-          f"baked {len(inputs)} adapters ({mode}): retained energy {summary['energy']:.6f}")
-    print(f"measured on those prompts, the written file vs the live mix: mean |pixel error| "
-          f"{report['mean_abs_pixel_error']:.3f} of 255 (max {report['max_abs_pixel_error']:.0f}; per prompt "
-          f"{report['per_prompt']})")
-    _print_report(save(baked, args.out, args.format, overwrite=args.overwrite, **options))
-    return 0
+    return freeze_gates.bake_frozen(args, inputs, _print_report)

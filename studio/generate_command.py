@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", action="store_true", help="merge the mix into the weights once (faster batches)")
     p.add_argument("--base", help="diffusers folder, .safetensors checkpoint or hub id (default: the mini base)")
     p.add_argument("--out", default="outputs/generate", help="output folder")
+    p.add_argument("--gate-map", metavar="FILE.png",
+                   help="write the routed mixtures' mean gate per expert and block as a heat map (every image of "
+                        "the command; --task lm: the completion's forwards)")
     # language-model options, read by studio.text when --task lm
     p.add_argument("--max-new-tokens", type=int, default=64, help="(lm) tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="(lm) 0 = greedy")
@@ -117,11 +120,13 @@ def run(args: argparse.Namespace) -> int:
     from studio.mixing import MixEntry, MixSession
     from studio.models import load_diffusion_base
     from studio.pipeline import default_size, parameters_text, save_png, within_limits
+    from studio.ui import gate_map
 
     if not 1 <= args.count <= 1000:
         raise StudioError(f"count {args.count} out of range in --count: give 1 to 1000")
     if args.steps < 1:
         raise StudioError(f"steps {args.steps} out of range in --steps: give at least 1 (e.g. --steps 20)")
+    gate_png = gate_map.check_png_path(args.gate_map, made=args.out) if args.gate_map else None
     width, height = parse_size(args.size)
     entries = [MixEntry(*adapter_spec(spec)) for spec in args.adapter]
     base = load_diffusion_base(args.base)
@@ -130,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     base.pipe.set_progress_bar_config(disable=True)
     session = MixSession(base)
     session.sync(entries)
+    if gate_png:
+        gate_map.check_routed(session.attached())
     settings = []
     for i in range(args.count):
         s = session.settings(prompt=args.prompt, negative=args.negative, seed=args.seed + i, steps=args.steps,
@@ -144,13 +151,25 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     index = next_index(out)
-    with session.merged() if args.merge else contextlib.nullcontext():
+    recording = gate_map.recording(session) if gate_png else contextlib.nullcontext()
+    with session.merged() if args.merge else contextlib.nullcontext(), recording as maps:  # (routers never merge)
         for i, s in enumerate(tqdm(settings, desc="generate", unit="image", disable=len(settings) == 1)):
             image = session.render([s])[0]
             path = out / f"{index + i:05d}-{s.seed}.png"
             save_png(image, path, parameters_text(s, image.shape[1], image.shape[0]))
             print(f"wrote {path}")
+    if gate_png:
+        report_gate_map(maps, gate_png)
     return 0
+
+
+def report_gate_map(maps, target: Path) -> None:
+    """Write the heat map of ``maps`` and say what it holds."""
+    from studio.ui import gate_map
+
+    gate_map.write_png(maps, target)
+    shapes = ", ".join(f"{m.title}: {len(m.rows)} blocks x {max(len(g) for _, g in m.rows)} experts" for m in maps)
+    print(f"wrote {target} (router mean gate per expert and block; {shapes})")
 
 
 def _run_text(args: argparse.Namespace) -> int:

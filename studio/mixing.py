@@ -24,6 +24,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,6 +58,15 @@ class _Attached:
     hash12: str       # A1111 short tensor hash
     stamp: tuple      # (mtime_ns, size) of the file when it was read
     triggers: list[str] = field(default_factory=list)
+
+
+class AttachedFile(NamedTuple):
+    """One layer-adapter file of the mix, as ``MixSession.attached`` gives it to readers of the live layers."""
+
+    name: str         # the session name its layers know it by (``targets.layers_of(model, name)``)
+    label: str        # the file stem (PNG parameters, heat-map titles)
+    af: object        # the AdapterFile as read (its parts and methods)
+    entry: MixEntry   # the file and its weights, as asked for
 
 
 def _stamp(path: Path) -> tuple:
@@ -93,6 +103,10 @@ class MixSession:
         def weight(e: MixEntry):
             return e.weight if e.te_weight is None else f"{e.weight:g}:{e.te_weight:g}"
         return [(a.label, weight(a.entry), a.hash12) for a in self._attached.values()]
+
+    def attached(self) -> list[AttachedFile]:
+        """The layer-adapter files attached now, in mix order (embedding files are not layer adapters)."""
+        return [AttachedFile(name, a.label, a.af, a.entry) for name, a in self._attached.items()]
 
     def triggers(self, path: str | os.PathLike) -> list[str]:
         record = self._attached.get(_session_name(Path(path).resolve()))

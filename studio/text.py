@@ -11,6 +11,7 @@ always gives the same text -- what a metric and a test need.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -23,11 +24,22 @@ from studio.prompt import prefix
 
 def load_with_adapters(base: str | None, adapters: list[tuple[str, float]]):
     """(model, tokenizer) of the base (the mini LM when None) with every adapter file attached at its weight."""
+    model, tokenizer, _ = load_mix(base, adapters)
+    return model, tokenizer
+
+
+def load_mix(base: str | None, adapters: list[tuple[str, float]]):
+    """``load_with_adapters`` and the files as attached: (model, tokenizer, [mixing.AttachedFile])."""
+    from studio.mixing import AttachedFile, MixEntry
+
     model, tokenizer = load_causal_lm(base)
     model.eval()
+    files = []
     for index, (path, weight) in enumerate(adapters):  # a file's prefix too (studio/prompt/prefix.py)
-        formats.attach_file(formats.read(path), {"lm": model}, f"adapter{index}-{Path(path).stem}", weight)
-    return model, tokenizer
+        af, name = formats.read(path), f"adapter{index}-{Path(path).stem}"
+        formats.attach_file(af, {"lm": model}, name, weight)
+        files.append(AttachedFile(name, Path(path).stem, af, MixEntry(str(path), float(weight))))
+    return model, tokenizer, files
 
 
 @torch.no_grad()
@@ -82,7 +94,19 @@ def run_text_generate(args: argparse.Namespace) -> int:
             raise StudioError(f"--adapter {spec}: a language-model adapter takes one weight (FILE:W), not a "
                               f"text-encoder weight")
         specs.append((path, weight))
-    model, tokenizer = load_with_adapters(args.base, specs)
-    print(prompt + complete(model, tokenizer, [prompt], args.max_new_tokens, stop=None,
-                            temperature=args.temperature, seed=args.seed)[0])
+    from studio.ui import gate_map
+
+    gate_png = gate_map.check_png_path(args.gate_map) if getattr(args, "gate_map", None) else None
+    model, tokenizer, files = load_mix(args.base, specs)
+    if gate_png:
+        gate_map.check_routed(files)
+    recording = gate_map.recording_files({"lm": model}, files) if gate_png else contextlib.nullcontext()
+    with recording as maps:  # the prompt's forward, then one per new token
+        text = complete(model, tokenizer, [prompt], args.max_new_tokens, stop=None, temperature=args.temperature,
+                        seed=args.seed)[0]
+    print(prompt + text)
+    if gate_png:
+        from studio.generate_command import report_gate_map
+
+        report_gate_map(maps, gate_png)
     return 0

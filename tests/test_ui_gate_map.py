@@ -4,6 +4,7 @@ when a routed mixture is in the mix (the functions the tab calls, and a real bro
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -67,11 +68,11 @@ def test_gathered_gates_are_the_routers_per_forward_means_per_block_and_sum_to_o
     session.sync(studio._entries(req.mix))  # attach now, so reference hooks can sit on the routed layers first
     seen: dict[tuple, list] = {}
     handles = []
-    for name, record in session._attached.items():
-        if record.label == "stripy":
+    for name, label, _, _ in session.attached():
+        if label == "stripy":
             continue
         for path, layer in A.targets.layers_of(session.base.components["unet"], name).items():
-            def hook(module, inputs, output, key=(record.label, path), adapter=layer.adapters[name]):
+            def hook(module, inputs, output, key=(label, path), adapter=layer.adapters[name]):
                 seen.setdefault(key, []).append(adapter.scratch["mean_gate"].clone())
             handles.append(layer.register_forward_hook(hook))
     try:
@@ -195,3 +196,58 @@ def test_browser_shows_the_heat_map_under_the_gallery_only_with_a_mixture(librar
             browser.close()
     finally:
         demo.close()
+
+
+# -- studio generate --gate-map FILE.png ---------------------------------------------------------------
+def _cli(library, out: Path, *extra) -> list[str]:
+    return ["generate", "--prompt", PROMPT, "--seed", "4", "--steps", "3", "--out", str(out),
+            "--adapter", f"{library / 'router3.safetensors'}:1", "--adapter", f"{library / 'stripy.safetensors'}:0.8",
+            "--adapter", f"{library / 'mola.safetensors'}:0.7", *extra]
+
+
+def test_generate_gate_map_png_has_a_row_per_block_and_the_recorded_mean_gates(studio, library, tmp_path, capsys):
+    from PIL import Image
+
+    from studio.cli import main
+
+    png = tmp_path / "renders" / "gates.png"  # in the --out folder the command creates
+    assert main(_cli(library, tmp_path / "renders", "--count", "2", "--gate-map", str(png))) == 0
+    assert f"wrote {png} (router mean gate per expert and block; router3: 12 blocks x 3 experts, mola: 12 blocks" \
+           in capsys.readouterr().out
+    got = json.loads(Image.open(png).text[gate_map.PNG_KEY])
+    # the Generate tab's maps of each image (checked above against the routers' own statistics): the command's
+    # map is their mean, each image having as many forwards per layer
+    per_image = [{m.title: m for m in studio.generate(Request(prompt=PROMPT, seed=s, steps=3, mix=(
+        MixRow("router3", 1.0), MixRow("stripy", 0.8), MixRow("mola", 0.7)))).gate_maps} for s in (4, 5)]
+    assert [(m["title"], m["method"]) for m in got] == [("router3", "molora"), ("mola", "mola")]
+    for m in got:
+        assert [b for b, _ in m["rows"]] == MINI_ROWS
+        for r, (_, gates) in enumerate(m["rows"]):
+            want = np.mean([image[m["title"]].rows[r][1] for image in per_image], axis=0)
+            np.testing.assert_allclose(gates, want, atol=1e-6, rtol=0)
+    maps = [gate_map.GateMap(m["title"], m["method"], tuple((b, tuple(g)) for b, g in m["rows"])) for m in got]
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    assert np.array_equal(picture, np.asarray(gate_map.draw_all(maps)))
+    box = gate_map.layout(maps[0])                                 # the first map's grid, at the sheet's top
+    for r, (_, gates) in enumerate(maps[0].rows):
+        for c, g in enumerate(gates):
+            x0, y0, x1, y1 = box.cell(r, c)
+            assert tuple(picture[y0, x0]) == tuple(picture[y1, x1]) == gate_map.colour(g)
+    assert len(list((tmp_path / "renders").glob("0000*.png"))) == 2
+
+
+def test_generate_gate_map_bad_input_is_one_error_line_and_writes_nothing(library, tmp_path, capsys):
+    from cli_helpers import one_error_line
+
+    out = tmp_path / "renders"
+    for bad, message in ((tmp_path / "gates.webp", "is not a .png file name"),
+                         (tmp_path / "elsewhere" / "gates.png", "does not exist: create it"),
+                         (tmp_path, "is a folder")):
+        line = one_error_line(capsys, _cli(library, out, "--gate-map", str(bad)))
+        assert message in line and "--gate-map" in line
+    plain = ["generate", "--prompt", PROMPT, "--steps", "1", "--out", str(out), "--gate-map", str(tmp_path / "g.png"),
+             "--adapter", f"{library / 'stripy.safetensors'}:1"]
+    assert "none of the adapters is a routed mixture" in one_error_line(capsys, plain)
+    off = [*plain, "--adapter", f"{library / 'router3.safetensors'}:0"]
+    assert "every routed mixture is at weight 0" in one_error_line(capsys, off)
+    assert list(tmp_path.iterdir()) == []                          # no images, no map, no --out folder

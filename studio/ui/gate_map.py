@@ -9,6 +9,11 @@ denoising step, both classifier-free-guidance branches. A block's row is the mea
 blocks as ``mixture.block_of`` cuts them (the unit MoLA's expert counts use), in data-flow order
 (``mixture.depth_key``: down, mid, up), text encoders first because they run first.
 
+The same maps outside the Generate tab: the Text tab (a language model's routed mixtures, the gates
+of every forward of one completion: the prompt's, then one per new token) and ``studio generate
+--gate-map FILE.png`` (``--task image``: every image of the command; ``--task lm``: the completion),
+written by ``write_png`` with the numbers in the PNG's ``studio.gate_map`` text chunk.
+
 Drawing: PIL only. Colours are a fixed 0..1 scale (a gate is a probability), so maps of two files or
 two images compare; the ramp is viridis (perceptually uniform, lightness rising with the value).
 """
@@ -16,12 +21,15 @@ two images compare; the ramp is viridis (perceptually uniform, lightness rising 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-import studio.adapters as A
 from studio.adapters.mixture import block_of, depth_key
+from studio.errors import StudioError
 from studio.formats.names import TEXT_ENCODERS
 
 VIRIDIS = [(68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142), (31, 158, 137),
@@ -65,34 +73,19 @@ def block_rows(component: str, gates: dict[str, torch.Tensor]) -> list[tuple[str
 
 
 class GateRecorder:
-    """Forward hooks on the routed layers of every attached file: the running mean of their ``mean_gate``."""
+    """The heat maps of one generation: ``freeze_gates.GateRecorder``'s hooks on the routed layers of the
+    attached files, their running means turned into one ``GateMap`` per file."""
 
-    def __init__(self, session):
-        self.files, self.sums, self.counts, self.handles = {}, {}, {}, []
-        # the session's attached records, name -> (entry, AdapterFile, label, ...); a routed method is one
-        # with the freeze hook (as studio bake --freeze-gates tells them)
-        for name, record in session._attached.items():
-            routed = [c for c, part in record.af.parts.items() if hasattr(A.registry.get(part.method), "freeze")]
-            if not routed:
-                continue
-            self.files[name] = (record.label, record.af.parts[routed[0]].method, routed)
-            for component in routed:
-                for path, layer in A.targets.layers_of(session.base.components[component], name).items():
-                    adapter = layer.adapters[name]
-                    adapter.scratch.pop("mean_gate", None)  # a value left by an earlier render is not this one's
-                    self.handles.append(layer.register_forward_hook(self._hook((name, component, path), adapter)))
+    def __init__(self, models: dict, files: list):
+        """``files``: (attached name, label, AdapterFile) in mix order (``MixSession.attached()``)."""
+        from studio.freeze_gates import GateRecorder as Hooks, routed_components
 
-    def _hook(self, key, adapter):
-        def record(module, inputs, output):
-            gate = adapter.scratch.pop("mean_gate", None)
-            if gate is not None:
-                self.sums[key] = self.sums.get(key, 0) + gate.double()
-                self.counts[key] = self.counts.get(key, 0) + 1
-        return record
+        self.files = {f.name: (f.label, f.af.parts[routed[0]].method, routed) for f in files
+                      if (routed := routed_components(f.af))}
+        self.hooks = Hooks(models, {f.name: f.af for f in files if f.name in self.files})
 
     def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self.hooks.close()
 
     def maps(self) -> list[GateMap]:
         """One map per file whose router ran, in mix order; text encoders before the UNet (data flow)."""
@@ -100,9 +93,7 @@ class GateRecorder:
         for name, (label, method, components) in self.files.items():
             rows = []
             for component in sorted(components, key=lambda c: (c not in TEXT_ENCODERS, c)):
-                gates = {path: total / self.counts[key] for key, total in self.sums.items()
-                         for n, c, path in [key] if (n, c) == (name, component)}
-                rows += block_rows(component, gates)
+                rows += block_rows(component, self.hooks.gates(name, component))
             if rows:
                 out.append(GateMap(label, method, tuple(rows)))
         return out
@@ -110,9 +101,17 @@ class GateRecorder:
 
 @contextlib.contextmanager
 def recording(session):
-    """``with recording(session) as maps: session.render(...)`` -> ``maps`` holds the render's GateMaps."""
+    """``with recording(session) as maps: session.render(...)`` -> ``maps`` holds the render's GateMaps
+    (``session``: a ``studio.mixing.MixSession``, image or language model)."""
+    with recording_files(session.base.components, session.attached()) as maps:
+        yield maps
+
+
+@contextlib.contextmanager
+def recording_files(models: dict, files: list):
+    """``recording`` for files attached without a session: ``files`` as (name, label, AdapterFile)."""
     maps: list[GateMap] = []
-    recorder = GateRecorder(session)
+    recorder = GateRecorder(models, files)
     try:
         yield maps
     finally:
@@ -215,3 +214,58 @@ def draw_all(maps: list[GateMap]):
         sheet.paste(image, (0, y))
         y += image.height + GAP
     return sheet
+
+
+# -- a file (studio generate --gate-map) -----------------------------------------------------------------
+PNG_KEY = "studio.gate_map"
+"""The PNG text chunk holding the maps' numbers: [{title, method, rows: [[block, [gate per expert]]]}]."""
+
+
+def check_png_path(path: str, flag: str = "--gate-map", made: str | None = None) -> Path:
+    """The heat map's output file, refused before any work when it cannot be written; ``made``: a folder the
+    command creates before writing it (``studio generate --out``), which may be its folder."""
+    target = Path(path)
+    if made is not None and target.parent.resolve() == Path(made).resolve() and not target.parent.exists():
+        return target if target.suffix.lower() == ".png" else check_png_path(path, flag)
+    if target.is_dir():
+        raise StudioError(f"{path} in {flag} is a folder: give a file name such as {target / 'gates.png'}")
+    if target.suffix.lower() != ".png":
+        raise StudioError(f"{path} in {flag} is not a .png file name: give e.g. {flag} gates.png")
+    if not target.parent.is_dir():
+        raise StudioError(f"folder {target.parent} of {path} in {flag} does not exist: create it or give another path")
+    if not os.access(target.parent, os.W_OK):
+        raise StudioError(f"folder {target.parent} of {path} in {flag} is not writable: give another path")
+    return target
+
+
+def check_routed(files: list, flag: str = "--gate-map") -> None:
+    """Refuse a heat map of a mix in which no routed mixture will route (nothing to draw): ``files`` as
+    ``MixSession.attached()`` gives them (a file at weight 0 does not run)."""
+    from studio.freeze_gates import routed_components
+
+    routed = [f for f in files if routed_components(f.af)]
+    if not routed:
+        raise StudioError(f"{flag} given but none of the adapters is a routed mixture (molora, mov, mola, loramoe): "
+                          f"drop {flag}, or add a mixture file with --adapter")
+    if all(f.entry.weight == 0 and not f.entry.te_weight for f in routed):
+        raise StudioError(f"{flag} given but every routed mixture is at weight 0, so no router runs: give "
+                          f"{Path(routed[0].entry.path).name} a weight, e.g. --adapter {routed[0].entry.path}:1")
+
+
+def write_png(maps: list[GateMap], target: Path) -> Path:
+    """``draw_all(maps)`` at ``target`` (replaced atomically), the numbers in its ``studio.gate_map`` chunk."""
+    from PIL import PngImagePlugin
+
+    if not maps:
+        raise StudioError(f"no routed mixture ran while generating, so {target} has nothing to show: give the "
+                          f"mixture a weight other than 0")
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, json.dumps([{"title": m.title, "method": m.method, "rows": [list(r) for r in m.rows]}
+                                       for m in maps]))
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        draw_all(maps).save(partial, format="PNG", pnginfo=info)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target

@@ -59,7 +59,14 @@ class TextStudio:
     def complete(self, base: str, prompt: str, mix: list[tuple[str, float]], max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0) -> str:
         """The prompt followed by its continuation, with the adapters ``[(library key, weight), ...]``."""
+        return self.complete_with_maps(base, prompt, mix, max_new_tokens, temperature, seed)[0]
+
+    def complete_with_maps(self, base: str, prompt: str, mix: list[tuple[str, float]], max_new_tokens: int = 64,
+                           temperature: float = 0.0, seed: int = 0) -> tuple[str, list]:
+        """``complete`` and the router heat maps of the completion (``gate_map.GateMap`` per routed mixture in
+        the mix, the gates of every forward: the prompt's, then one per new token; [] without one)."""
         from studio.text import complete
+        from studio.ui import gate_map
 
         if not prompt:
             raise StudioError("the prompt is empty: type a prompt, e.g. 'Q: What colour is a frog?\\nA:'")
@@ -76,7 +83,8 @@ class TextStudio:
             session = self.use_base(base)
             session.sync(entries)
             lm = session.base
-            text = complete(lm.model, lm.tokenizer, [prompt], int(max_new_tokens), stop=None,
-                            temperature=float(temperature), seed=int(seed))[0]
-        return prompt + text
+            with gate_map.recording(session) as maps:
+                text = complete(lm.model, lm.tokenizer, [prompt], int(max_new_tokens), stop=None,
+                                temperature=float(temperature), seed=int(seed))[0]
+        return prompt + text, maps
 
