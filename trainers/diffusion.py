@@ -57,7 +57,6 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
 
     accelerator = loop.make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     device, world, rank_index = accelerator.device, accelerator.num_processes, accelerator.process_index
-    pipe.to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = cfg.prediction_type or noise_scheduler.config.prediction_type
     noise_scheduler.register_to_config(prediction_type=prediction)
@@ -70,38 +69,19 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     latent_masks = masks.LatentMasks(mask_arrays, buckets_of, pipe.vae_scale_factor)
     del mask_arrays
 
-    # 2. adapters on the UNet and / or the text encoders; the base stays frozen
+    # 2. adapters on the UNet and / or the text encoders, on the CPU while the base is still fp32
+    # (PiSSA's, MiLoRA's, SVF's, DoRA's ... inits read W0), then the frozen base cast to
+    # --base-dtype, then everything to the device: a bf16 SDXL base never sits on a GPU in fp32
     torch.manual_seed(cfg.seed)
     ti = cfg.ti_module  # textual inversion's token rows: alone (--method ti, no layer adapter) or --with-ti
-    name, method_cfg = cfg.adapter_name, None if cfg.prompt_kind else cfg.method_config()
-    for p in list(unet.parameters()) + list(vae.parameters()) + [p for te in base.text_encoders for p in te.parameters()]:
-        p.requires_grad_(False)
-    groups = []
-    # a model with adapters to train is in training mode (adapter dropout; the SD bases have no
-    # dropout of their own), the others stay in eval: new adapter layers take their model's mode
-    if composed is not None:  # a router over frozen LoRA experts: only R and c train
-        unet.train()
-        formats.attach_file(composed, base.components, name)
-        routers = [p for n, p in unet.named_parameters() if n.endswith((f"{name}.R", f"{name}.c"))]
-        for p in set(A.trainable_parameters(unet, name)) - set(routers):
-            p.requires_grad_(False)
-        groups.append((routers, cfg.lr_unet))
-    elif cfg.train_unet:
-        unet.train()
-        A.attach(unet, name, cfg.method, blocks.unet_config(cfg, base.family), cfg.unet_targets)
-        groups += blocks.lr_groups(unet, name, base.family, cfg.lr_unet,
-                                   blocks.parse(cfg.block_lrs, "--block-lrs", base.family))
-    if cfg.train_te:
-        for te in base.text_encoders:
-            te.train()
-            A.attach(te, name, cfg.method, method_cfg, "te-attn")
-            groups.append((A.trainable_parameters(te, name), cfg.lr_te))
-    # the memory switches (trainers/memory.py): the adapters stay fp32 whatever the base's dtype;
-    # the UNet is checkpointed whenever anything trains (a text-encoder adapter's gradient flows
-    # back through the whole UNet), a text encoder only when it has adapters
+    name = cfg.adapter_name
+    vae.requires_grad_(False)  # it only encodes
+    groups = attach_adapters(cfg, base.components, base.family, name, composed)
+    # the memory switches (trainers/memory.py): the adapters stay fp32 whatever the base's dtype
     base_dtype = memory.DTYPES[cfg.base_dtype]
     for model in [unet, vae, *base.text_encoders]:
         memory.cast_frozen(model, base_dtype)
+    pipe.to(device, silence_dtype_warnings=True)  # keeps every parameter object: the groups stay the optimizer's
     rows = {}
     if ti:  # after the cast: the new rows stay fp32 whatever the base's dtype
         if cfg.with_ti:  # asked now, not at the save: the kohya file bundles the token under its name
@@ -110,6 +90,8 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
         rows = ti.add_trainable(pipe, cfg.ti_token, cfg.init_word, cfg.vectors, "the train config",
                                 "--with-ti" if cfg.with_ti else "--token")
         groups.append(([m.vectors for m in rows.values()], cfg.lr_ti))
+    # the UNet is checkpointed whenever anything trains (a text-encoder adapter's gradient flows
+    # back through the whole UNet), a text encoder only when it has adapters
     if cfg.gradient_checkpointing:
         for model in [unet] + (list(base.text_encoders) if cfg.train_te else []):
             memory.enable_checkpointing(model)
@@ -315,6 +297,37 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
                 outputs.save_adapter(cfg, base, name, out / f"{name}-ema.safetensors", items, total,
                               time.perf_counter() - began, say=None)
     return path
+
+
+def attach_adapters(cfg: DiffusionTrainConfig, components: dict, family: str, name: str, composed=None) -> list:
+    """The run's adapters on ``components`` ({"unet", "te" | "te1", "te2"}), every base tensor
+    frozen; returns the optimizer's (parameters, lr) groups. The --check estimate attaches the
+    same on its meta-device proxy (trainers/memory.py) and counts what this leaves trainable."""
+    unet = components["unet"]
+    text_encoders = [m for k, m in components.items() if k != "unet"]
+    for model in components.values():
+        model.requires_grad_(False)
+    groups = []
+    # a model with adapters to train is in training mode (adapter dropout; the SD bases have no
+    # dropout of their own), the others stay in eval: new adapter layers take their model's mode
+    if composed is not None:  # a router over frozen LoRA experts: only R and c train
+        unet.train()
+        formats.attach_file(composed, components, name)
+        routers = [p for n, p in unet.named_parameters() if n.endswith((f"{name}.R", f"{name}.c"))]
+        for p in set(A.trainable_parameters(unet, name)) - set(routers):
+            p.requires_grad_(False)
+        groups.append((routers, cfg.lr_unet))
+    elif cfg.train_unet:
+        unet.train()
+        A.attach(unet, name, cfg.method, blocks.unet_config(cfg, family), cfg.unet_targets)
+        groups += blocks.lr_groups(unet, name, family, cfg.lr_unet, blocks.parse(cfg.block_lrs, "--block-lrs", family))
+    if cfg.train_te:
+        method_cfg = None if cfg.prompt_kind else cfg.method_config()
+        for te in text_encoders:
+            te.train()
+            A.attach(te, name, cfg.method, method_cfg, "te-attn")
+            groups.append((A.trainable_parameters(te, name), cfg.lr_te))
+    return groups
 
 
 def _composed_experts(cfg: DiffusionTrainConfig):

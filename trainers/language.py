@@ -65,9 +65,9 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
 
     accelerator = loop.make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     device, world, rank_index = accelerator.device, accelerator.num_processes, accelerator.process_index
-    model.to(device)
 
-    # 2. the adapter; the base stays frozen
+    # 2. the adapter, on the CPU while the base is still fp32 (inits that read W0), then the frozen
+    # base cast to --base-dtype, then everything to the device: the base never sits there in fp32
     torch.manual_seed(cfg.seed)
     name = cfg.adapter_name
     for p in model.parameters():
@@ -80,6 +80,9 @@ def train(cfg: LMTrainConfig, resume: bool = False, say=print) -> Path:
         encoder = prefix.for_training(model, cfg.prefix_tokens, cfg.prefix_projection,
                                       torch.tensor(examples[0].input_ids))
     memory.cast_frozen(model, memory.DTYPES[cfg.base_dtype])  # the adapters stay fp32 (trainers/memory.py)
+    model.to(device)  # keeps every parameter object: ``params`` stays the optimizer's
+    if encoder is not None:  # beside the model, not a submodule
+        encoder.to(device)
     if cfg.gradient_checkpointing:
         memory.enable_checkpointing(model)
     groups = optimizers.loraplus_groups([(params, cfg.learning_rate)] if params else [], [model], name,
