@@ -207,3 +207,31 @@ def test_mean_gate_is_recorded_for_the_heat_map():
     gate = a.scratch["mean_gate"]
     torch.testing.assert_close(gate, (x_for((7, 12)) @ a.R.T + a.c).softmax(-1).mean(0).detach())
     assert "probs" not in a.scratch  # eval forwards keep no graph
+
+
+@pytest.mark.parametrize("method", ["molora", "mola", "loramoe", "mov"])
+@pytest.mark.parametrize("build", [layer_pair, conv_pair])
+def test_routers_and_experts_come_from_the_init_generator_alone(method, build):
+    """init(cfg, W0, site, generator): the same seed gives the same routers and experts whatever the global RNG
+    holds, the global RNG is left as it was, and another seed gives other routers."""
+    from studio.adapters.layer import AdaptedLayer
+
+    options = {"experts": 4} if method == "mov" else {"experts": 4, "rank": 2}
+    cfg, module = registry.make_config(method, options), registry.get(method)
+    layers = [AdaptedLayer(m, p) for p, m in build().named_children() if p != "act"]
+
+    def init_all(seed: int) -> list[dict]:
+        g = torch.Generator().manual_seed(seed)
+        return [module.init(cfg, layer.pristine_weight, layer.site, g) for layer in layers]
+
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    first = init_all(7)
+    assert torch.equal(torch.get_rng_state(), before)                 # no draw from the global generator
+    torch.manual_seed(12345)
+    torch.rand(100)                                                    # the global generator elsewhere
+    again, other = init_all(7), init_all(8)
+    for a, b, c in zip(first, again, other):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert not torch.equal(a["R"], c["R"])                        # the seed decides the routers
+        assert a["R"].abs().max() > 0 and torch.equal(a["c"], torch.zeros_like(a["c"]))
