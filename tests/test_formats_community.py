@@ -4,10 +4,15 @@
    ``text_encoders.clip_l.transformer.<path>`` / ``text_encoders.clip_g.transformer.<path>``; comfy/lora.py
    model_lora_keys_unet / model_lora_keys_clip, reference/lycoris.md 10), any LoRA / LyCORIS kind after the
    module name. Such a file is the kohya file it renames: the same deltas on the same layers.
+2. LyCORIS presets that give module classes their own algorithm (``module_algo_map``: LoCon on attention,
+   LoKr or LoHa on the ResNets, LoHa on CLIP's MLP): built with lycoris-lora's kohya wrapper on the tiny SD
+   layouts, the studio's whole-model outputs equal LyCORIS's own at weight 1 and 0.5; such a file mixes in
+   ``studio generate`` and re-exports with ``--format lycoris`` to a file LyCORIS loads to the same outputs.
 """
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +22,7 @@ import studio.adapters as A
 import studio.formats as F
 from builders import TINY_UNET, tiny_clip, tiny_sdxl_text_encoders, tiny_sdxl_unet
 from cli_helpers import one_error_line
-from formats_helpers import assert_deltas_close, deltas
+from formats_helpers import assert_deltas_close, deltas, tiny_sd, unet_sample
 from studio.cli import main
 from studio.errors import StudioError
 from studio.formats.names import diffusers_to_sgm, kohya_name, with_text_model
@@ -26,6 +31,7 @@ from studio.formats.names import diffusers_to_sgm, kohya_name, with_text_model
 # block) at toy width, so that its SGM block numbers are SD1.5's: input_blocks.3.0.op is the first
 # downsampler, output_blocks.2.1.conv the upsampler of the attention-less first up block
 TINY_SD15_UNET = dict(TINY_UNET, layers_per_block=2)
+ROOT = Path(__file__).resolve().parents[1]
 CLIP = {"te": "clip_l", "te1": "clip_l", "te2": "clip_g"}
 
 
@@ -206,3 +212,215 @@ def test_a_comfy_named_glora_file_is_refused_by_name(tmp_path):
     save_file({f"{name}.{k}.weight": torch.randn(2, 2) for k in ("a1", "a2", "b1", "b2")}, str(tmp_path / "g.safetensors"))
     with pytest.raises(StudioError, match="is a GLoRA file"):
         F.read(tmp_path / "g.safetensors")
+
+
+# -- 2. presets mixing kinds within one component -----------------------------------------------------
+PRESET_HEAD = """unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+unet_target_name = []
+text_encoder_target_module = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+text_encoder_target_name = []
+"""
+# case -> (the network's algo (samplers, CLIP attention), module_algo_map, kinds per component as stored)
+PRESETS = {
+    "locon-attention-lokr-resnets": ("lokr", {"Transformer2DModel": 'algo = "lora"',
+                                              "ResnetBlock2D": 'algo = "lokr"\nfactor = 4', "CLIPMLP": 'algo = "loha"'},
+                                     {"unet": {"LoCon", "LoKr"}, "te": {"LoHa", "LoKr"}}),
+    "locon-attention-loha-resnets": ("lora", {"Transformer2DModel": 'algo = "lora"', "ResnetBlock2D": 'algo = "loha"',
+                                              "CLIPMLP": 'algo = "loha"'},
+                                     {"unet": {"LoCon", "LoHa"}, "te": {"LoCon", "LoHa"}}),
+}
+
+
+@pytest.fixture
+def lycoris_presets(monkeypatch):
+    """LyCORIS keeps its presets in class attributes: restore them after each test."""
+    from lycoris import LycorisNetwork
+    from lycoris.kohya import LycorisNetworkKohya
+    for cls in (LycorisNetwork, LycorisNetworkKohya):
+        for attr, value in list(vars(cls).items()):
+            if attr.isupper():
+                monkeypatch.setattr(cls, attr, copy.copy(value))
+
+
+def _preset_network(base, tmp_path, case, seed=1):
+    """A LyCORIS network of ``case`` on copies of the models (kohya wrapper, as kohya_ss trains it), moved off
+    its init and saved by LyCORIS."""
+    import lycoris.kohya as lycoris_kohya
+    algo, algo_map, _ = PRESETS[case]
+    preset = tmp_path / f"{case}.toml"
+    preset.write_text(PRESET_HEAD + "".join(f"\n[module_algo_map.{m}]\n{body}\n" for m, body in algo_map.items()))
+    models = copy.deepcopy(base)
+    tes = [models[c] for c in ("te", "te1", "te2") if c in models]
+    net = lycoris_kohya.create_network(1.0, 4, 2, None, tes if len(tes) > 1 else tes[0], models["unet"], algo=algo,
+                                       preset=str(preset), conv_dim=2, conv_alpha=1)
+    net.apply_to(tes if len(tes) > 1 else tes[0], models["unet"], apply_text_encoder=True, apply_unet=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    path = tmp_path / f"{case}.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    return path, models, net
+
+
+def _te_out(te):
+    with torch.no_grad():
+        return te(input_ids=torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))).last_hidden_state
+
+
+def _close(got, want, rel=1e-4):
+    error = (got - want).abs().max().item()
+    assert error <= rel * want.abs().max().item(), f"max error {error:.3g}"
+
+
+@pytest.mark.parametrize("case", list(PRESETS))
+def test_a_preset_mixing_kinds_per_module_applies_as_lycoris_applies_it(tmp_path, lycoris_presets, case):
+    sd = tiny_sd()
+    path, ly, net = _preset_network(sd, tmp_path, case)
+    af = F.read(path)
+    kinds = PRESETS[case][2]
+    assert {c: set(k) for c, k in af.source["stored_kinds"].items()} == kinds  # the file does mix them
+    assert sum(af.source["stored_kinds"]["unet"].values()) == len(net.unet_loras)
+    ours = copy.deepcopy(sd)
+    attached = F.attach_file(af, ours, "ly")
+    assert len(attached["unet"]) == len(net.unet_loras) and len(attached["te"]) == len(net.text_encoder_loras)
+    want_unet, want_te = unet_sample(ly["unet"]), _te_out(ly["te"])
+    assert (want_unet - unet_sample(sd["unet"])).abs().max() > 1e-2 and (want_te - _te_out(sd["te"])).abs().max() > 1e-2
+    _close(unet_sample(ours["unet"]), want_unet)
+    _close(_te_out(ours["te"]), want_te)
+    net.set_multiplier(0.5)  # linear for every kind here: W0 + 0.5 dW
+    F.set_file_weight(ours, "ly", 0.5)
+    _close(unet_sample(ours["unet"]), unet_sample(ly["unet"]))
+    for model in ours.values():
+        A.merge(model)
+    _close(unet_sample(ours["unet"]), unet_sample(ly["unet"]))
+    _close(_te_out(ours["te"]), _te_out(ly["te"]))
+
+
+def test_an_sdxl_preset_mixing_kinds_applies_as_lycoris_applies_it(tmp_path, lycoris_presets):
+    base = _sdxl()
+    path, ly, net = _preset_network(base, tmp_path, "locon-attention-lokr-resnets")
+    af = F.read(path)
+    assert af.base == "sdxl" and set(af.source["stored_kinds"]["unet"]) == {"LoCon", "LoKr"}
+    ours = copy.deepcopy(base)
+    F.attach_file(af, ours, "ly")
+
+    def unet(model):
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            return model(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
+                         encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                         added_cond_kwargs={"text_embeds": torch.randn(2, 16, generator=g),
+                                            "time_ids": torch.randn(2, 6, generator=g)}).sample
+
+    _close(unet(ours["unet"]), unet(ly["unet"]))
+    for te in ("te1", "te2"):
+        _close(_te_out(ours[te]), _te_out(ly[te]))
+
+
+@pytest.mark.parametrize("case", list(PRESETS))
+def test_a_mixed_preset_re_exports_to_a_lycoris_file_lycoris_loads(tmp_path, lycoris_presets, capsys, case):
+    import lycoris.kohya as lycoris_kohya
+    from lycoris.utils.preset import read_preset
+    sd = tiny_sd()
+    path, ly, _ = _preset_network(sd, tmp_path, case)
+    out = tmp_path / "again.safetensors"
+    assert main(["export", str(path), "--format", "lycoris", "--dtype", "fp32", "-o", str(out)]) == 0
+    back = F.read(out)  # the studio re-reads its own export to the same deltas
+    assert_deltas_close(_applied(back, sd), _applied(F.read(path), sd), rtol=1e-6)
+    lycoris_kohya.LycorisNetworkKohya.apply_preset(read_preset(str(tmp_path / f"{case}.toml")))
+    weights = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in F.files.read(out)[0].items()}
+    again = copy.deepcopy(sd)
+    net, _ = lycoris_kohya.create_network_from_weights(1.0, None, None, again["te"], again["unet"], weights_sd=weights)
+    net.apply_to(again["te"], again["unet"], apply_text_encoder=True, apply_unet=True)
+    assert len(net.unet_loras) == len(back.parts["unet"].modules())
+    _close(unet_sample(again["unet"]), unet_sample(ly["unet"]))
+    _close(_te_out(again["te"]), _te_out(ly["te"]))
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    stored = F.read(path).source["stored_kinds"]["unet"]
+    assert "as stored: " + ", ".join(f"{n} {k}" for k, n in stored.items()) in text
+
+
+def test_a_mixed_preset_mixes_in_studio_generate(tmp_path, lycoris_presets, capsys):
+    """On the mini base, beside a LoHa at its own weight: the images equal those of a file holding the same
+    deltas as plain full (diff) modules, and differ from the base's."""
+    import numpy as np
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel
+    mini = str(ROOT / "sample_data" / "mini-sd")
+    base = {"unet": UNet2DConditionModel.from_pretrained(mini, subfolder="unet").eval(),
+            "te": CLIPTextModel.from_pretrained(mini, subfolder="text_encoder").eval()}
+    mixed, _, _ = _preset_network(base, tmp_path, "locon-attention-lokr-resnets")
+    loha = tmp_path / "loha.safetensors"
+    F.save(F.from_models(_trained(base, "loha", KINDS["loha"], seed=5), "a"), loha, "kohya", dtype="fp32")
+    full = tmp_path / "full.safetensors"  # the mixed file's deltas, module by module, as LyCORIS full modules
+    models = copy.deepcopy(base)
+    F.attach_file(F.read(mixed), models, "m")
+    tensors = {}
+    for component, model in models.items():
+        for path, dW in A.delta_weights(model, "m").items():
+            shape = model.get_submodule(path).base.weight.shape
+            tensors[f"{kohya_name(component, path)}.diff"] = dW.reshape(shape).contiguous()
+    save_file(tensors, str(full))
+
+    def images(name, *adapters):
+        out = tmp_path / name
+        argv = ["generate", "--prompt", "a red circle", "--steps", "2", "--seed", "4", "--base", mini, "--out", str(out)]
+        assert main(argv + [a for spec in adapters for a in ("--adapter", spec)]) == 0, capsys.readouterr().err
+        return [np.asarray(Image.open(f).convert("RGB"), dtype=np.int16) for f in sorted(out.glob("*.png"))]
+
+    got = images("mixed", f"{mixed}:0.7", f"{loha}:0.5")
+    want = images("full", f"{full}:0.7", f"{loha}:0.5")
+    plain = images("base")
+    assert len(got) == len(want) == len(plain) > 0
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(got, want))
+    assert any(np.abs(a - b).max() > 8 for a, b in zip(got, plain))
+
+
+def test_hand_made_mixed_modules_keep_their_closed_form_deltas(tmp_path):
+    """One UNet component holding LoHa (attention), LoKr with both halves factored (a 3x3 conv) and a Tucker
+    LoCon (another 3x3 conv): each module's delta is its own formula (reference/lycoris.md 1-3)."""
+    g = torch.Generator().manual_seed(2)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    q, conv1, conv2 = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.resnets.0.conv1",
+                       "down_blocks.0.resnets.0.conv2")
+    loha = {"hada_w1_a": rnd(32, 2), "hada_w1_b": rnd(2, 32), "hada_w2_a": rnd(32, 2), "hada_w2_b": rnd(2, 32),
+            "alpha": torch.tensor(1.0)}
+    lokr = {"lokr_w1_a": rnd(4, 1), "lokr_w1_b": rnd(1, 4), "lokr_w2_a": rnd(8, 1), "lokr_w2_b": rnd(1, 72),
+            "alpha": torch.tensor(0.5)}
+    tucker = {"lora_down.weight": rnd(2, 32, 1, 1), "lora_mid.weight": rnd(2, 2, 3, 3), "lora_up.weight": rnd(32, 2, 1, 1),
+              "alpha": torch.tensor(1.0)}
+    modules = {q: loha, conv1: lokr, conv2: tucker}
+    save_file({f"lora_unet_{p.replace('.', '_')}.{k}": v for p, t in modules.items() for k, v in t.items()},
+              str(tmp_path / "mixed.safetensors"))
+    af = F.read(tmp_path / "mixed.safetensors")
+    assert af.parts["unet"].method == "loha"
+    assert af.source["stored_kinds"] == {"unet": {"LoCon": 1, "LoHa": 1, "LoKr": 1}}
+    want = {f"unet.{q}": 0.5 * (loha["hada_w1_a"] @ loha["hada_w1_b"]) * (loha["hada_w2_a"] @ loha["hada_w2_b"]),
+            f"unet.{conv1}": 0.5 * torch.kron(lokr["lokr_w1_a"] @ lokr["lokr_w1_b"], lokr["lokr_w2_a"] @ lokr["lokr_w2_b"]),
+            f"unet.{conv2}": 0.5 * torch.einsum("op,pqhw,qi->oihw", tucker["lora_up.weight"].flatten(1),
+                                                tucker["lora_mid.weight"], tucker["lora_down.weight"].flatten(1))}
+    got = _applied(af, tiny_sd())
+    assert_deltas_close({k: v.flatten(1) for k, v in got.items()}, {k: v.flatten(1) for k, v in want.items()}, 1e-6)
+
+
+@pytest.mark.parametrize("second,named", [
+    ({"dora_scale": torch.ones(32, 1), "lora_down.weight": torch.randn(2, 32), "lora_up.weight": torch.randn(32, 2)},
+     "not dora beside other kinds"),
+    ({"lora_down.weight": torch.randn(2, 32), "lora_up.weight": torch.randn(32, 2), "lora_extra.weight": torch.randn(2)},
+     "lora_extra.weight"),
+])
+def test_a_bad_mixed_component_is_one_error_line(tmp_path, capsys, second, named):
+    lokr = {"lokr_w1": torch.randn(4, 4), "lokr_w2": torch.randn(8, 8), "alpha": torch.tensor(1.0)}
+    modules = {"down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": lokr,
+               "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k": second}
+    path = tmp_path / "bad.safetensors"
+    save_file({f"lora_unet_{m}.{k}": v for m, t in modules.items() for k, v in t.items()}, str(path))
+    line = one_error_line(capsys, ["inspect", str(path)])
+    assert named in line and str(path) in line, line

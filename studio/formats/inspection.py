@@ -253,6 +253,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "alphas": _alphas(af),
         "modules": af.module_counts(),
         "mixtures": _mixtures(af),
+        "stored_kinds": af.source.get("stored_kinds", {}),  # a LyCORIS preset's kinds per module, as the file has them
         "prompt": _prompt(af),
         "dtypes": af.source.get("dtypes", []),
         "tensors": af.source.get("tensor_count"),
@@ -280,8 +281,9 @@ def render_text(info: dict) -> str:
     for component, method in info["methods"].items():
         ranks = ", ".join(str(r) for r in info["ranks"].get(component, []))
         alphas = ", ".join(f"{a:g}" if isinstance(a, (int, float)) else str(a) for a in info["alphas"].get(component, []))
+        stored = ", ".join(f"{n} {kind}" for kind, n in info.get("stored_kinds", {}).get(component, {}).items())
         lines.append(f"  {component:5s} {method:6s} {info['modules'][component]:4d} modules, rank {ranks}"
-                     + (f", alpha {alphas}" if alphas else ""))
+                     + (f", alpha {alphas}" if alphas else "") + (f" (as stored: {stored})" if stored else ""))
         if component in info["mixtures"]:
             lines += _mixture_lines(info["mixtures"][component])
     for kind, p in info.get("prompt", {}).items():

@@ -22,10 +22,11 @@ from studio.errors import StudioError
 # --format name -> (module, one line for --help); read's detection asks them in this order
 TABLE = {
     "native": ("native", "the studio's own, exact (resuming, mixing)"),
-    "kohya": ("kohya", "plain LoRA in kohya names, loads everywhere (LyCORIS kinds keep their layout unless "
-                       "--rank / --energy)"),
+    # (lycoris before kohya: it claims the kohya-named files whose components mix kinds, LyCORIS presets)
     "lycoris": ("lycoris_file", "LoHa / LoKr / LoCon / DoRA / full in LyCORIS's layout, exact (A1111, Forge, "
                                 "ComfyUI, LyCORIS)"),
+    "kohya": ("kohya", "plain LoRA in kohya names, loads everywhere (LyCORIS kinds keep their layout unless "
+                       "--rank / --energy)"),
     "diffusers": ("diffusers_lora", "diffusers / PEFT keys, loads in diffusers only"),
     "peft": ("peft_lm", "language-model adapters: a folder PeftModel.from_pretrained loads"),
 }

@@ -21,6 +21,7 @@ the tensors show it or, for the UNet, as its names tell). reference/lycoris.md h
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from studio.formats.adapter_file import AdapterFile, Part
 from studio.formats.lowrank import uniform_part
 from studio.formats.packing import DTYPES, kernel_of, stored_kernels
 from studio.formats.metadata import export_metadata
-from studio.formats.names import kohya_name
+from studio.formats.names import kohya_name, split_kohya_name
 from studio.formats.writing import ExportReport, WriteOptions, sd_dtype_and_layout
 
 
@@ -138,3 +139,96 @@ def write(af: AdapterFile, path, opts: WriteOptions, fmt: str = "kohya") -> Expo
         meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
     digest = files.write(target, tensors, meta, overwrite=opts.overwrite)
     return ExportReport(str(target), fmt, dtype, None, ranks, af.module_counts(), 1.0, 0.0, {}, [], digest)
+
+
+# -- presets that mix kinds in one component (LyCORIS's module_algo_map / name_algo_map) --------------
+# kohya_ss and LyCORIS presets can give each module class its own algorithm (LoCon on attention, LoHa or
+# LoKr on the ResNet convs). A Part holds one method, so such a component is held in the kind that holds
+# the others exactly, module by module (reference/lycoris.md 1-3), each module keeping its own scale s:
+#   LoCon (up U, down D, s = alpha / r) as LoKr:  W1 = [[1]], W2 = U D factored at rank r: kron([[1]], U D)
+#   LoCon as LoHa:  w1 = (U, D), w2 = (1_out, 1_in^T):  (U D) * (1 1^T) = U D
+#   LoKr as LoHa:   kron(P1 Q1, P2 Q2) = (kron(P1, 1_b) kron(Q1, 1_dK^T)) * (kron(1_a, P2) kron(1_c^T, Q2))
+#                   with each half W = P Q its own factors (a full half: W I or I W, the narrower)
+# The file's kind of every module is kept in ``stored_kinds`` for inspect; the delta is the file's.
+LOCON, MIXABLE = "lora", ("lora", "loha", "lokr")
+KIND_NAMES = {"lora": "LoCon", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def module_kinds(tensors: dict) -> dict[str, dict[str, str]]:
+    """{component: {kohya module name: method}} of a kohya-named file (``LOCON`` for a plain LoRA / LoCon
+    module); modules with two methods' keys or with no LoRA keys are left out (the kohya reader refuses them)."""
+    by_marker, grouped = markers(), {}
+    for key in tensors:
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, set()).add(suffix)
+    out: dict[str, dict[str, str]] = {}
+    for name, suffixes in grouped.items():
+        split = split_kohya_name(name)
+        methods = {by_marker[s] for s in suffixes if s in by_marker}
+        if split is None or len(methods) > 1 or not (methods or "lora_down.weight" in suffixes):
+            continue
+        out.setdefault(split[0], {})[name] = methods.pop() if methods else LOCON
+    return out
+
+
+def mixes_kinds(tensors: dict) -> bool:
+    return any(len(set(kinds.values())) > 1 for kinds in module_kinds(tensors).values())
+
+
+def one_kind_per_component(tensors: dict, where: str) -> tuple[dict, dict[str, dict[str, int]]]:
+    """The file's tensors with every module of a mixed component in its host kind (see above), and
+    {component: {kind name: modules}} as the file stores them (only for mixed components)."""
+    out, stored = dict(tensors), {}
+    for component, kinds in module_kinds(tensors).items():
+        present = set(kinds.values())
+        if len(present) < 2:
+            continue
+        if not present <= set(MIXABLE):
+            odd = sorted(present - set(MIXABLE))
+            raise StudioError(f"{where}: its {component} modules mix {' and '.join(sorted(present))}: the studio reads "
+                              f"LoCon, LoHa and LoKr modules mixed in one component (LyCORIS presets), not "
+                              f"{', '.join(odd)} beside other kinds: re-export the file with one kind per component")
+        host = "loha" if "loha" in present else "lokr"
+        for name, kind in kinds.items():
+            if kind != host:
+                parts = {k.partition(".")[2]: out.pop(k) for k in [k for k in out if k.partition(".")[0] == name]}
+                moved = _as_host(host, kind, parts, f"{where}: module '{name}'", name, where)
+                out.update({f"{name}.{k}": v for k, v in moved.items()})
+        stored[component] = {KIND_NAMES[k]: n for k, n in sorted(Counter(kinds.values()).items())}
+    return out, stored
+
+
+def _as_host(host: str, kind: str, parts: dict, where_module: str, name: str, where: str) -> dict:
+    """One module's stored tensors (``kind``) as the tensors of ``host`` with the same delta."""
+    if kind == LOCON:
+        parts = fold_tucker(parts, where, name)
+        extra = sorted(set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"})
+        if extra or "lora_up.weight" not in parts:
+            raise StudioError(f"{where_module} has {', '.join(extra) or 'no lora_up.weight'} beside its LoRA factors "
+                              f"(a LoCon module holds lora_down, lora_up, alpha and an optional lora_mid): the file is "
+                              f"damaged")
+        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+        alpha = parts.get("alpha", torch.tensor(0.0)).float()
+        if host == "lokr":
+            return {"lokr_w1": torch.ones(1, 1), "lokr_w2_a": up, "lokr_w2_b": down, "alpha": alpha}
+        return {"hada_w1_a": up, "hada_w1_b": down, "hada_w2_a": torch.ones(up.shape[0], 1),
+                "hada_w2_b": torch.ones(1, down[0].numel()), "alpha": alpha}
+    # LoKr as LoHa (the only other pair: a component with LoHa holds everything as LoHa)
+    fields, t = get("lokr").from_lycoris(parts, where_module)
+    (a, _), (b, _), c, dK = t["w1"].shape, t["w2"].shape, t["w1_b"].shape[1], t["w2_b"].shape[1]
+    P1, Q1 = _factors(t["w1"], t["w1_b"])
+    P2, Q2 = _factors(t["w2"], t["w2_b"])
+    s = float(get("lokr").scale(t))
+    w1_b = torch.kron(Q1, torch.ones(1, dK))                       # (k1, c d K)
+    kernel = fields.get("kernel")
+    return {"hada_w1_a": torch.kron(P1, torch.ones(b, 1)), "hada_w2_a": torch.kron(torch.ones(a, 1), P2),
+            "hada_w1_b": w1_b if kernel in (None, (1, 1)) else w1_b.reshape(w1_b.shape[0], -1, *kernel),
+            "hada_w2_b": torch.kron(torch.ones(1, c), Q2), "alpha": torch.tensor(s * P1.shape[1])}
+
+
+def _factors(w: torch.Tensor, w_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoKr half as P (rows, k) @ Q (k, cols): its own factors, or a full half against the narrower identity."""
+    if w_b.shape[0]:
+        return w, w_b
+    rows, cols = w.shape
+    return (w, torch.eye(cols)) if cols <= rows else (torch.eye(rows), w)

@@ -45,7 +45,18 @@ def _comfy(tensors: dict) -> bool:
 
 
 def looks_like(tensors: dict, metadata: dict[str, str]) -> bool:
-    return bool(tensors) and (all(k.startswith(PREFIX) for k in tensors) or _comfy(tensors))
+    """lycoris_ names, ComfyUI's names, or kohya names whose components mix kinds (asked before kohya's)."""
+    return bool(tensors) and (all(k.startswith(PREFIX) for k in tensors) or _comfy(tensors)
+                              or (kohya.looks_like(tensors, metadata) and lycoris.mixes_kinds(tensors)))
+
+
+def _kohya_read(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
+    """The kohya reader, after a preset's mixed components are put in one kind each (``lycoris.one_kind_per_component``)."""
+    tensors, stored = lycoris.one_kind_per_component(tensors, where)
+    af = kohya.read(tensors, metadata, where)
+    if stored:
+        af.source["stored_kinds"] = stored
+    return af
 
 
 # where a text encoder's module paths start (CLIPTextModel[WithProjection] / CLIPTextTransformer), with _ for dots
@@ -55,6 +66,8 @@ TEXT_ENCODER_STARTS = ("text_model_", "encoder_layers_", "embeddings_", "final_l
 def read(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
     if _comfy(tensors):
         return _read_comfy(tensors, metadata, where)
+    if not all(k.startswith(PREFIX) for k in tensors):  # kohya names, components mixing kinds
+        return _kohya_read(tensors, metadata, where)
     # The generic wrapper names whatever module it wraps; SimpleTuner wraps the UNet, and ComfyUI reads lycoris_
     # as UNet names only: a wrapped text encoder would silently miss every layer there, so it is refused here
     te = sorted(k for k in tensors if k[len(PREFIX):].startswith(TEXT_ENCODER_STARTS))
@@ -63,7 +76,7 @@ def read(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
                           f"SimpleTuner and ComfyUI use for UNet modules only: rename the text encoder's keys to "
                           f"lora_te_<path> (lora_te1_ / lora_te2_ on SDXL), the kohya names every tool reads")
     renamed = {"lora_unet_" + k[len(PREFIX):]: v for k, v in tensors.items()}
-    af = kohya.read(renamed, metadata, where)
+    af = _kohya_read(renamed, metadata, where)
     af.source["format"] = "lycoris (lycoris_ UNet names)"
     return af
 
@@ -86,7 +99,7 @@ def _read_comfy(tensors: dict, metadata: dict[str, str], where: str) -> AdapterF
         renamed[f"{name}.{suffix}"], names[name] = value, module
     refuse_leftovers(leftovers, where, "ComfyUI-names")
     try:
-        af = kohya.read(renamed, metadata, where)
+        af = _kohya_read(renamed, metadata, where)
     except StudioError as err:  # said in the file's own names
         pattern = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r"(?!\w)")
         raise StudioError(pattern.sub(lambda m: names[m.group(0)], str(err))) from None
