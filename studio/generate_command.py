@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     index = next_index(out)
-    recording = gate_map.recording(session) if gate_png else contextlib.nullcontext()
+    scope = "the image" if len(settings) == 1 else f"{len(settings)} images"
+    recording = gate_map.recording(session, scope) if gate_png else contextlib.nullcontext()
     with session.merged() if args.merge else contextlib.nullcontext(), recording as maps:  # (routers never merge)
         for i, s in enumerate(tqdm(settings, desc="generate", unit="image", disable=len(settings) == 1)):
             image = session.render([s])[0]

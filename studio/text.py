@@ -100,7 +100,8 @@ def run_text_generate(args: argparse.Namespace) -> int:
     model, tokenizer, files = load_mix(args.base, specs)
     if gate_png:
         gate_map.check_routed(files)
-    recording = gate_map.recording_files({"lm": model}, files) if gate_png else contextlib.nullcontext()
+    recording = (gate_map.recording_files({"lm": model}, files, "the completion") if gate_png
+                 else contextlib.nullcontext())
     with recording as maps:  # the prompt's forward, then one per new token
         text = complete(model, tokenizer, [prompt], args.max_new_tokens, stop=None, temperature=args.temperature,
                         seed=args.seed)[0]

@@ -74,7 +74,8 @@ def _png_maps(path: Path) -> list[dict]:
 def _check_picture(path: Path, maps: list[dict]) -> None:
     """One row of cells per block, each cell (its corners) in the colour of its recorded gate."""
     (only,) = maps
-    gmap = gate_map.GateMap(only["title"], only["method"], tuple((b, tuple(g)) for b, g in only["rows"]))
+    gmap = gate_map.GateMap(only["title"], only["method"], tuple((b, tuple(g)) for b, g in only["rows"]),
+                            only["scope"])
     image = np.asarray(Image.open(path).convert("RGB"))
     assert np.array_equal(image, np.asarray(gate_map.draw_all([gmap])))
     box = gate_map.layout(gmap)
@@ -100,7 +101,7 @@ def test_generate_task_lm_writes_the_heat_map_of_the_completion(tiny_lm, library
     printed = capsys.readouterr().out
     assert printed.startswith(PROMPT + text) and f"wrote {png}" in printed and "router3: 2 blocks x 3 experts" in printed
     (got,) = _png_maps(png)
-    assert (got["title"], got["method"]) == ("router3", "molora")        # the plain LoRA has no router: no map
+    assert (got["title"], got["method"], got["scope"]) == ("router3", "molora", "the completion")        # the plain LoRA has no router: no map
     assert [b for b, _ in got["rows"]] == ["L0", "L1"] == [b for b, _ in rows]
     for (_, g), (_, want) in zip(got["rows"], rows):
         assert g == pytest.approx(want, abs=1e-6) and sum(g) == pytest.approx(1, abs=1e-6)

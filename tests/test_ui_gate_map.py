@@ -225,7 +225,9 @@ def test_generate_gate_map_png_has_a_row_per_block_and_the_recorded_mean_gates(s
         for r, (_, gates) in enumerate(m["rows"]):
             want = np.mean([image[m["title"]].rows[r][1] for image in per_image], axis=0)
             np.testing.assert_allclose(gates, want, atol=1e-6, rtol=0)
-    maps = [gate_map.GateMap(m["title"], m["method"], tuple((b, tuple(g)) for b, g in m["rows"])) for m in got]
+    assert {m["scope"] for m in got} == {"2 images"}
+    maps = [gate_map.GateMap(m["title"], m["method"], tuple((b, tuple(g)) for b, g in m["rows"]), m["scope"])
+            for m in got]
     picture = np.asarray(Image.open(png).convert("RGB"))
     assert np.array_equal(picture, np.asarray(gate_map.draw_all(maps)))
     box = gate_map.layout(maps[0])                                 # the first map's grid, at the sheet's top

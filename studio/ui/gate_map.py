@@ -53,6 +53,9 @@ class GateMap:
     title: str
     method: str
     rows: tuple[tuple[str, tuple[float, ...]], ...]
+    scope: str = "last image"
+    """What the gates were averaged over, for the title: the Generate tab's last image, a command's images,
+    a completion."""
 
 
 def short_block(component: str, block: str) -> str:
@@ -76,13 +79,14 @@ class GateRecorder:
     """The heat maps of one generation: ``freeze_gates.GateRecorder``'s hooks on the routed layers of the
     attached files, their running means turned into one ``GateMap`` per file."""
 
-    def __init__(self, models: dict, files: list):
-        """``files``: (attached name, label, AdapterFile) in mix order (``MixSession.attached()``)."""
+    def __init__(self, models: dict, files: list, scope: str = "last image"):
+        """``files``: (attached name, label, AdapterFile, ...) in mix order (``MixSession.attached()``)."""
         from studio.freeze_gates import GateRecorder as Hooks, routed_components
 
         self.files = {f.name: (f.label, f.af.parts[routed[0]].method, routed) for f in files
                       if (routed := routed_components(f.af))}
         self.hooks = Hooks(models, {f.name: f.af for f in files if f.name in self.files})
+        self.scope = scope
 
     def close(self) -> None:
         self.hooks.close()
@@ -95,23 +99,23 @@ class GateRecorder:
             for component in sorted(components, key=lambda c: (c not in TEXT_ENCODERS, c)):
                 rows += block_rows(component, self.hooks.gates(name, component))
             if rows:
-                out.append(GateMap(label, method, tuple(rows)))
+                out.append(GateMap(label, method, tuple(rows), self.scope))
         return out
 
 
 @contextlib.contextmanager
-def recording(session):
+def recording(session, scope: str = "last image"):
     """``with recording(session) as maps: session.render(...)`` -> ``maps`` holds the render's GateMaps
-    (``session``: a ``studio.mixing.MixSession``, image or language model)."""
-    with recording_files(session.base.components, session.attached()) as maps:
+    (``session``: a ``studio.mixing.MixSession``, image or language model; ``scope`` names the run in the title)."""
+    with recording_files(session.base.components, session.attached(), scope) as maps:
         yield maps
 
 
 @contextlib.contextmanager
-def recording_files(models: dict, files: list):
-    """``recording`` for files attached without a session: ``files`` as (name, label, AdapterFile)."""
+def recording_files(models: dict, files: list, scope: str = "last image"):
+    """``recording`` for files attached without a session: ``files`` as (name, label, AdapterFile, ...)."""
     maps: list[GateMap] = []
-    recorder = GateRecorder(models, files)
+    recorder = GateRecorder(models, files, scope)
     try:
         yield maps
     finally:
@@ -155,7 +159,8 @@ def layout(gmap: GateMap) -> Layout:
     from PIL import Image, ImageDraw
 
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(measure.textlength(label, font=_font(11 * S)) for label, _ in gmap.rows)
+    label_w = max([measure.textlength(label, font=_font(11 * S)) for label, _ in gmap.rows]
+                  + [measure.textlength("gate", font=_font(10 * S))])  # the scale's word, left of the bar
     experts = max(len(g) for _, g in gmap.rows)
     title_w = measure.textlength(_title(gmap), font=_font(12 * S))
     left, top = PAD + int(label_w) + 6 * S, PAD + 32 * S
@@ -164,7 +169,7 @@ def layout(gmap: GateMap) -> Layout:
 
 
 def _title(gmap: GateMap) -> str:
-    return f"{gmap.title} ({gmap.method}): mean gate, last image"
+    return f"{gmap.title} ({gmap.method}): mean gate, {gmap.scope}"
 
 
 def draw(gmap: GateMap):
@@ -218,7 +223,7 @@ def draw_all(maps: list[GateMap]):
 
 # -- a file (studio generate --gate-map) -----------------------------------------------------------------
 PNG_KEY = "studio.gate_map"
-"""The PNG text chunk holding the maps' numbers: [{title, method, rows: [[block, [gate per expert]]]}]."""
+"""The PNG text chunk holding the maps' numbers: [{title, method, rows: [[block, [gate per expert]]], scope}]."""
 
 
 def check_png_path(path: str, flag: str = "--gate-map", made: str | None = None) -> Path:
@@ -260,8 +265,8 @@ def write_png(maps: list[GateMap], target: Path) -> Path:
         raise StudioError(f"no routed mixture ran while generating, so {target} has nothing to show: give the "
                           f"mixture a weight other than 0")
     info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_KEY, json.dumps([{"title": m.title, "method": m.method, "rows": [list(r) for r in m.rows]}
-                                       for m in maps]))
+    info.add_text(PNG_KEY, json.dumps([{"title": m.title, "method": m.method, "rows": [list(r) for r in m.rows],
+                                        "scope": m.scope} for m in maps]))
     partial = target.with_name(f".{target.name}.partial")
     try:
         draw_all(maps).save(partial, format="PNG", pnginfo=info)

@@ -83,7 +83,7 @@ class TextStudio:
             session = self.use_base(base)
             session.sync(entries)
             lm = session.base
-            with gate_map.recording(session) as maps:
+            with gate_map.recording(session, "the completion") as maps:
                 text = complete(lm.model, lm.tokenizer, [prompt], int(max_new_tokens), stop=None,
                                 temperature=float(temperature), seed=int(seed))[0]
         return prompt + text, maps
