@@ -277,30 +277,107 @@ def test_bad_options_are_one_error_line_and_write_nothing(tiny_lm, tmp_path, cap
 
 
 
-def _crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at: int) -> tuple[dict, dict]:
-    """8 steps (budget phase steps 2-4, final allocation at step 5, then 3 steps on the fixed pattern), saved
-    every 2; the crashed run dies in step ``die_at`` (1-based) and is resumed from its last checkpoint."""
+SHORT = (8, ("target_r=2", "tinit=1", "tfinal=3"))
+"""8 steps: budget phase steps 2-4 (0-based), final allocation at step 5, then 2 steps on the fixed pattern."""
+LONG = (12, ("target_r=1", "tinit=1", "tfinal=2"))
+"""12 steps: budget phase steps 2-9, final allocation at step 10 (ranked by the statistics), then step 11."""
+
+
+def _args(tiny_lm, data, out, schedule):
+    steps, method_args = schedule
+    return ["train", "--task", "lm", str(data), "--base", str(tiny_lm), "--out", str(out), "--steps", str(steps),
+            "--batch-size", "4", "--save-every", "2", "--method", "adalora", "--rank", "4", "--method-args",
+            *method_args]
+
+
+def _straight(tiny_lm, tmp_path, schedule) -> dict:
     from safetensors.torch import load_file
 
-    data = pirate_jsonl(tmp_path, 16)
+    out = tmp_path / "straight"
+    assert main(_args(tiny_lm, pirate_jsonl(tmp_path, 16), out, schedule)) == 0
+    return load_file(str(out / "pirate.safetensors"))
 
-    def args(out):
-        return ["train", "--task", "lm", str(data), "--base", str(tiny_lm), "--out", str(out), "--steps", "8",
-                "--batch-size", "4", "--save-every", "2", "--method", "adalora", "--rank", "4",
-                "--method-args", "target_r=2", "tinit=1", "tfinal=3"]
 
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    assert main(args(straight)) == 0
-    calls = crash_at_step(monkeypatch, args(crashed), die_at)
+def _crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at: int, schedule=SHORT, inspect=None) -> dict:
+    """The run saved every 2 steps dies in step ``die_at`` (1-based) and is resumed from its last checkpoint;
+    ``inspect(checkpoint folder)`` runs in between. Returns the resumed run's file."""
+    from safetensors.torch import load_file
+
+    crashed = tmp_path / f"crashed-{die_at}"
+    calls = crash_at_step(monkeypatch, _args(tiny_lm, pirate_jsonl(tmp_path, 16), crashed, schedule), die_at)
+    if inspect is not None:
+        inspect(loop.latest_checkpoint(crashed / "checkpoints"))
     assert main(["train", "--task", "lm", "--resume", str(crashed)]) == 0
-    assert calls["steps"] == 8 - 2 * ((die_at - 1) // 2)
-    return load_file(str(straight / "pirate.safetensors")), load_file(str(crashed / "pirate.safetensors"))
+    assert calls["steps"] == schedule[0] - 2 * ((die_at - 1) // 2)
+    return load_file(str(crashed / "pirate.safetensors"))
+
+
+def _identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_after_the_budget_phase_is_bit_identical(tiny_lm, tmp_path, monkeypatch):
-    a, b = _crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at=7)  # checkpoint 6: the pattern is fixed
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    want = _straight(tiny_lm, tmp_path, SHORT)
+    assert _identical(_crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at=7), want)  # checkpoint 6: fixed
 
+
+@pytest.fixture(scope="module")
+def long_run(tiny_lm, tmp_path_factory):
+    return _straight(tiny_lm, tmp_path_factory.mktemp("adalora-long"), LONG)
+
+
+def test_resume_inside_the_budget_phase_is_bit_identical(tiny_lm, long_run, tmp_path, monkeypatch):
+    """The checkpoints hold the RankAllocator's statistics (I_bar, U_bar of A, E, B on every layer), so a run
+    resumed in the middle of the budget phase, or just before the final allocation, ranks the triplets as the
+    uninterrupted run does."""
+    def holds_the_statistics(checkpoint):
+        methods = torch.load(checkpoint / "state.pt", weights_only=True)["methods"]
+        paths = {k.rsplit(".", 1)[0] for k in long_run if k.endswith(".mask")}
+        assert set(methods) == {f"{p}.{key}" for p in paths for key in adalora.CHECKPOINTED} and len(paths) == 14
+        assert all(t.abs().max() > 0 for t in methods.values())  # mid-budget: the EMAs are running
+
+    got = _crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at=7, schedule=LONG, inspect=holds_the_statistics)
+    assert _identical(got, long_run)
+    assert _identical(_crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at=11, schedule=LONG), long_run)
+
+
+def test_a_resume_without_the_statistics_loses_the_budget(tiny_lm, long_run, tmp_path, monkeypatch):
+    """What the checkpointed statistics are for: with them dropped on resume (the studio before), the final
+    allocation right after the resume (which, as PEFT's, does not update the scores) ranks triplets that all
+    score 0, and the ties prune every one of them: the budget of 14 ranks ends at 0."""
+    from trainers import extras
+
+    real = extras.Extras.load_state_dict
+    monkeypatch.setattr(extras.Extras, "load_state_dict",
+                        lambda self, states: real(self, {k: v for k, v in states.items() if k != "methods"}))
+    got = _crash_and_resume(tiny_lm, tmp_path, monkeypatch, die_at=11, schedule=LONG)
+    masks = [k for k in long_run if k.endswith(".mask")]
+    assert sum(int(long_run[k].sum()) for k in masks) == 14 == len(masks)  # target_r = 1 per layer
+    assert sum(int(got[k].sum()) for k in masks) == 0
+
+
+def test_diffusion_resume_inside_the_budget_phase_is_bit_identical(tmp_path, monkeypatch):
+    """The diffusion trainer checkpoints the statistics the same way (UNet attention and 3x3 convs): 6 steps,
+    budget phase steps 2-4, final allocation at step 5; killed in step 5, resumed from checkpoint 4."""
+    from safetensors.torch import load_file
+
+    data = _stripes(tmp_path)
+
+    def args(out):
+        return ["train", str(data), "--out", str(out), "--steps", "6", "--batch-size", "2", "--sample-every", "0",
+                "--save-every", "2", "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "sample_steps=2",
+                "--targets", "unet-full", "--method", "adalora", "--rank", "4", "--method-args", "target_r=2",
+                "tinit=1", "tfinal=1"]
+
+    assert main(args(tmp_path / "straight")) == 0
+    calls = crash_at_step(monkeypatch, args(tmp_path / "crashed"), 5)
+    checkpoint = loop.latest_checkpoint(tmp_path / "crashed" / "checkpoints")
+    methods = torch.load(checkpoint / "state.pt", weights_only=True)["methods"]
+    assert methods and all(k.startswith("unet.") for k in methods) and any(t.abs().max() > 0 for t in methods.values())
+    assert main(["train", "--resume", str(tmp_path / "crashed")]) == 0
+    assert calls["steps"] == 2
+    a, b = (load_file(str(tmp_path / run / "stripes.safetensors")) for run in ("straight", "crashed"))
+    assert _identical(a, b)
 
 
 def test_a_run_in_epochs_too_short_for_the_budget_schedule_writes_nothing(tmp_path, capsys):

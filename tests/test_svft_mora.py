@@ -237,7 +237,8 @@ def svft_run(tmp_path_factory):
 def test_svft_mini_base_training_file_reload_and_export(svft_run, tmp_path, capsys):
     path = svft_run / "stripes.safetensors"
     af = SF.read(path)
-    assert af.method == "svft" and af.parts["unet"].config == {"pattern": "banded", "bands": 2}
+    assert af.method == "svft"
+    assert af.parts["unet"].config == {"pattern": "banded", "bands": 2, "k": None, "seed": None}
     modules = af.parts["unet"].modules()
     assert modules and all(set(t) == {"m", "basis_hash"} for t in modules.values())
     assert all(t["m"].abs().max() > 0 for t in modules.values())  # every layer left its zero init
@@ -265,7 +266,7 @@ def test_svft_bad_options_are_one_error_line_and_write_nothing(tiny_lm, tmp_path
             "--method", "svft", "--method-args"]
     line = one_error_line(capsys, args + ["pattern=diagonal"])
     assert "unknown SVFT pattern 'diagonal'" in line and "pattern=banded" in line
-    assert "banded pattern only" in one_error_line(capsys, args + ["bands=3"])
+    assert "bands=3 does not apply to pattern=plain" in one_error_line(capsys, args + ["bands=3"])
     assert "at least 1" in one_error_line(capsys, args + ["pattern=banded", "bands=0"])
     assert not out.exists()
 

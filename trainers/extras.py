@@ -2,7 +2,8 @@
 
     after each step    the parameters' version counters bumped (the fused optimizers write behind
                        autograd's back), ReLoRA's restarts (trainers/relora.py), the EMA update (trainers/ema.py)
-    checkpoints        their state beside the optimizer's (``state_dict`` / ``load_state_dict``)
+    checkpoints        their state beside the optimizer's (``state_dict`` / ``load_state_dict``), and the
+                       methods' own training state (a method's ``CHECKPOINTED`` tensors, studio/adapters/contract.py)
     samples            schedule-free's averaged weights, or the EMA when on
     adapter files      schedule-free's averaged weights, ReLoRA's accumulated + current factors folded
                        into one plain LoRA; ``<name>-ema.safetensors`` from the EMA
@@ -19,6 +20,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
+from studio.adapters.targets import adapted_layers
 from trainers import optimizers
 from trainers.ema import EMA
 from trainers.relora import ReLoRA, rewarm_steps
@@ -27,6 +29,7 @@ from trainers.relora import ReLoRA, rewarm_steps
 class Extras:
     def __init__(self, cfg, models: dict[str, torch.nn.Module], name: str, optimizer, params: list):
         self.cfg, self.optimizer, self.params = cfg, optimizer, list(params)
+        self.models, self.name = models, name
         self.relora = (ReLoRA(models, name, cfg.relora_every, cfg.relora_warmup, cfg.relora_prune, cfg.optimizer,
                               optimizer, cfg.seed) if cfg.relora_every else None)
         self.ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
@@ -54,6 +57,9 @@ class Extras:
             state["relora"] = self.relora.state_dict()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        methods = {key: tensor.detach().clone() for key, tensor in self._checkpointed().items()}
+        if methods:
+            state["methods"] = methods
         return state
 
     def load_state_dict(self, states: dict) -> None:
@@ -61,6 +67,19 @@ class Extras:
             self.relora.load_state_dict(states["relora"])
         if self.ema is not None:
             self.ema.load_state_dict(states["ema"])
+        # a checkpoint written before methods kept their state has none: the run goes on from a fresh one
+        saved = states.get("methods", {})
+        with torch.no_grad():
+            for key, tensor in self._checkpointed().items():
+                if key in saved:
+                    tensor.copy_(saved[key])
+
+    def _checkpointed(self) -> dict[str, torch.Tensor]:
+        """``component.path.tensor`` -> the live tensor, for each adapter's ``method.CHECKPOINTED`` tensors."""
+        return {f"{component}.{path}.{key}": getattr(layer.adapters[self.name], key)
+                for component, model in self.models.items() for path, layer in adapted_layers(model).items()
+                if self.name in layer.adapters
+                for key in getattr(layer.adapters[self.name].method, "CHECKPOINTED", ())}
 
     @contextmanager
     def evaluation(self):

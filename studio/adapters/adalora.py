@@ -20,9 +20,10 @@ Training adds two things, as the paper and PEFT do (``training.py`` hooks):
 
 The budget is global, so the hook ranks the triplets of all the run's adapters together (the
 trainers pass every adapter of the method at once). The score statistics live on each adapter as
-unsaved buffers; the file keeps A, E, B and the ``mask`` of the last allocation (1 = kept). A
-masked triplet has lambda_i = 0 exactly, so the plain-LoRA export (kohya, PEFT) drops it and is
-exact at each layer's kept rank.
+buffers the file leaves out (``CHECKPOINTED``: training checkpoints keep them, so a resume inside
+the budget phase ranks the triplets as the uninterrupted run does); the file keeps A, E, B and the
+``mask`` of the last allocation (1 = kept). A masked triplet has lambda_i = 0 exactly, so the
+plain-LoRA export (kohya, PEFT) drops it and is exact at each layer's kept rank.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ TRAITS = Traits(kind="low-rank", summary="AdaLoRA, dW = P diag(lambda) Q with th
 TRAINABLE = ("A", "E", "B")
 SAVED = ("A", "E", "B", "mask")
 SCORED = TRAINABLE  # PEFT's RankAllocator tracks every "lora_" tensor
+CHECKPOINTED = tuple(f"{stat}_{key}" for stat in ("sens", "unc") for key in SCORED)
+"""I_bar and U_bar of every scored tensor: not in the file, in every training checkpoint."""
 INIT_STD = 0.02     # PEFT's reset_lora_parameters
 
 
@@ -116,7 +119,7 @@ def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator |
 
 
 def _with_scores(state: dict) -> dict:
-    """The RankAllocator's statistics (unsaved buffers): I_bar and U_bar of every scored tensor."""
+    """The RankAllocator's statistics (``CHECKPOINTED``, fresh): I_bar and U_bar of every scored tensor."""
     for key in SCORED:
         state[f"sens_{key}"] = torch.zeros_like(state[key])
         state[f"unc_{key}"] = torch.zeros_like(state[key])
