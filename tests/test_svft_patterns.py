@@ -133,6 +133,12 @@ def test_random_patterns_are_uniform_distinct_and_differ_by_seed_and_layer():
     assert (rows * 3 + cols).tolist() == list(range(9))
 
 
+def test_top_k_breaks_ties_towards_the_lower_entry():
+    """u_i . v_j = [i == j] for U = V = I: the n diagonal entries, then the zeros of the first row."""
+    rows, cols = svft_patterns.top_k_entries(torch.eye(6), torch.eye(6), 8)
+    assert (rows * 6 + cols).tolist() == [0, 1, 2, 7, 14, 21, 28, 35]
+
+
 @pytest.mark.parametrize("options", [{"pattern": "random", "k": 40}, {"pattern": "top_k", "bands": 3}],
                          ids=["random", "top_k"])
 def test_pattern_and_delta_do_not_depend_on_the_signs_the_svd_returns(monkeypatch, options):
