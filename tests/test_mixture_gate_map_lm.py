@@ -151,3 +151,54 @@ def test_bad_gate_map_paths_are_one_error_line_and_nothing_is_written(tiny_lm, l
     off = [*plain[:-4], "--adapter", f"{library / 'router3.safetensors'}:0", *plain[-2:]]
     assert "every routed mixture is at weight 0" in one_error_line(capsys, off)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_browser_shows_the_heat_map_under_the_text_only_with_a_mixture(tiny_lm, library, tmp_path):
+    import re
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium binary on PATH (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    from studio.ui.launch import start
+
+    demo, url = start(library, tmp_path / "outputs", port=None, prevent_thread_lock=True,
+                      lm_bases={"tiny": str(tiny_lm)})
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            expect, maps = sync_api.expect, page.locator("#lm_gate_maps")
+            expect.set_options(timeout=60_000)
+            page.get_by_role("tab", name="Text").click()
+
+            def choose(elem_id: str, value: str) -> None:
+                box = page.locator(f"#{elem_id} input")
+                box.click()
+                box.fill(value)
+                box.press("Enter")
+                expect(box).to_have_value(value)
+
+            choose("lm_base", "tiny")
+            choose("lm_slot0_key", "router3")
+            tokens = page.locator("#lm_tokens input")
+            tokens.fill(str(TOKENS))  # the tiny Llama's context is 64
+            tokens.press("Enter")
+            expect(maps).to_be_hidden()
+            page.locator("#lm_generate").click()
+            expect(page.locator("#lm_text textarea")).to_have_value(re.compile(r"^Q: What colour is a frog\?\nA:.+",
+                                                                               re.S))
+            expect(maps.locator("img").first).to_be_visible()
+            box = maps.locator("img").first.bounding_box()
+            assert box["width"] > 100 and box["height"] > 50
+            text = page.locator("#lm_text").bounding_box()
+            assert maps.bounding_box()["y"] >= text["y"] + text["height"] - 1   # under the text
+            choose("lm_slot0_key", "plain")
+            page.locator("#lm_generate").click()
+            expect(maps).to_be_hidden()
+            browser.close()
+    finally:
+        demo.close()
