@@ -177,9 +177,11 @@ def bake_arguments(p: argparse.ArgumentParser) -> None:
     _policy_arguments(p, exact_flag=True)
     _output_arguments(p, DEFAULT)
     p.add_argument("--freeze-gates", metavar="PROMPTS.txt",
-                   help="bake routed mixtures (molora, mov, mola, loramoe) at their average gates over rendering these "
-                        "prompts (one per line) with the mix live; the baked file's error on them is measured")
-    p.add_argument("--gate-steps", type=int, default=20, help="denoising steps per prompt for --freeze-gates (default 20)")
+                   help="bake routed mixtures (molora, mov, mola, loramoe) at their average gates over these prompts "
+                        "(one per line) run with the mix live: rendered on an image base, one forward each on a "
+                        "language model (--format native); the baked file's error on them is measured")
+    p.add_argument("--gate-steps", type=int, default=20,
+                   help="denoising steps per prompt for --freeze-gates on an image base (default 20)")
 
 
 def bake_run(args: argparse.Namespace) -> int:
