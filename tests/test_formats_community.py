@@ -8,6 +8,9 @@
    LoKr or LoHa on the ResNets, LoHa on CLIP's MLP): built with lycoris-lora's kohya wrapper on the tiny SD
    layouts, the studio's whole-model outputs equal LyCORIS's own at weight 1 and 0.5; such a file mixes in
    ``studio generate`` and re-exports with ``--format lycoris`` to a file LyCORIS loads to the same outputs.
+3. LoKr splits LyCORIS's own loader cannot rebuild (it infers one factor and re-derives sorted pairs: ai-toolkit's
+   W1-the-larger-half, ``unbalanced_factorization``): ``--format lycoris`` writes them as W1 = [[1]],
+   W2 = kron(W1, W2), exactly, and lycoris-lora loads the file to the same outputs.
 """
 
 import copy
@@ -25,6 +28,7 @@ from cli_helpers import one_error_line
 from formats_helpers import assert_deltas_close, deltas, tiny_sd, unet_sample
 from studio.cli import main
 from studio.errors import StudioError
+from studio.formats.files import read as read_file
 from studio.formats.names import diffusers_to_sgm, kohya_name, with_text_model
 
 # SD1.5's block layout (two resnets per block, attention in all but the last down block and the first up
@@ -73,7 +77,7 @@ def comfy_name(component: str, path: str) -> str:
 
 def as_comfy(kohya_path, af, out_path, layout="diffusers"):
     """The kohya file at ``kohya_path`` (written from ``af``) with every key renamed to ComfyUI's names."""
-    tensors, _ = F.files.read(kohya_path)
+    tensors, _ = read_file(kohya_path)
     names = {kohya_name(c, p, layout): comfy_name(c, p) for c, part in af.parts.items() for p in part.modules()}
     renamed = {}
     for key, value in tensors.items():
@@ -329,7 +333,7 @@ def test_a_mixed_preset_re_exports_to_a_lycoris_file_lycoris_loads(tmp_path, lyc
     back = F.read(out)  # the studio re-reads its own export to the same deltas
     assert_deltas_close(_applied(back, sd), _applied(F.read(path), sd), rtol=1e-6)
     lycoris_kohya.LycorisNetworkKohya.apply_preset(read_preset(str(tmp_path / f"{case}.toml")))
-    weights = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in F.files.read(out)[0].items()}
+    weights = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in read_file(out)[0].items()}
     again = copy.deepcopy(sd)
     net, _ = lycoris_kohya.create_network_from_weights(1.0, None, None, again["te"], again["unet"], weights_sd=weights)
     net.apply_to(again["te"], again["unet"], apply_text_encoder=True, apply_unet=True)
@@ -424,3 +428,126 @@ def test_a_bad_mixed_component_is_one_error_line(tmp_path, capsys, second, named
     save_file({f"lora_unet_{m}.{k}": v for m, t in modules.items() for k, v in t.items()}, str(path))
     line = one_error_line(capsys, ["inspect", str(path)])
     assert named in line and str(path) in line, line
+
+
+# -- 3. LoKr splits LyCORIS's loader cannot rebuild -------------------------------------------------
+def _lycoris_module(shapes: dict, out: int, ins: int, kernel=None):
+    """LyCORIS's LokrModule.make_module_from_state_dict on random tensors of ``shapes``, on a Linear (or a conv of
+    ``kernel``): the module, or None when it cannot rebuild them (an error, or parameters of other shapes)."""
+    from lycoris.modules.lokr import LokrModule
+    layer = torch.nn.Linear(ins, out) if kernel is None else torch.nn.Conv2d(ins, out, kernel)
+    t = {k: torch.randn(*v) for k, v in shapes.items()}
+    args = [t.get(k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")]
+    try:
+        with torch.no_grad():  # (as LyCORIS's own make_module calls it)
+            module = LokrModule.make_module_from_state_dict("m", layer, *args, None, None, torch.tensor(1.0), None)
+    except (RuntimeError, AttributeError):
+        return None
+    same = all(tuple(getattr(module, k).shape) == tuple(v) for k, v in shapes.items())  # (copy_ broadcasts)
+    return module if same else None
+
+
+def _stored(a, b, c, d, K, r1, r2):
+    w1 = {"lokr_w1_a": (a, r1), "lokr_w1_b": (r1, c)} if r1 else {"lokr_w1": (a, c)}
+    w2 = {"lokr_w2_a": (b, r2), "lokr_w2_b": (r2, d * K)} if r2 else {"lokr_w2": (b, d, 3, 3) if K > 1 else (b, d)}
+    return {**w1, **w2}
+
+
+def test_which_splits_lycoris_rebuilds_is_lycoris_own_answer():
+    """The studio's prediction (lokr_shapes.lycoris_rebuilds) against LyCORIS's loader, split by split: every divisor
+    pair of a few sizes, both halves whole or factored as LyCORIS's rule says, Linear and 3x3 conv."""
+    from studio.adapters.lokr_shapes import lycoris_rebuilds
+    checked = {True: 0, False: 0}
+    for out, ins in ((32, 32), (48, 32), (64, 16), (24, 40)):
+        for a in (x for x in range(1, out + 1) if out % x == 0):
+            for c in (x for x in range(1, ins + 1) if ins % x == 0):
+                b, d = out // a, ins // c
+                for K in (1, 9):
+                    for r in (1, 2, 16):  # LyCORIS's rule decides which halves a rank-r module factors
+                        r2 = r if r < max(b, d) / 2 else 0
+                        r1 = r if r2 and r < max(a, c) / 2 else 0
+                        want = _lycoris_module(_stored(a, b, c, d, K, r1, r2), out, ins, (3, 3) if K > 1 else None)
+                        got = lycoris_rebuilds(a, b, c, d, (3, 3) if K > 1 else (1, 1), (not r1, not r2))
+                        assert got == (want is not None), (out, ins, a, c, K, r1, r2)
+                        checked[got] += 1
+    assert checked[True] > 50 and checked[False] > 50, checked
+
+
+Q, K_, V, CONV = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                  "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",
+                  "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v", "down_blocks.0.resnets.0.conv1")
+
+
+def _unsorted_file(tmp_path):
+    """ai-toolkit's pairs: W1 the larger half on a Linear (whole, and with W2 factored) and on a 3x3 conv, beside a
+    sorted pair; and the deltas they make (closed forms)."""
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    modules = {Q: {"lokr_w1": rnd(8, 8), "lokr_w2": rnd(4, 4), "alpha": torch.tensor(3.0)},   # (both whole: s = 1)
+               K_: {"lokr_w1": rnd(4, 4), "lokr_w2": rnd(8, 8), "alpha": torch.tensor(1.0)},
+               V: {"lokr_w1": rnd(8, 8), "lokr_w2_a": rnd(4, 1), "lokr_w2_b": rnd(1, 4), "alpha": torch.tensor(0.5)},
+               CONV: {"lokr_w1": rnd(8, 8), "lokr_w2_a": rnd(4, 1), "lokr_w2_b": rnd(1, 36), "alpha": torch.tensor(2.0)}}
+    path = tmp_path / "ai-toolkit.safetensors"
+    save_file({f"lora_unet_{p.replace('.', '_')}.{k}": v for p, t in modules.items() for k, v in t.items()}, str(path))
+    want = {f"unet.{Q}": torch.kron(modules[Q]["lokr_w1"], modules[Q]["lokr_w2"]),
+            f"unet.{K_}": torch.kron(modules[K_]["lokr_w1"], modules[K_]["lokr_w2"]),
+            f"unet.{V}": 0.5 * torch.kron(modules[V]["lokr_w1"], modules[V]["lokr_w2_a"] @ modules[V]["lokr_w2_b"]),
+            f"unet.{CONV}": 2.0 * torch.kron(modules[CONV]["lokr_w1"], modules[CONV]["lokr_w2_a"] @ modules[CONV]["lokr_w2_b"])}
+    return path, want
+
+
+def _lycoris_unet(sd, weights):
+    import lycoris.kohya as lycoris_kohya
+    from lycoris.utils.preset import read_preset
+    lycoris_kohya.LycorisNetworkKohya.apply_preset(read_preset(str(ROOT / "tests" / "data" / "lycoris_preset.toml")))
+    models = copy.deepcopy(sd)
+    net, _ = lycoris_kohya.create_network_from_weights(1.0, None, None, models["te"], models["unet"], weights_sd=weights)
+    net.apply_to(models["te"], models["unet"], apply_text_encoder=False, apply_unet=True)
+    return models["unet"], net
+
+
+def test_an_unsorted_lokr_re_exports_to_a_file_lycoris_loads(tmp_path, lycoris_presets):
+    sd = tiny_sd()
+    path, want = _unsorted_file(tmp_path)
+    with pytest.raises(RuntimeError):  # LyCORIS cannot rebuild the pairs as they are
+        _lycoris_unet(sd, read_file(path)[0])
+    out = tmp_path / "again.safetensors"
+    assert main(["export", str(path), "--format", "lycoris", "--dtype", "fp32", "-o", str(out)]) == 0
+    tensors = read_file(out)[0]
+    name = {m: f"lora_unet_{m.replace('.', '_')}" for m in (Q, K_, V, CONV)}
+    assert tuple(tensors[f"{name[K_]}.lokr_w1"].shape) == (4, 4)                       # rebuilt as it is
+    assert tuple(tensors[f"{name[Q]}.lokr_w1"].shape) == (1, 1) and tuple(tensors[f"{name[Q]}.lokr_w2"].shape) == (32, 32)
+    assert tuple(tensors[f"{name[CONV]}.lokr_w2_b"].shape) == (8, 288)                 # rank 8 x 1, W2 factored
+    assert_deltas_close({k: v.flatten(1) for k, v in _applied(F.read(out), sd).items()},
+                        {k: v.flatten(1) for k, v in want.items()}, rtol=1e-6)       # the studio reads it back exactly
+    unet, net = _lycoris_unet(sd, tensors)
+    assert len(net.unet_loras) == 4
+    hand = copy.deepcopy(sd["unet"])
+    with torch.no_grad():
+        for key, dW in want.items():
+            layer = hand.get_submodule(key.removeprefix("unet."))
+            layer.weight.add_(dW.reshape(layer.weight.shape))
+    _close(unet_sample(unet), unet_sample(hand))
+    for lora in net.unet_loras:  # and module by module, LyCORIS's own delta
+        module = next(m for m, n in name.items() if n == lora.lora_name)
+        got = lora.get_weight(lora.shape).flatten(1)
+        assert (got - want[f"unet.{module}"].flatten(1)).norm() <= 1e-6 * want[f"unet.{module}"].norm(), module
+
+
+def test_a_trained_unbalanced_lokr_exports_to_a_file_lycoris_loads(tmp_path, lycoris_presets):
+    """unbalanced_factorization puts W1 the larger half on the output side, which LyCORIS's loader never does."""
+    sd = tiny_sd()
+    models = copy.deepcopy(sd)
+    A.attach(models["unet"], "a", "lokr", A.make_config("lokr", {"rank": 2, "alpha": 1.0, "unbalanced_factorization": True,
+                                                                  "factor": 4}), "unet-full")
+    with torch.no_grad():
+        for p in A.trainable_parameters(models["unet"], "a"):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(6)))
+    want = unet_sample(models["unet"])
+    F.save(F.from_models(models, "a"), tmp_path / "k.safetensors", "lycoris", dtype="fp32")
+    unet, net = _lycoris_unet(sd, read_file(tmp_path / "k.safetensors")[0])
+    assert len(net.unet_loras) == len(A.delta_weights(models["unet"], "a"))
+    _close(unet_sample(unet), want)

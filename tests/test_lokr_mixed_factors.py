@@ -8,7 +8,7 @@
    loads to the same outputs, and convert to a plain LoRA exactly.
 2. ai-toolkit writes the factor pair unsorted: W1 (8, 8), W2 (4, 4) on a 32 x 32 layer (W1 the larger half
    on both sides), which no LyCORIS factor gives; it applies as kron(W1, W2), by the closed form, and
-   re-exports in LyCORIS's layout with the pair as it was.
+   re-exports in LyCORIS's layout as W1 = [[1]], W2 = kron(W1, W2), the split LyCORIS's loader rebuilds.
 """
 
 import copy
@@ -215,13 +215,13 @@ def test_an_unsorted_factor_pair_applies_as_the_kronecker_product(sd, tmp_path, 
         for module, dW in deltas.items():
             hand["unet"].get_submodule(module).weight.sub_(0.5 * dW)
     _close(unet_sample(ours["unet"]), unet_sample(hand["unet"]))
-    # re-exported in LyCORIS's layout the pair stays unsorted (what ComfyUI / A1111 apply as kron(W1, W2); LyCORIS's
-    # own create_network_from_weights re-derives the split from a factor and cannot rebuild such a pair)
+    # re-exported in LyCORIS's layout an unsorted pair becomes W1 = [[1]], W2 = kron(W1, W2), exactly: LyCORIS's own
+    # create_network_from_weights re-derives the split from a factor and cannot rebuild the pair itself
+    # (tests/test_formats_community.py loads it there); the sorted to_k keeps its split
     out = tmp_path / "again.safetensors"
     assert main(["export", str(path), "--format", "lycoris", "--dtype", "fp32", "-o", str(out)]) == 0
-    assert _w1_shapes(out)[_name(Q)] == (8, 8) and _w1_shapes(out)[_name(K)] == (4, 4)
-    back = F.read(out)  # (to_v's W2 came in factored at rank 2, which the file's rank 4 keeps full: all full now)
-    assert back.parts["unet"].config["module_shapes"] == af.parts["unet"].config["module_shapes"]
+    assert _w1_shapes(out)[_name(Q)] == (1, 1) and _w1_shapes(out)[_name(K)] == (4, 4)
+    back = F.read(out)
     again = copy.deepcopy(sd)
     F.attach_file(back, again, "b")
     _close(unet_sample(again["unet"]), want, 1e-6)

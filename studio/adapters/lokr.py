@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from studio.adapters.common import LowRankConfig, pad_rank
 from studio.adapters.contract import Base, Site, Traits
-from studio.adapters.lokr_shapes import check_module_shapes, choose_split, modules, split
+from studio.adapters.lokr_shapes import check_module_shapes, choose_split, lycoris_rebuilds, modules, split
 from studio.adapters.lokr_shapes import factorization  # noqa: F401 (LyCORIS's rule, read here as lokr.factorization)
 from studio.errors import StudioError
 
@@ -176,13 +176,36 @@ LYCORIS_ARGS = {"algo": "lokr"}
 LYCORIS_CONV = {"lokr_w2": "kernel"}  # a full W2 is (b, d, kh, kw) on a convolution; the rest stays 2-D
 
 
-def to_lycoris(cfg: Config, state: dict) -> dict:
-    out = {}
-    for half in "12":
-        w, w_b = state[f"w{half}"].detach(), state[f"w{half}_b"].detach()
-        out.update({f"lokr_w{half}_a": w, f"lokr_w{half}_b": w_b} if w_b.shape[0] else {f"lokr_w{half}": w})
-    out["alpha"] = state["alpha"].detach().reshape(())
-    return out
+def to_lycoris(cfg: Config, state: dict, kernel: tuple | None = None) -> dict:
+    """The module in LyCORIS's keys, as it is; a split LyCORIS's loader cannot rebuild (``lycoris_rebuilds``:
+    W1 the larger half, as ai-toolkit writes, or another per-module split) as the one it always rebuilds, exactly:
+    W1 = [[1]] and W2 = kron(W1, W2) = kron(P1, P2) kron(Q1, Q2) (each half P Q), factored at rank
+    rank(W1) rank(W2) when LyCORIS's rule factors it, else whole with the scale in W1 (both halves whole: s = 1)."""
+    state = {k: v.detach() for k, v in state.items()}
+    (a, _), (b, _), c, dK = state["w1"].shape, state["w2"].shape, state["w1_b"].shape[1], state["w2_b"].shape[1]
+    kernel = kernel or (1, 1)
+    d = dK // (kernel[0] * kernel[1])
+    if lycoris_rebuilds(a, b, c, d, kernel, (not state["w1_b"].shape[0], not state["w2_b"].shape[0])):
+        out = {}
+        for half in "12":
+            w, w_b = state[f"w{half}"], state[f"w{half}_b"]
+            out.update({f"lokr_w{half}_a": w, f"lokr_w{half}_b": w_b} if w_b.shape[0] else {f"lokr_w{half}": w})
+        return {**out, "alpha": state["alpha"].reshape(())}
+    (P1, Q1), (P2, Q2), s = halves(state, "1"), halves(state, "2"), float(scale(state))
+    up, down = torch.kron(P1, P2), torch.kron(Q1, Q2)                               # (out, k), (k, in K)
+    k = up.shape[1]
+    if k < max(a * b, c * d) / 2:  # LyCORIS's rule for W2 at lora_dim k, with W1 (1, 1): r < max(b, d) / 2
+        return {"lokr_w1": torch.ones(1, 1), "lokr_w2_a": up, "lokr_w2_b": down, "alpha": torch.tensor(s * k)}
+    return {"lokr_w1": torch.full((1, 1), s), "lokr_w2": up @ down, "alpha": torch.tensor(1.0)}
+
+
+def halves(state: dict, half: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """W1 or W2 as P (rows, k) @ Q (k, cols): its own factors, or a whole half against the narrower identity."""
+    w, w_b = state[f"w{half}"], state[f"w{half}_b"]
+    if w_b.shape[0]:
+        return w, w_b
+    rows, cols = w.shape
+    return (w, torch.eye(cols)) if cols <= rows else (torch.eye(rows), w)
 
 
 def _matrix(where: str, key: str, t: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:

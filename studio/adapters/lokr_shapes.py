@@ -135,3 +135,25 @@ def choose_split(mods: list[Module]) -> tuple[int, bool, tuple]:
     rules = tuple((_ANY_PARENT + "(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")", w1)
                   for w1, paths in sorted(others.items()))
     return factor, unbalanced, rules
+
+
+# -- what LyCORIS's own loader rebuilds ---------------------------------------------------------------
+def lycoris_rebuilds(a: int, b: int, c: int, d: int, kernel: tuple, full: tuple[bool, bool]) -> bool:
+    """Whether LyCORIS's loader (``LokrModule.make_module_from_state_dict``) rebuilds a stored W1 (a, c) x W2
+    (b, d K) (``full``: which halves are stored whole). It infers one factor from the stored shapes and builds
+    the module from ``factorization(out, f)`` / ``factorization(in_channels, f)``, always sorted, then copies
+    the tensors in: a split no factor gives (W1 the larger half, ``unbalanced_factorization``, per-module
+    records) fails to load there. The inference below is LyCORIS's, shape for shape (W2 stored 4-D when
+    whole on a convolution, its right factor 2-D (r, d K) when factored)."""
+    K = kernel[0] * kernel[1]
+    w2 = ((b, d, *kernel) if K > 1 else (b, d)) if full[1] else (b, d * K)  # the stored W2 shape as LyCORIS reads it
+    out, ins = a * b, c * w2[1]
+    if (a, c) == (factorization(out)[0], factorization(ins)[0]):
+        f = -1
+    else:
+        f = min(max(a, c), max(w2))
+        for candidate in (max(a, c), max(w2)):
+            if out % candidate == 0 and ins % candidate == 0 and candidate in (a, b) and candidate in (c, w2[1]):
+                f = candidate
+                break
+    return factorization(a * b, f) == (a, b) and factorization(c * d, f) == (c, d)

@@ -7,7 +7,8 @@ A method that LyCORIS also implements declares, in its own module,
     from_lycoris(stored, where)    (config fields, canonical tensors) of one module: it checks its own
                                    keys (missing factors, foreign keys, Tucker cores); ``fields["kernel"]``
                                    may tell the kernel the stored tensors show (not a config field)
-    to_lycoris(cfg, state)         {LyCORIS key suffix: tensor} of one module, canonical shapes
+    to_lycoris(cfg, state[, kernel])   {LyCORIS key suffix: tensor} of one module, canonical shapes (told the
+                                   module's kernel, None off convolutions, when it takes one: LoKr)
     LYCORIS_CONV                   {key: "kernel" | "1x1"}: how a 2-D tensor of that key is stored on a
                                    convolution (reshaped to the kernel, or given 1x1 dims); others stay
     LYCORIS_ARGS                   the kohya ``ss_network_args`` a file of it carries
@@ -20,6 +21,7 @@ the tensors show it or, for the UNet, as its names tell). reference/lycoris.md h
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections import Counter
 from pathlib import Path
@@ -67,13 +69,20 @@ def to_tensors(af: AdapterFile, dtype: str, layout: str, models: dict[str, nn.Mo
         for path, tensors in part.modules().items():
             kernel = kernel_of(component, path, af.base, models.get(component), stored[component].get(path))
             name = kohya_name(component, path, layout)
-            for key, t in method.to_lycoris(cfg, tensors).items():
+            for key, t in _to_lycoris(method, cfg, tensors, kernel).items():
                 value = _conv_layout(method.LYCORIS_CONV.get(key), t.float(), kernel).to(DTYPES[dtype])
                 if not torch.isfinite(value).all():
                     raise StudioError(f"module '{component}.{path}' does not fit {dtype} (or has NaN values): export "
                                       f"with --dtype fp32")
                 out[f"{name}.{key}"] = value.contiguous()
     return out
+
+
+def _to_lycoris(method, cfg, tensors: dict, kernel: tuple[int, int] | None) -> dict:
+    """The method's ``to_lycoris``, told the module's kernel when it asks for one (LoKr: what LyCORIS rebuilds)."""
+    if "kernel" in inspect.signature(method.to_lycoris).parameters:
+        return method.to_lycoris(cfg, tensors, kernel)
+    return method.to_lycoris(cfg, tensors)
 
 
 def fold_tucker(parts: dict[str, torch.Tensor], where: str, name: str) -> dict[str, torch.Tensor]:
@@ -216,19 +225,10 @@ def _as_host(host: str, kind: str, parts: dict, where_module: str, name: str, wh
     # LoKr as LoHa (the only other pair: a component with LoHa holds everything as LoHa)
     fields, t = get("lokr").from_lycoris(parts, where_module)
     (a, _), (b, _), c, dK = t["w1"].shape, t["w2"].shape, t["w1_b"].shape[1], t["w2_b"].shape[1]
-    P1, Q1 = _factors(t["w1"], t["w1_b"])
-    P2, Q2 = _factors(t["w2"], t["w2_b"])
+    (P1, Q1), (P2, Q2) = get("lokr").halves(t, "1"), get("lokr").halves(t, "2")
     s = float(get("lokr").scale(t))
     w1_b = torch.kron(Q1, torch.ones(1, dK))                       # (k1, c d K)
     kernel = fields.get("kernel")
     return {"hada_w1_a": torch.kron(P1, torch.ones(b, 1)), "hada_w2_a": torch.kron(torch.ones(a, 1), P2),
             "hada_w1_b": w1_b if kernel in (None, (1, 1)) else w1_b.reshape(w1_b.shape[0], -1, *kernel),
             "hada_w2_b": torch.kron(torch.ones(1, c), Q2), "alpha": torch.tensor(s * P1.shape[1])}
-
-
-def _factors(w: torch.Tensor, w_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A LoKr half as P (rows, k) @ Q (k, cols): its own factors, or a full half against the narrower identity."""
-    if w_b.shape[0]:
-        return w, w_b
-    rows, cols = w.shape
-    return (w, torch.eye(cols)) if cols <= rows else (torch.eye(rows), w)
