@@ -551,3 +551,29 @@ def test_a_trained_unbalanced_lokr_exports_to_a_file_lycoris_loads(tmp_path, lyc
     unet, net = _lycoris_unet(sd, read_file(tmp_path / "k.safetensors")[0])
     assert len(net.unet_loras) == len(A.delta_weights(models["unet"], "a"))
     _close(unet_sample(unet), want)
+
+
+def test_a_simpletuner_file_mixing_kinds_applies_as_lycoris_applies_it(tmp_path, lycoris_presets):
+    """SimpleTuner's lycoris_config with a module_algo_map giving attention LoCon and the feed-forward LoKr
+    (LyCORIS's generic wrapper, lycoris_ names, UNet only)."""
+    from lycoris import LycorisNetwork, create_lycoris
+    sd = tiny_sd()
+    ly = copy.deepcopy(sd)
+    LycorisNetwork.apply_preset({"target_module": ["Attention", "FeedForward"],
+                                 "module_algo_map": {"Attention": {"algo": "lora"},
+                                                     "FeedForward": {"algo": "lokr", "factor": 8}}})
+    net = create_lycoris(ly["unet"], 1.0, 4, 2, algo="lokr", factor=16)
+    net.apply_to()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    af = F.read(path)
+    assert af.source["format"] == "lycoris (lycoris_ UNet names)"
+    assert af.source["stored_kinds"]["unet"].keys() == {"LoCon", "LoKr"} and len(af.parts["unet"].modules()) == len(net.loras)
+    ours = copy.deepcopy(sd)
+    F.attach_file(af, ours, "st")
+    want = unet_sample(ly["unet"])
+    assert (want - unet_sample(sd["unet"])).abs().max() > 1e-2
+    _close(unet_sample(ours["unet"]), want)
