@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import studio.adapters as A
@@ -330,8 +331,27 @@ def test_a_mixed_preset_re_exports_to_a_lycoris_file_lycoris_loads(tmp_path, lyc
     path, ly, _ = _preset_network(sd, tmp_path, case)
     out = tmp_path / "again.safetensors"
     assert main(["export", str(path), "--format", "lycoris", "--dtype", "fp32", "-o", str(out)]) == 0
-    back = F.read(out)  # the studio re-reads its own export to the same deltas
-    assert_deltas_close(_applied(back, sd), _applied(F.read(path), sd), rtol=1e-6)
+    back, af = F.read(out), F.read(path)  # the studio re-reads its own export to the same deltas
+    assert_deltas_close(_applied(back, sd), _applied(af, sd), rtol=1e-6)
+    # every module is written back in the kind the file stored it as (LoCon as lora_down / lora_up), except a LoKr
+    # beside LoHa, which stays the LoHa that holds it
+    restorable = [c for c, kinds in af.source["stored_kinds"].items() if "LoCon" in kinds and len(kinds) == 2]
+    assert "unet" in restorable and all(back.source["stored_kinds"][c] == af.source["stored_kinds"][c] for c in restorable)
+    with safe_open(str(path), "pt") as f:
+        kinds = {k.partition(".")[0]: k.partition(".")[2] for k in f.keys() if k.endswith(("lora_down.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a"))}
+    with safe_open(str(out), "pt") as f:  # (LyCORIS names transformers 5's CLIP without text_model_, the studio with)
+        again = {k.partition(".")[0].replace("lora_te_text_model_", "lora_te_"): k.partition(".")[2] for k in f.keys()
+                 if k.endswith(("lora_down.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a"))}
+    assert sorted(n for n, k in kinds.items() if k == "lora_down.weight") == sorted(n for n, k in again.items() if k == "lora_down.weight")
+    F.save(af, tmp_path / "native.safetensors", "native")  # the record survives the studio's own file too
+    native = F.read(tmp_path / "native.safetensors")
+    assert {c: A.make_config(p.method, p.config) for c, p in native.parts.items()} == \
+        {c: A.make_config(p.method, p.config) for c, p in af.parts.items()}
+    for component in restorable:  # and reads back to the same canonical tensors, bit for bit
+        part = af.parts[component]
+        assert back.parts[component].config == part.config
+        for k, t in part.tensors.items():
+            assert torch.equal(back.parts[component].tensors[k], t), k
     lycoris_kohya.LycorisNetworkKohya.apply_preset(read_preset(str(tmp_path / f"{case}.toml")))
     weights = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in read_file(out)[0].items()}
     again = copy.deepcopy(sd)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from studio.adapters.common import LowRankConfig, pad_rank
 from studio.adapters.contract import Base, Site, Traits
+from studio.adapters.lokr_shapes import check_stored_kinds, stored_kind
 from studio.errors import StudioError
 
 NAME = "loha"
@@ -55,7 +56,15 @@ class Config(LowRankConfig):
     """rank, alpha, rslora, dropout, conv_rank, conv_alpha (see ``common.LowRankConfig``); kohya's
     network_dim / conv_dim decide the shapes, alpha is stored per module."""
 
+    stored_kinds: tuple = ()
+    """Modules a file stored as LoCon beside its LoHa modules (a LyCORIS preset): ((path pattern, "lora"), ...);
+    they hold w2 = 1 1^T and are written back as LoCon by --format lycoris (formats/lycoris.py)."""
+
     label: ClassVar[str] = "LoHa"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "stored_kinds", check_stored_kinds(self.stored_kinds, self.label))
 
 
 def init(cfg: Config, W0: torch.Tensor, site: Site, generator: torch.Generator | None = None) -> dict:
@@ -116,11 +125,17 @@ def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float
 # -- LyCORIS's layout (kohya files with hada_* keys; what ComfyUI, A1111 and Forge apply) -------------
 LYCORIS_MARKER = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LYCORIS_ARGS = {"algo": "loha"}
-LYCORIS_CONV: dict = {}  # every LoHa tensor stays 2-D on a convolution (LyCORIS's non-Tucker layout)
+LYCORIS_CONV = {"lora_down.weight": "kernel", "lora_up.weight": "1x1"}  # a module written back as LoCon; every
+# LoHa tensor stays 2-D on a convolution (LyCORIS's non-Tucker layout)
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
-def to_lycoris(cfg: Config, state: dict) -> dict:
+def to_lycoris(cfg: Config, state: dict, path: str = "") -> dict:
+    """The module in LyCORIS's keys; as LoCon (up = w1_a, down = w1_b, the same alpha) when the file it came from
+    stored it so (``stored_kinds``) and its second product is still all ones."""
+    if stored_kind(cfg, path) == "lora" and bool((state["w2_a"] @ state["w2_b"] == 1).all()):
+        return {"lora_up.weight": state["w1_a"].detach(), "lora_down.weight": state["w1_b"].detach(),
+                "alpha": state["alpha"].detach().reshape(())}
     out = {f"hada_{k}": state[k].detach() for k in FACTORS}
     out["alpha"] = state["alpha"].detach().reshape(())
     return out

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from studio.adapters.common import LowRankConfig, pad_rank
 from studio.adapters.contract import Base, Site, Traits
-from studio.adapters.lokr_shapes import check_module_shapes, choose_split, lycoris_rebuilds, modules, split
+from studio.adapters.lokr_shapes import (check_module_shapes, check_stored_kinds, choose_split, lycoris_rebuilds,
+                                         modules, split, stored_kind)
 from studio.adapters.lokr_shapes import factorization  # noqa: F401 (LyCORIS's rule, read here as lokr.factorization)
 from studio.errors import StudioError
 
@@ -75,6 +76,10 @@ class Config(LowRankConfig):
     factor rule (a file split with several factors, as LyCORIS's module_algo_map; or with W1 the larger
     half, as ai-toolkit writes). Empty = the factor rule everywhere."""
 
+    stored_kinds: tuple = ()
+    """Modules a file stored as LoCon beside its LoKr modules (a LyCORIS preset): ((path pattern, "lora"), ...);
+    they hold W1 = [[1]] and are written back as LoCon by --format lycoris (formats/lycoris.py)."""
+
     label: ClassVar[str] = "LoKr"
 
     def __post_init__(self) -> None:
@@ -84,6 +89,7 @@ class Config(LowRankConfig):
             raise StudioError(f"LoKr factor must be -1 or a positive integer, got {self.factor!r}: pass "
                               f"--method-args factor=8 (or leave the default -1)")
         object.__setattr__(self, "module_shapes", check_module_shapes(self.module_shapes, self.label))
+        object.__setattr__(self, "stored_kinds", check_stored_kinds(self.stored_kinds, self.label))
 
 
 class Layout(NamedTuple):
@@ -173,15 +179,19 @@ def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float
 # -- LyCORIS's layout (kohya files with lokr_* keys; what ComfyUI, A1111 and Forge apply) -------------
 LYCORIS_MARKER = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2")
 LYCORIS_ARGS = {"algo": "lokr"}
-LYCORIS_CONV = {"lokr_w2": "kernel"}  # a full W2 is (b, d, kh, kw) on a convolution; the rest stays 2-D
+LYCORIS_CONV = {"lokr_w2": "kernel",  # a full W2 is (b, d, kh, kw) on a convolution; the rest stays 2-D
+                "lora_down.weight": "kernel", "lora_up.weight": "1x1"}  # (a module written back as LoCon)
 
 
-def to_lycoris(cfg: Config, state: dict, kernel: tuple | None = None) -> dict:
-    """The module in LyCORIS's keys, as it is; a split LyCORIS's loader cannot rebuild (``lycoris_rebuilds``:
+def to_lycoris(cfg: Config, state: dict, kernel: tuple | None = None, path: str = "") -> dict:
+    """The module in LyCORIS's keys: as LoCon when the file it came from stored it so (``stored_kinds``); as it is;
+    or, a split LyCORIS's loader cannot rebuild (``lycoris_rebuilds``:
     W1 the larger half, as ai-toolkit writes, or another per-module split) as the one it always rebuilds, exactly:
     W1 = [[1]] and W2 = kron(W1, W2) = kron(P1, P2) kron(Q1, Q2) (each half P Q), factored at rank
     rank(W1) rank(W2) when LyCORIS's rule factors it, else whole with the scale in W1 (both halves whole: s = 1)."""
     state = {k: v.detach() for k, v in state.items()}
+    if stored_kind(cfg, path) == "lora" and tuple(state["w1"].shape) == (1, 1) and not state["w1_b"].shape[0]:
+        return as_locon(state)
     (a, _), (b, _), c, dK = state["w1"].shape, state["w2"].shape, state["w1_b"].shape[1], state["w2_b"].shape[1]
     kernel = kernel or (1, 1)
     d = dK // (kernel[0] * kernel[1])
@@ -197,6 +207,16 @@ def to_lycoris(cfg: Config, state: dict, kernel: tuple | None = None) -> dict:
     if k < max(a * b, c * d) / 2:  # LyCORIS's rule for W2 at lora_dim k, with W1 (1, 1): r < max(b, d) / 2
         return {"lokr_w1": torch.ones(1, 1), "lokr_w2_a": up, "lokr_w2_b": down, "alpha": torch.tensor(s * k)}
     return {"lokr_w1": torch.full((1, 1), s), "lokr_w2": up @ down, "alpha": torch.tensor(1.0)}
+
+
+def as_locon(state: dict) -> dict:
+    """A module with W1 (1, 1) as the LoCon it is: up = W1 w2, down = w2_b, the same alpha (s = alpha / r either
+    way); a whole W2 as a full-rank pair with the scale folded in (alpha = r)."""
+    if state["w2_b"].shape[0]:
+        return {"lora_up.weight": state["w2"] * state["w1"][0, 0], "lora_down.weight": state["w2_b"],
+                "alpha": state["alpha"].reshape(())}
+    up, down = halves({"w1": state["w1"] * scale(state) * state["w2"], "w1_b": state["w1_b"]}, "1")
+    return {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(float(up.shape[1]))}
 
 
 def halves(state: dict, half: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,9 +132,39 @@ def choose_split(mods: list[Module]) -> tuple[int, bool, tuple]:
     for m in mods:
         if not fits((m.a, m.b, m.c, m.d), factor, unbalanced):
             others[(m.a, m.c)].append(m.path)
-    rules = tuple((_ANY_PARENT + "(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")", w1)
-                  for w1, paths in sorted(others.items()))
-    return factor, unbalanced, rules
+    return factor, unbalanced, tuple((paths_rule(paths), w1) for w1, paths in sorted(others.items()))
+
+
+def paths_rule(paths) -> str:
+    """One pattern that fullmatches exactly these module paths (under any parent module)."""
+    return _ANY_PARENT + "(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+
+
+# -- modules a file stored in another kind (LyCORIS presets, formats/lycoris.py) ----------------------
+STORED_AS = ("lora",)
+"""Kinds a LoKr or LoHa module of an imported file can be written back as, exactly: LoCon (a plain LoRA)."""
+
+
+def check_stored_kinds(rules, label: str) -> tuple:
+    """``rules`` as ((pattern, kind), ...) with valid patterns and kinds of ``STORED_AS``."""
+    out = []
+    for rule in rules:
+        try:
+            pattern, kind = rule
+            re.compile(pattern)
+            ok = isinstance(pattern, str) and kind in STORED_AS
+        except (TypeError, ValueError, re.error):
+            ok = False
+        if not ok:
+            raise StudioError(f"{label} stored_kinds must be ((module path pattern, 'lora'), ...), got {rule!r}: the "
+                              f"file is damaged, or leave stored_kinds out")
+        out.append((pattern, kind))
+    return tuple(out)
+
+
+def stored_kind(cfg, path: str) -> str | None:
+    """The kind the file stored module ``path`` as, when it was another than the config's method."""
+    return next((kind for pattern, kind in cfg.stored_kinds if path and re.fullmatch(pattern, path)), None)
 
 
 # -- what LyCORIS's own loader rebuilds ---------------------------------------------------------------

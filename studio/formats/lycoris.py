@@ -7,8 +7,8 @@ A method that LyCORIS also implements declares, in its own module,
     from_lycoris(stored, where)    (config fields, canonical tensors) of one module: it checks its own
                                    keys (missing factors, foreign keys, Tucker cores); ``fields["kernel"]``
                                    may tell the kernel the stored tensors show (not a config field)
-    to_lycoris(cfg, state[, kernel])   {LyCORIS key suffix: tensor} of one module, canonical shapes (told the
-                                   module's kernel, None off convolutions, when it takes one: LoKr)
+    to_lycoris(cfg, state[, kernel][, path])   {LyCORIS key suffix: tensor} of one module, canonical shapes
+                                   (told the module's kernel, None off convolutions, and its path when it takes them)
     LYCORIS_CONV                   {key: "kernel" | "1x1"}: how a 2-D tensor of that key is stored on a
                                    convolution (reshaped to the kernel, or given 1x1 dims); others stay
     LYCORIS_ARGS                   the kohya ``ss_network_args`` a file of it carries
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from studio.adapters.lokr_shapes import paths_rule
 from studio.adapters.registry import METHODS, get, make_config
 from studio.errors import StudioError
 from studio.formats import files
@@ -36,7 +37,7 @@ from studio.formats.adapter_file import AdapterFile, Part
 from studio.formats.lowrank import uniform_part
 from studio.formats.packing import DTYPES, kernel_of, stored_kernels
 from studio.formats.metadata import export_metadata
-from studio.formats.names import kohya_name, split_kohya_name
+from studio.formats.names import canonical_te_path, is_sgm, kohya_name, sgm_to_diffusers, split_kohya_name
 from studio.formats.writing import ExportReport, WriteOptions, sd_dtype_and_layout
 
 
@@ -69,7 +70,7 @@ def to_tensors(af: AdapterFile, dtype: str, layout: str, models: dict[str, nn.Mo
         for path, tensors in part.modules().items():
             kernel = kernel_of(component, path, af.base, models.get(component), stored[component].get(path))
             name = kohya_name(component, path, layout)
-            for key, t in _to_lycoris(method, cfg, tensors, kernel).items():
+            for key, t in _to_lycoris(method, cfg, tensors, kernel, path).items():
                 value = _conv_layout(method.LYCORIS_CONV.get(key), t.float(), kernel).to(DTYPES[dtype])
                 if not torch.isfinite(value).all():
                     raise StudioError(f"module '{component}.{path}' does not fit {dtype} (or has NaN values): export "
@@ -78,11 +79,11 @@ def to_tensors(af: AdapterFile, dtype: str, layout: str, models: dict[str, nn.Mo
     return out
 
 
-def _to_lycoris(method, cfg, tensors: dict, kernel: tuple[int, int] | None) -> dict:
-    """The method's ``to_lycoris``, told the module's kernel when it asks for one (LoKr: what LyCORIS rebuilds)."""
-    if "kernel" in inspect.signature(method.to_lycoris).parameters:
-        return method.to_lycoris(cfg, tensors, kernel)
-    return method.to_lycoris(cfg, tensors)
+def _to_lycoris(method, cfg, tensors: dict, kernel: tuple[int, int] | None, path: str) -> dict:
+    """The method's ``to_lycoris``, told the module's kernel (LoKr: what LyCORIS rebuilds) and path (a module the
+    file stored in another kind) when it asks for them."""
+    asks = inspect.signature(method.to_lycoris).parameters
+    return method.to_lycoris(cfg, tensors, **{k: v for k, v in (("kernel", kernel), ("path", path)) if k in asks})
 
 
 def fold_tucker(parts: dict[str, torch.Tensor], where: str, name: str) -> dict[str, torch.Tensor]:
@@ -158,7 +159,8 @@ def write(af: AdapterFile, path, opts: WriteOptions, fmt: str = "kohya") -> Expo
 #   LoCon as LoHa:  w1 = (U, D), w2 = (1_out, 1_in^T):  (U D) * (1 1^T) = U D
 #   LoKr as LoHa:   kron(P1 Q1, P2 Q2) = (kron(P1, 1_b) kron(Q1, 1_dK^T)) * (kron(1_a, P2) kron(1_c^T, Q2))
 #                   with each half W = P Q its own factors (a full half: W I or I W, the narrower)
-# The file's kind of every module is kept in ``stored_kinds`` for inspect; the delta is the file's.
+# The file's kinds are counted in ``af.source["stored_kinds"]`` for inspect, and the host config records its LoCon
+# modules (``stored_kinds``), which the host's ``to_lycoris`` writes back as LoCon; a LoKr beside LoHa stays LoHa.
 LOCON, MIXABLE = "lora", ("lora", "loha", "lokr")
 KIND_NAMES = {"lora": "LoCon", "loha": "LoHa", "lokr": "LoKr"}
 
@@ -184,10 +186,11 @@ def mixes_kinds(tensors: dict) -> bool:
     return any(len(set(kinds.values())) > 1 for kinds in module_kinds(tensors).values())
 
 
-def one_kind_per_component(tensors: dict, where: str) -> tuple[dict, dict[str, dict[str, int]]]:
-    """The file's tensors with every module of a mixed component in its host kind (see above), and
-    {component: {kind name: modules}} as the file stores them (only for mixed components)."""
-    out, stored = dict(tensors), {}
+def one_kind_per_component(tensors: dict, where: str) -> tuple[dict, dict[str, dict[str, int]], set[str]]:
+    """The file's tensors with every module of a mixed component in its host kind (see above),
+    {component: {kind name: modules}} as the file stores them (only for mixed components), and the kohya
+    names of the LoCon modules moved into another kind."""
+    out, stored, locon = dict(tensors), {}, set()
     for component, kinds in module_kinds(tensors).items():
         present = set(kinds.values())
         if len(present) < 2:
@@ -203,8 +206,22 @@ def one_kind_per_component(tensors: dict, where: str) -> tuple[dict, dict[str, d
                 parts = {k.partition(".")[2]: out.pop(k) for k in [k for k in out if k.partition(".")[0] == name]}
                 moved = _as_host(host, kind, parts, f"{where}: module '{name}'", name, where)
                 out.update({f"{name}.{k}": v for k, v in moved.items()})
+                locon |= {name} if kind == LOCON else set()
         stored[component] = {KIND_NAMES[k]: n for k, n in sorted(Counter(kinds.values()).items())}
-    return out, stored
+    return out, stored, locon
+
+
+def record_locon(af: AdapterFile, names: set[str]) -> None:
+    """Each part's ``stored_kinds``: its modules the file stored as LoCon (kohya ``names``), which --format lycoris
+    writes back as LoCon (the host methods' ``to_lycoris``)."""
+    paths = set()
+    for name in names:
+        component, path = split_kohya_name(name)
+        paths.add(canonical_te_path(path) if component != "unet" else sgm_to_diffusers(path) if is_sgm(path) else path)
+    for part in af.parts.values():
+        mine = [p for p in part.modules() if p in paths]
+        if mine:
+            part.config = {**part.config, "stored_kinds": ((paths_rule(mine), LOCON),)}
 
 
 def _as_host(host: str, kind: str, parts: dict, where_module: str, name: str, where: str) -> dict:

@@ -52,10 +52,11 @@ def looks_like(tensors: dict, metadata: dict[str, str]) -> bool:
 
 def _kohya_read(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
     """The kohya reader, after a preset's mixed components are put in one kind each (``lycoris.one_kind_per_component``)."""
-    tensors, stored = lycoris.one_kind_per_component(tensors, where)
+    tensors, stored, locon = lycoris.one_kind_per_component(tensors, where)
     af = kohya.read(tensors, metadata, where)
     if stored:
         af.source["stored_kinds"] = stored
+        lycoris.record_locon(af, locon)
     return af
 
 
