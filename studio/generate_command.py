@@ -177,6 +177,6 @@ def _run_text(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("studio.text") is None:
         raise StudioError("the language-model path (studio.text) is not installed in --task lm: "
                           "use --task image, or install the version with studio/text.py")
-    from studio import text
+    from studio import text_generate
 
-    return text.run_text_generate(args)
+    return text_generate.run_text_generate(args)

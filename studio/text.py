@@ -1,4 +1,4 @@
-"""Text from a causal LM with weighted adapter files: ``studio generate --task lm`` and the pirate metric.
+"""Text from a causal LM with weighted adapter files, and the pirate metric (the CLI: studio/text_generate.py).
 
     model, tokenizer = load_with_adapters(base, [("pirate.safetensors", 1.0), ("other.safetensors", 0.5)])
     complete(model, tokenizer, ["Q: What colour is a frog?\\nA:"])  -> [" Arr! A frog be green, matey."]
@@ -10,8 +10,6 @@ always gives the same text -- what a metric and a test need.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 from pathlib import Path
 
 import torch
@@ -24,22 +22,21 @@ from studio.prompt import prefix
 
 def load_with_adapters(base: str | None, adapters: list[tuple[str, float]]):
     """(model, tokenizer) of the base (the mini LM when None) with every adapter file attached at its weight."""
-    model, tokenizer, _ = load_mix(base, adapters)
+    model, tokenizer = load_causal_lm(base)
+    model.eval()
+    attach_files(model, adapters)
     return model, tokenizer
 
 
-def load_mix(base: str | None, adapters: list[tuple[str, float]]):
-    """``load_with_adapters`` and the files as attached: (model, tokenizer, [mixing.AttachedFile])."""
-    from studio.mixing import AttachedFile, MixEntry
-
-    model, tokenizer = load_causal_lm(base)
-    model.eval()
-    files = []
-    for index, (path, weight) in enumerate(adapters):  # a file's prefix too (studio/prompt/prefix.py)
+def attach_files(model, adapters: list[tuple[str, float]]) -> list[tuple[str, object, str, float]]:
+    """Each file read and attached at its weight (a file's prefix too, studio/prompt/prefix.py):
+    [(attached name, AdapterFile, path, weight)]."""
+    attached = []
+    for index, (path, weight) in enumerate(adapters):
         af, name = formats.read(path), f"adapter{index}-{Path(path).stem}"
         formats.attach_file(af, {"lm": model}, name, weight)
-        files.append(AttachedFile(name, Path(path).stem, af, MixEntry(str(path), float(weight))))
-    return model, tokenizer, files
+        attached.append((name, af, str(path), float(weight)))
+    return attached
 
 
 @torch.no_grad()
@@ -73,41 +70,3 @@ def pirate_metric(model, tokenizer, things=text_world.PIRATE_EVAL) -> dict[str, 
     questions = text_world.questions(things)
     answers = complete(model, tokenizer, [q.prompt for q in questions], max_new_tokens=24)
     return text_world.summarise([text_world.judge_answer(q, a) for q, a in zip(questions, answers)])
-
-
-# -- the CLI (registered by studio.generate_command for --task lm) ---------------------------
-def run_text_generate(args: argparse.Namespace) -> int:
-    """``studio generate --task lm --prompt P [--adapter FILE:W ...] [--base LM_FOLDER]``: print the continuation."""
-    from studio.formats.load import parse_spec
-
-    if not args.prompt:
-        raise StudioError("studio generate --task lm needs --prompt TEXT (e.g. --prompt 'Q: What colour is a frog?\\nA:')")
-    prompt = args.prompt.replace("\\n", "\n")  # a shell-typed \n is a newline
-    if args.max_new_tokens < 1:
-        raise StudioError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise StudioError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    specs = []
-    for spec in args.adapter:
-        path, weight, te_weight = parse_spec(spec)
-        if te_weight is not None:
-            raise StudioError(f"--adapter {spec}: a language-model adapter takes one weight (FILE:W), not a "
-                              f"text-encoder weight")
-        specs.append((path, weight))
-    from studio.ui import gate_map
-
-    gate_png = gate_map.check_png_path(args.gate_map) if getattr(args, "gate_map", None) else None
-    model, tokenizer, files = load_mix(args.base, specs)
-    if gate_png:
-        gate_map.check_routed(files)
-    recording = (gate_map.recording_files({"lm": model}, files, "the completion") if gate_png
-                 else contextlib.nullcontext())
-    with recording as maps:  # the prompt's forward, then one per new token
-        text = complete(model, tokenizer, [prompt], args.max_new_tokens, stop=None, temperature=args.temperature,
-                        seed=args.seed)[0]
-    print(prompt + text)
-    if gate_png:
-        from studio.generate_command import report_gate_map
-
-        report_gate_map(maps, gate_png)
-    return 0

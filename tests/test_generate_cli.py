@@ -71,10 +71,10 @@ def test_other_family_adapter_is_refused_with_the_reason(tmp_path, capsys, ui_li
 
 
 def test_lm_task_goes_to_the_language_model_path(tmp_path, monkeypatch):
-    import studio.text
+    import studio.text_generate
 
     seen = []
-    monkeypatch.setattr(studio.text, "run_text_generate", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(studio.text_generate, "run_text_generate", lambda args: seen.append(args) or 0)
     assert main(["generate", "--task", "lm", "--prompt", "Q: frog?", "--adapter", "p.safetensors:0.5"]) == 0
     assert seen[0].prompt == "Q: frog?" and seen[0].adapter == ["p.safetensors:0.5"] and seen[0].max_new_tokens == 64
 
