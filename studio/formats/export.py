@@ -59,6 +59,6 @@ def refuse_routed(af: AdapterFile, target: str) -> None:
             f"{af.source.get('path', af.name)}: "
             f"its router weighs the experts per token, so it has no fixed weight delta and no static file equals it; "
             f"use the native file (studio generate and the UI load it, mixed at a weight), or train --method lora "
-            f"for {plain}" + (" (bake --freeze-gates for language models is not built yet)" if af.base == "lm" else
-                              "; studio bake --freeze-gates PROMPTS.txt writes the static mix at its average gates "
-                              "on those prompts, with the error measured"))
+            f"for {plain}; studio bake --freeze-gates PROMPTS.txt writes the static mix at its average gates on "
+            f"those prompts, with the error measured" + (" (--format native; then studio export --format peft)"
+                                                         if af.base == "lm" else ""))
