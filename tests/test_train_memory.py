@@ -1,5 +1,7 @@
 """Training memory: checkpointing gives the same gradients, a half base halves the frozen bytes
-and keeps the adapters fp32, and the --check estimate matches the measured peak on the mini base."""
+and keeps the adapters fp32, and the --check estimate matches the measured peak on the mini base,
+counts the adapters the trainer attaches (SVF's bases, --mixture-of's routers) and counts saved
+activations as the device keeps them (no weights, fused attention)."""
 
 import re
 import shutil
@@ -147,3 +149,90 @@ def test_vram_budget_says_what_to_turn_on():
     assert "fits" in memory_report.advise(e, cfg, 9 * memory.GB)
     assert memory_report.advise(e, cfg, 6 * memory.GB).endswith("turn on: --gradient-checkpointing (5.31 GB)")
     assert "--gradient-checkpointing --base-dtype bf16 (2.91 GB)" in memory_report.advise(e, cfg, 3 * memory.GB)
+
+
+def _mini_cfg(**fields):
+    from trainers.diffusion_config import DiffusionTrainConfig
+
+    return DiffusionTrainConfig(data=str(STYLE), **fields)
+
+
+def _real_adapters(cfg) -> tuple[int, int, list]:
+    """(values the optimizer trains, bytes of the adapters' other tensors, the adapted layers) of
+    ``cfg``'s adapters attached by the trainer on the real mini base."""
+    from studio.adapters.layer import Adapter
+    from studio.models import load_diffusion_base
+    from trainers import diffusion
+
+    base = load_diffusion_base(None, channels_last=())
+    groups = diffusion.attach_adapters(cfg, base.components, base.family, "run",
+                                       diffusion.composed_experts(cfg) if cfg.mixture_of else None)
+    trained = {id(p) for group, _ in groups for p in group}
+    adapters = [m for model in base.components.values() for m in model.modules() if isinstance(m, Adapter)]
+    fixed = sum(t.numel() * t.element_size() for a in adapters for t in [*a.parameters(), *a.buffers()]
+                if id(t) not in trained)
+    layers = [layer for model in base.components.values() for layer in A.targets.adapted_layers(model).values()]
+    return sum(p.numel() for group, _ in groups for p in group), fixed, layers
+
+
+@pytest.mark.parametrize("method", ["svf", "svft", "pissa", "ia3"])
+def test_check_counts_the_adapters_the_trainer_attaches(method):
+    cfg = _mini_cfg(method=method, targets="unet-transformer,te-attn")
+    estimate = memory.estimate_diffusion(cfg)
+    trained, fixed, layers = _real_adapters(cfg)
+    assert (estimate.adapter_params, estimate.adapter_fixed) == (trained, fixed) and fixed > 0
+    if method == "svf":  # closed form: per layer U (out, n), S (n,), Vh (n, in) in fp32 and a 32-byte hash
+        sites = [(s.out_features, s.in_features, min(s.out_features, s.in_features)) for s in (l.site for l in layers)]
+        assert fixed == sum(4 * (o * n + n + n * i) + 32 for o, i, n in sites) and trained == sum(n for *_, n in sites)
+
+
+def test_check_counts_only_the_routers_of_mixture_of(tmp_path):
+    """Two LoRA files (ranks 4 and 2) as experts: the router's R (E, in) and c (E,) train, the
+    experts' stacked A and B (zero-padded to rank 4) and their scales s (E,) are fixed fp32 tensors."""
+    import studio.adapters as A
+    from studio import formats
+    from studio.models import load_diffusion_base
+
+    experts = []
+    for rank in (4, 2):
+        base = load_diffusion_base(None, channels_last=())
+        A.attach(base.pipe.unet, "e", "lora", A.registry.make_config("lora", {"rank": rank}), "unet-attn")
+        path = tmp_path / f"rank{rank}.safetensors"
+        formats.save(formats.from_models(base.components, "e"), path, "native")
+        experts.append(path)
+    sites = {p: layer.site for p, layer in A.targets.adapted_layers(base.pipe.unet).items()}
+    cfg = _mini_cfg(mixture_of=[str(p) for p in experts])
+    estimate = memory.estimate_diffusion(cfg)
+    E = 2
+    assert estimate.adapter_params == sum(E * s.in_features + E for s in sites.values())
+    assert estimate.adapter_fixed == sum(4 * E * (4 * (s.in_features + s.out_features) + 1) for s in sites.values())
+    assert (estimate.adapter_params, estimate.adapter_fixed) == _real_adapters(cfg)[:2]
+
+
+def test_saved_activations_leave_out_the_weights_and_count_fused_attention():
+    """A Linear saves its input and its weight's transpose (a view of the weight), and scaled dot-product
+    attention on the CPU saves q, k, v, the output and a logsumexp row, not the (L x L) probabilities: the
+    count on the meta device is the input's bytes plus what the CPU kernel saves, measured on real tensors."""
+    import torch.nn.functional as F
+
+    def attention(model, x):
+        q, k, v = model(x).view(2, 256, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def built(device):
+        with torch.device(device):
+            torch.manual_seed(0)
+            return torch.nn.Linear(64, 3 * 64), torch.randn(2, 256, 64, requires_grad=True)
+
+    layer, x = built("cpu")
+    real = memory._Saved()
+    with torch.autograd.graph.saved_tensors_hooks(real.add, lambda t: t):
+        out = attention(layer, x)
+    assert "Flash" in type(out.grad_fn).__name__  # the CPU's fused kernel
+    weight = layer.weight.untyped_storage()._cdata
+    assert weight in real.seen  # the Linear did save its weight (a transposed view)
+    want = sum(b for c, b in real.seen.items() if c != weight)
+    meta_layer, meta_x = built("meta")
+    counted = memory.count_activations(meta_layer, lambda model: attention(model, meta_x), checkpointable=False).plain
+    assert counted == want, (counted, want)
+    assert counted < 2 * 256 * 64 * 4 * 6  # x, qkv, output, lse: no 2 x 4 x 256 x 256 probabilities

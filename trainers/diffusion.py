@@ -46,7 +46,7 @@ def train(cfg: DiffusionTrainConfig, resume: bool = False, say=print) -> Path:
     every = items + reg_items + val_items  # one index space: training, regularisation, held-out images
     pictures = [data_images.load_image(i.path) for i in every]
     mask_arrays = masks.load_all(every, pictures)  # a mask of another size than its image fails here
-    composed = _composed_experts(cfg) if cfg.mixture_of else None  # --mixture-of: the experts' files, checked
+    composed = composed_experts(cfg) if cfg.mixture_of else None  # --mixture-of: the experts' files, checked
     out = cfg.out_dir
     identity = cfg.identity
     start_checkpoint = prepare_output(out, resume, identity)
@@ -330,7 +330,7 @@ def attach_adapters(cfg: DiffusionTrainConfig, components: dict, family: str, na
     return groups
 
 
-def _composed_experts(cfg: DiffusionTrainConfig):
+def composed_experts(cfg: DiffusionTrainConfig):
     """The --mixture-of files as one MoLoRA file over their LoRA experts (studio/adapters/compose.py)."""
     from studio.adapters import compose
 

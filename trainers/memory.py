@@ -5,21 +5,26 @@ What an adapter run holds on the accelerator, and what this module counts:
 
     weights      every frozen parameter and buffer, at --base-dtype (UNet, text encoders, VAE)
     adapters     trainable tensors in fp32 + their fp32 gradients + AdamW's two fp32 moments
-                 (16 bytes a parameter), and the methods' fixed fp32 tensors (PiSSA's A0 / B0)
+                 (16 bytes a parameter), and every other adapter tensor (PiSSA's A0 / B0, SVF's
+                 U, S, Vh, a --mixture-of's frozen experts)
     activations  the tensors autograd keeps for the backward pass, per image at the resolution;
                  with checkpointing, only each block's inputs are kept, plus one block's own
                  activations while it is recomputed in the backward pass
     runtime      what the process holds before any model: the CUDA context on a GPU (assumed
                  0.5 GB), the Python / torch / diffusers libraries on a CPU (measured here)
 
-Activations are *counted*, not guessed: the model is built on the meta device (shapes, no
-memory) with LoRA adapters on the run's targets, one forward runs at batch 1 and the run's
+The adapters are counted from the modules the trainer attaches (its ``attach_adapters``) on a
+copy of the base built on the meta device (shapes, no memory): what it leaves trainable, and the rest.
+
+Activations are *counted*, not guessed: LoRA stands in on the layers the run adapts (an
+adapter's own activations are a rank-r sliver), one forward runs at batch 1 and the run's
 resolution, and a ``saved_tensors_hooks`` pack hook adds up the distinct storages autograd
-saves. The checkpointing figure comes from the same forward with diffusers' / transformers'
-checkpointing switched on and a checkpoint function that counts each block's saved tensors
-separately. Transient buffers (an attention's scores, a gradient being summed) are not saved
-tensors; they are what the measured peaks exceed the count by (benchmarks/train_step.py
-``BENCH memory_estimate_error_*``).
+saves -- not the model's own tensors (a Linear saves its weight's transpose: a view of a weight
+counted above), and attention as the run's device computes it (see ``_fused_attention``). The
+checkpointing figure comes from the same forward with diffusers' / transformers' checkpointing
+switched on and a checkpoint function that counts each block's saved tensors separately.
+Transient buffers (a gradient being summed, the VAE encode) are not saved tensors; they are what
+the measured peaks exceed the count by (benchmarks/train_step.py ``BENCH memory_estimate_error_*``).
 
 The frozen base runs in bf16 / fp16 while the adapters stay fp32: the layer casts the input
 of every adapter up to fp32 and its output down to the base's dtype (``AdaptedLayer``), so the
@@ -35,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from studio.errors import StudioError
 
@@ -115,17 +122,20 @@ def gb(n: float) -> str:
 
 # -- counting saved activations on the meta device ---------------------------------------------
 class _Saved:
-    """Distinct storages saved for backward, in bytes (views of one storage count once)."""
+    """Distinct storages saved for backward, in bytes (views of one storage count once), leaving
+    out the storages in ``own`` (the model's parameters and buffers, counted as weights)."""
 
-    def __init__(self):
+    def __init__(self, own: set[int] = frozenset()):
+        self.own = own
         self.seen: dict[int, int] = {}
         self.keep: list[torch.Tensor] = []  # alive while counting, so no storage id is reused
 
     def add(self, t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
             s = t.untyped_storage()
-            self.seen.setdefault(s._cdata, s.nbytes())
-            self.keep.append(t)
+            if s._cdata not in self.own:
+                self.seen.setdefault(s._cdata, s.nbytes())
+                self.keep.append(t)
         return t
 
     @property
@@ -133,10 +143,51 @@ class _Saved:
         return sum(self.seen.values())
 
 
+def _storages(model: nn.Module) -> set[int]:
+    return {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+
+
 @contextmanager
 def _counting(saved: _Saved):
-    with torch.autograd.graph.saved_tensors_hooks(saved.add, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(saved.add, lambda t: t), _fused_attention():
         yield
+
+
+@contextmanager
+def _fused_attention():
+    """scaled_dot_product_attention as the run's device computes it.
+
+    On the meta device SDPA always takes the math path, which saves the (L x L) attention
+    probabilities of every head: 64 MB a 32 x 32-latent self-attention at batch 2. The CPU runs
+    a flash kernel and CUDA flash / memory-efficient ones whenever the inputs allow, which save
+    q, k, v, the output and one logsumexp per query instead. So each call asks the device which
+    backend it would choose for inputs like these (``torch._fused_sdp_choice`` on a small probe)
+    and, for a fused one, runs the CPU flash kernel's meta function: its saved tensors are those
+    of every fused kernel, up to their small scalars."""
+    original = F.scaled_dot_product_attention
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.is_meta and not enable_gqa and _device_fuses(query, key, attn_mask, dropout_p, is_causal, scale):
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _device_fuses(query, key, attn_mask, dropout_p, is_causal, scale) -> bool:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def probe(t, grad=False):  # the same heads, head size, dtype; 8 positions
+        return torch.zeros(*t.shape[:-2], 8, t.shape[-1], dtype=t.dtype, device=device, requires_grad=grad)
+    q, k = probe(query, query.requires_grad), probe(key)
+    mask = None if attn_mask is None else torch.zeros(1, 1, 8, 8, dtype=attn_mask.dtype, device=device)
+    choice = torch._fused_sdp_choice(q, k, k, mask, dropout_p, is_causal, scale=scale)
+    return choice != int(torch.nn.attention.SDPBackend.MATH)
 
 
 @dataclass
@@ -156,18 +207,19 @@ class Activations:
 def count_activations(model: nn.Module, run, checkpointable: bool = True) -> Activations:
     """Saved bytes of ``run(model)`` (a forward on meta tensors), plain and, when the model has
     checkpointing, with it (each checkpointed call counted on its own)."""
-    plain = _Saved()
+    own = _storages(model)
+    plain = _Saved(own)
     with _counting(plain):
         run(model)
     if not checkpointable:
         return Activations(plain.total, plain.total, 0)
-    outside, blocks = _Saved(), []
+    outside, blocks = _Saved(own), []
 
     def counted_block(function, *args, **kwargs):
         for a in args:  # non-reentrant checkpointing keeps the block's inputs for the recompute
             if isinstance(a, torch.Tensor):
                 outside.add(a)
-        inner = _Saved()
+        inner = _Saved(own)
         with _counting(inner):
             out = function(*args, **kwargs)
         blocks.append(inner.total)
@@ -283,60 +335,77 @@ def _meta_parts(base: str | None) -> tuple[str, dict[str, nn.Module]]:
     return ("sdxl" if "te2" in parts else "sd15"), parts
 
 
-def _adapter_sizes(model: nn.Module, method: str, method_cfg) -> tuple[int, int]:
-    """(trainable numel, fixed fp32 bytes) the run's method would add on the proxy's layers."""
-    from studio.adapters import registry
-    from studio.adapters.targets import adapted_layers
+def adapter_sizes(models) -> tuple[int, int]:
+    """(trainable values, bytes of every other adapter tensor) of the adapters attached to ``models``.
 
-    module = registry.get(method)
-    accepts = getattr(module, "accepts", None)
-    resolve = getattr(method_cfg, "at", None)
+    Per adapter, not per distinct tensor: each layer of a real base has its own W0, so its own SVD
+    (SVF's U, S, Vh), even where the meta proxy's cache hands one basis to same-shaped layers."""
+    from studio.adapters.layer import Adapter
+
     trainable = fixed = 0
-    for layer in adapted_layers(model).values():
-        site = layer.site
-        layer_cfg = resolve(site.path) if resolve else method_cfg
-        if layer_cfg is None or (accepts is not None and not accepts(layer_cfg, site)):
-            continue
-        for key, shape in module.expected_shapes(layer_cfg, site).items():
-            n = int(torch.Size(shape).numel())
-            if key in module.TRAINABLE:
-                trainable += n
+    for module in (m for model in models for m in model.modules() if isinstance(m, Adapter)):
+        for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values():
+            if t.requires_grad:
+                trainable += t.numel()
             else:
-                fixed += 4 * n
+                fixed += t.numel() * t.element_size()
     return trainable, fixed
+
+
+class _NoValues(TorchDispatchMode):
+    """Attaching on the meta proxy: a method that reads W0's values at init (SVF and its kin hash
+    W0 to key their SVD cache) gets uninitialised memory of W0's shape when it copies W0 off the
+    meta device. Only the state's shapes are used, and they follow from W0's shape."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if (func is torch.ops.aten._to_copy.default and args[0].is_meta and device is not None
+                and torch.device(device).type != "meta"):
+            return torch.empty(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype, device=device)
+        return func(*args, **kwargs)
 
 
 def estimate_diffusion(cfg) -> Estimate:
     """The memory of ``cfg``'s run (a DiffusionTrainConfig)."""
     import studio.adapters as A
     from studio.adapters import lora
-    from trainers import blocks
+    from trainers import diffusion
 
     family, parts = _meta_parts(cfg.base)
+    runtime, note = runtime_overhead()  # before this estimate holds anything of its own
     dtype = DTYPES[cfg.base_dtype]
     unet, vae = parts["unet"], parts["vae"]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or unet.config.sample_size * scale
-    trained = ({"unet": cfg.unet_targets} if cfg.train_unet else {}) | (
-        {k: "te-attn" for k in parts if k.startswith("te")} if cfg.train_te else {})
-    params = fixed = 0
+    components = {"unet": unet, **({"te1": parts["te"], "te2": parts["te2"]} if family == "sdxl" else {"te": parts["te"]})}
+    composed = diffusion.composed_experts(cfg) if cfg.mixture_of else None
+    run = "estimate"
+    # what the trainer attaches. No meta default device: a method's own new tensors (LoRA's A, a
+    # cached pattern) are made on the CPU as in the run -- a cache must not keep meta tensors for a
+    # later real run -- and the attach moves each layer's state to the proxy's device, one at a time
+    with torch.random.fork_rng(devices=[]), _NoValues():
+        diffusion.attach_adapters(cfg, components, family, run, composed)
+    params, fixed = adapter_sizes(components.values())
+    adapted = {}
+    for name, model in components.items():
+        if run in A.adapter_names(model):
+            adapted[name] = list(A.targets.layers_of(model, run))
+            A.detach(model, run)
+    # LoRA stands in for the method in the forward, on the same layers: the real state's values
+    # (which (IA)^3 and MoV branch on) do not exist on the meta device
     with torch.device("meta"):
-        for name, targets in trained.items():
-            # LoRA stands in for the method in the forward (an adapter's own activations are a
-            # rank-r sliver); the method's own tensors are counted from its shapes
-            A.attach(parts[name], "estimate", "lora", lora.Config(rank=min(cfg.rank, 8)), targets)
-            method_cfg = blocks.unet_config(cfg, family) if name == "unet" else cfg.method_config()
-            p, f = _adapter_sizes(parts[name], cfg.method, method_cfg)
-            params, fixed = params + p, fixed + f
+        for name, paths in adapted.items():
+            A.attach(components[name], run, "lora", lora.Config(rank=min(cfg.rank, 8)), paths)
     for model in parts.values():
         cast_frozen(model, dtype)
-    weights = {name: parameter_bytes(m)["frozen"] for name, m in parts.items()}  # the proxy is not frozen
+    weights = {name: parameter_bytes(m)["frozen"] for name, m in parts.items()}
     # the UNet's activations are kept whenever anything trains: a text-encoder adapter's gradient
     # flows back through the whole UNet to the text embeddings
-    activations = {name: count_activations(parts[name], _forward(name, parts, family, resolution // scale, dtype,
-                                                                 embeds_grad=not cfg.train_unet))
-                   for name in (["unet"] if trained else []) + [k for k in trained if k != "unet"]}
-    runtime, note = runtime_overhead()
+    trained = (["unet"] if adapted else []) + [k for k in adapted if k != "unet"]
+    activations = {name: count_activations(components[name], _forward(name, components, family, resolution // scale,
+                                                                      dtype, embeds_grad="unet" not in adapted))
+                   for name in trained}
     return Estimate(weights, cfg.base_dtype, params, fixed, activations, cfg.batch_size, runtime, note, resolution)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from studio.errors import StudioError
-from trainers.memory import DTYPES, Estimate, gb
+from trainers.memory import ADAMW_BYTES, DTYPES, Estimate, gb
 
 
 def settings(cfg) -> list[tuple[str, dict]]:
@@ -47,12 +47,17 @@ def report(estimate: Estimate, cfg) -> str:
         f"memory estimate: {e.resolution} px, batch {cfg.batch_size}, base {e.base_dtype}, "
         f"{on} gradient checkpointing",
         f"  weights      {weights} ({e.base_dtype}, frozen)",
-        f"  adapters     {e.adapter_params / 1e6:.2f} M parameters: {gb(e.adapter_bytes)} with their gradients "
-        f"and AdamW state (fp32)",
+        f"  adapters     {_count(e.adapter_params)} parameters: {gb(e.adapter_params * ADAMW_BYTES)} with their "
+        f"gradients and AdamW state (fp32)" + (f", {gb(e.adapter_fixed)} of fixed tensors (bases, frozen experts)"
+                                               if e.adapter_fixed else ""),
         f"  activations  per image {gb(per_plain)}, {gb(per_ckpt)} with --gradient-checkpointing; "
         f"{gb(e.activation_bytes(cfg.gradient_checkpointing))} at batch {cfg.batch_size}",
         f"  runtime      {gb(e.runtime)} ({e.runtime_note})",
         f"  total        {gb(e.total(cfg.gradient_checkpointing))}"])
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 10 ** 5 else f"{n:,}"  # SVF on the mini base trains 4,224
 
 
 def advise(estimate: Estimate, cfg, budget: int) -> str:
