@@ -597,3 +597,16 @@ def test_a_simpletuner_file_mixing_kinds_applies_as_lycoris_applies_it(tmp_path,
     want = unet_sample(ly["unet"])
     assert (want - unet_sample(sd["unet"])).abs().max() > 1e-2
     _close(unet_sample(ours["unet"]), want)
+
+
+def test_an_fp16_mixed_preset_stays_fp16_and_applies_its_own_values(tmp_path, lycoris_presets):
+    """Moving a module into the host kind copies its values (ones and zeros beside them): the fp16 file reads as
+    fp16 and gives the deltas of the same tensors in fp32."""
+    sd = tiny_sd()
+    path, _, net = _preset_network(sd, tmp_path, "locon-attention-lokr-resnets")
+    half, full = tmp_path / "half.safetensors", tmp_path / "full.safetensors"
+    net.save_weights(str(half), torch.float16, {})
+    save_file({k: v.float() for k, v in read_file(half)[0].items()}, str(full))
+    af = F.read(half)
+    assert af.source["dtypes"] == ["float16"] and set(af.source["stored_kinds"]["unet"]) == {"LoCon", "LoKr"}
+    assert_deltas_close(_applied(af, sd), _applied(F.read(full), sd), rtol=1e-6)

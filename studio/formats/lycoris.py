@@ -204,11 +204,22 @@ def one_kind_per_component(tensors: dict, where: str) -> tuple[dict, dict[str, d
         for name, kind in kinds.items():
             if kind != host:
                 parts = {k.partition(".")[2]: out.pop(k) for k in [k for k in out if k.partition(".")[0] == name]}
+                # factors back in the file's dtype when that is exact (copies of its values, ones and zeros; a
+                # folded Tucker core is a new product: it stays fp32)
+                dtype = None if {"lora_mid.weight", "lokr_t2"} & set(parts) else next(v.dtype for k, v in parts.items() if k != "alpha")
                 moved = _as_host(host, kind, parts, f"{where}: module '{name}'", name, where)
-                out.update({f"{name}.{k}": v for k, v in moved.items()})
+                out.update({f"{name}.{k}": _in(dtype, v) for k, v in moved.items()})
                 locon |= {name} if kind == LOCON else set()
         stored[component] = {KIND_NAMES[k]: n for k, n in sorted(Counter(kinds.values()).items())}
     return out, stored, locon
+
+
+def _in(dtype, t: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``dtype`` when that holds it exactly (every factor here; an alpha when representable), else as is."""
+    if dtype is None:
+        return t
+    cast = t.to(dtype)
+    return cast if t.dim() or float(cast) == float(t) else t
 
 
 def record_locon(af: AdapterFile, names: set[str]) -> None:
