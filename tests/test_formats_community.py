@@ -610,3 +610,33 @@ def test_an_fp16_mixed_preset_stays_fp16_and_applies_its_own_values(tmp_path, ly
     af = F.read(half)
     assert af.source["dtypes"] == ["float16"] and set(af.source["stored_kinds"]["unet"]) == {"LoCon", "LoKr"}
     assert_deltas_close(_applied(af, sd), _applied(F.read(full), sd), rtol=1e-6)
+
+
+def test_a_locon_module_whose_host_rank_holds_it_whole_is_written_back_as_locon(tmp_path, lycoris_presets):
+    """A LoKr with a whole 128 x 32 W2 makes the component's rank 64, so the rank-2 LoCon on to_q (32 x 32) is held
+    multiplied out; --format lycoris still writes it as LoCon (a full-rank pair) of the same delta."""
+    g = torch.Generator().manual_seed(4)
+    ff = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"            # Linear 32 -> 256
+    modules = {Q: {"lora_down.weight": torch.randn(2, 32, generator=g), "lora_up.weight": torch.randn(32, 2, generator=g),
+                   "alpha": torch.tensor(1.0)},
+               ff: {"lokr_w1": torch.randn(2, 1, generator=g), "lokr_w2": torch.randn(128, 32, generator=g),
+                    "alpha": torch.tensor(1.0)}}
+    path = tmp_path / "mixed.safetensors"
+    save_file({f"lora_unet_{p.replace('.', '_')}.{k}": v for p, t in modules.items() for k, v in t.items()}, str(path))
+    af = F.read(path)
+    assert af.parts["unet"].tensors[f"{Q}.w2_b"].shape[0] == 0  # held whole in the LoKr host
+    out = tmp_path / "again.safetensors"
+    assert main(["export", str(path), "--format", "lycoris", "--dtype", "fp32", "-o", str(out)]) == 0
+    tensors = read_file(out)[0]
+    assert tuple(tensors[f"lora_unet_{Q.replace('.', '_')}.lora_down.weight"].shape) == (32, 32)
+    sd = tiny_sd()
+    want = {f"unet.{Q}": 0.5 * modules[Q]["lora_up.weight"] @ modules[Q]["lora_down.weight"],
+            f"unet.{ff}": torch.kron(modules[ff]["lokr_w1"], modules[ff]["lokr_w2"])}
+    assert_deltas_close(_applied(F.read(out), sd), want, rtol=1e-5)
+    unet, net = _lycoris_unet(sd, tensors)
+    hand = copy.deepcopy(sd["unet"])
+    with torch.no_grad():
+        for key, dW in want.items():
+            hand.get_submodule(key.removeprefix("unet.")).weight.add_(dW)
+    assert len(net.unet_loras) == 2
+    _close(unet_sample(unet), unet_sample(hand))

@@ -184,11 +184,11 @@ LYCORIS_CONV = {"lokr_w2": "kernel",  # a full W2 is (b, d, kh, kw) on a convolu
 
 
 def to_lycoris(cfg: Config, state: dict, kernel: tuple | None = None, path: str = "") -> dict:
-    """The module in LyCORIS's keys: as LoCon when the file it came from stored it so (``stored_kinds``); as it is;
-    or, a split LyCORIS's loader cannot rebuild (``lycoris_rebuilds``:
-    W1 the larger half, as ai-toolkit writes, or another per-module split) as the one it always rebuilds, exactly:
-    W1 = [[1]] and W2 = kron(W1, W2) = kron(P1, P2) kron(Q1, Q2) (each half P Q), factored at rank
-    rank(W1) rank(W2) when LyCORIS's rule factors it, else whole with the scale in W1 (both halves whole: s = 1)."""
+    """The module in LyCORIS's keys: as LoCon when the file it came from stored it so (``stored_kinds``); else as it
+    is; else, for a split LyCORIS's loader cannot rebuild (``lycoris_rebuilds``: W1 the larger half, as ai-toolkit
+    writes, or another per-module split), as the split it always rebuilds, exactly: W1 = [[1]] and W2 = kron(W1, W2)
+    = kron(P1, P2) kron(Q1, Q2) (each half P Q), factored at rank rank(W1) rank(W2) when LyCORIS's rule factors it,
+    else whole with the scale in W1 (both halves whole: s = 1)."""
     state = {k: v.detach() for k, v in state.items()}
     if stored_kind(cfg, path) == "lora" and tuple(state["w1"].shape) == (1, 1) and not state["w1_b"].shape[0]:
         return as_locon(state)
@@ -215,7 +215,8 @@ def as_locon(state: dict) -> dict:
     if state["w2_b"].shape[0]:
         return {"lora_up.weight": state["w2"] * state["w1"][0, 0], "lora_down.weight": state["w2_b"],
                 "alpha": state["alpha"].reshape(())}
-    up, down = halves({"w1": state["w1"] * scale(state) * state["w2"], "w1_b": state["w1_b"]}, "1")
+    W = state["w1"] * scale(state) * state["w2"]                                    # s W1 W2, (out, in K)
+    up, down = halves({"w1": W, "w1_b": W.new_zeros(0, W.shape[1])}, "1")
     return {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(float(up.shape[1]))}
 
 
