@@ -19,6 +19,10 @@ path>`` for the UNet, ``text_encoders.clip_l.transformer.<path>`` / ``text_encod
 for CLIP-L / OpenCLIP-G, each followed by the tensor names of any kind the kohya reader takes. Every key
 is renamed to its kohya name, key by key (a key without a known tensor name or a module ComfyUI would not
 map is refused, named as the file has it), then read by the kohya reader; its errors name the file's keys.
+
+Kohya-named files whose components mix kinds (LyCORIS presets: ``module_algo_map`` / ``name_algo_map``) are
+claimed here too (this layout is asked before kohya's): each mixed component is put in one kind, exactly
+(``lycoris.one_kind_per_component``), then read by the kohya reader; so are such files under the other names.
 """
 
 from __future__ import annotations
