@@ -236,3 +236,13 @@ def test_saved_activations_leave_out_the_weights_and_count_fused_attention():
     counted = memory.count_activations(meta_layer, lambda model: attention(model, meta_x), checkpointable=False).plain
     assert counted == want, (counted, want)
     assert counted < 2 * 256 * 64 * 4 * 6  # x, qkv, output, lse: no 2 x 4 x 256 x 256 probabilities
+
+
+def test_check_counts_the_activations_textual_inversion_backpropagates_through():
+    """A token's rows get their gradient through the UNet and the text encoder: the UNet keeps what it
+    keeps for a text-encoder adapter, the text encoder its own activations (a LoRA alone: none there)."""
+    ti = memory.estimate_diffusion(_mini_cfg(method="ti", token="<s1>", init_word="stripes")).activations
+    te_lora = memory.estimate_diffusion(_mini_cfg(targets="te-attn")).activations
+    assert ti.keys() == {"unet", "te"} and ti["unet"] == te_lora["unet"] and ti["te"].plain > 0
+    assert "te" in memory.estimate_diffusion(_mini_cfg(with_ti="<s1>", init_word="stripes")).activations
+    assert "te" not in memory.estimate_diffusion(_mini_cfg()).activations

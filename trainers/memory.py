@@ -372,8 +372,12 @@ def estimate_diffusion(cfg) -> Estimate:
     from studio.adapters import lora
     from trainers import diffusion
 
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  (the libraries a run loads,
+    from transformers import CLIPTextModel  # noqa: F401  counted in the runtime)
+
+    # before this estimate holds anything of its own: a single-file base is loaded whole to read its configs
+    runtime, note = runtime_overhead()
     family, parts = _meta_parts(cfg.base)
-    runtime, note = runtime_overhead()  # before this estimate holds anything of its own
     dtype = DTYPES[cfg.base_dtype]
     unet, vae = parts["unet"], parts["vae"]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -400,9 +404,15 @@ def estimate_diffusion(cfg) -> Estimate:
     for model in parts.values():
         cast_frozen(model, dtype)
     weights = {name: parameter_bytes(m)["frozen"] for name, m in parts.items()}
+    # textual inversion's new token rows train: the gradient flows from the loss through the UNet
+    # and every text encoder down to the token embedding (its rows are a few thousand values)
+    prompted = [k for k in components if k != "unet"] if cfg.ti_module else []
+    for name in prompted:
+        components[name].get_input_embeddings().weight.requires_grad_(True)
     # the UNet's activations are kept whenever anything trains: a text-encoder adapter's gradient
     # flows back through the whole UNet to the text embeddings
-    trained = (["unet"] if adapted else []) + [k for k in adapted if k != "unet"]
+    trained = (["unet"] if adapted or prompted else []) + [k for k in components if k != "unet" and
+                                                           (k in adapted or k in prompted)]
     activations = {name: count_activations(components[name], _forward(name, components, family, resolution // scale,
                                                                       dtype, embeds_grad="unet" not in adapted))
                    for name in trained}
