@@ -17,7 +17,7 @@ import studio.adapters as A
 from builders import tiny_clip, tiny_llama, tiny_unet
 from cli_helpers import one_error_line
 from studio.cli import main
-from trainers import memory, memory_report
+from trainers import memory, memory_count, memory_report
 
 ROOT = Path(__file__).resolve().parents[1]
 STYLE = ROOT / "sample_data" / "styles" / "stripes"
@@ -40,8 +40,8 @@ def _adapted(model, targets, seed=0):
 
 def _grads(model, loss_of) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    saved = memory._Saved()
-    with memory._counting(saved):
+    saved = memory_count._Saved()
+    with memory_count._counting(saved):
         loss = loss_of(model)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -225,7 +225,7 @@ def test_saved_activations_leave_out_the_weights_and_count_fused_attention():
             return torch.nn.Linear(64, 3 * 64), torch.randn(2, 256, 64, requires_grad=True)
 
     layer, x = built("cpu")
-    real = memory._Saved()
+    real = memory_count._Saved()
     with torch.autograd.graph.saved_tensors_hooks(real.add, lambda t: t):
         out = attention(layer, x)
     assert "Flash" in type(out.grad_fn).__name__  # the CPU's fused kernel
@@ -233,7 +233,7 @@ def test_saved_activations_leave_out_the_weights_and_count_fused_attention():
     assert weight in real.seen  # the Linear did save its weight (a transposed view)
     want = sum(b for c, b in real.seen.items() if c != weight)
     meta_layer, meta_x = built("meta")
-    counted = memory.count_activations(meta_layer, lambda model: attention(model, meta_x), checkpointable=False).plain
+    counted = memory_count.count_activations(meta_layer, lambda model: attention(model, meta_x), checkpointable=False).plain
     assert counted == want, (counted, want)
     assert counted < 2 * 256 * 64 * 4 * 6  # x, qkv, output, lse: no 2 x 4 x 256 x 256 probabilities
 
@@ -246,3 +246,25 @@ def test_check_counts_the_activations_textual_inversion_backpropagates_through()
     assert ti.keys() == {"unet", "te"} and ti["unet"] == te_lora["unet"] and ti["te"].plain > 0
     assert "te" in memory.estimate_diffusion(_mini_cfg(with_ti="<s1>", init_word="stripes")).activations
     assert "te" not in memory.estimate_diffusion(_mini_cfg()).activations
+
+
+def test_peak_live_bytes_of_a_forward_without_autograd():
+    """conv -> relu -> conv on a (1, 3, 32, 32) input: each output frees the one before it once the next
+    exists (nn.Sequential rebinds its input), so the peak is the input and two 8-channel maps."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1))
+
+    def run(m):
+        with torch.device("meta"):
+            m(torch.zeros(1, 3, 32, 32))
+    assert memory_count.peak_live(model, run) == 3 * 32 * 32 * 4 + 2 * 8 * 32 * 32 * 4
+
+
+def test_check_takes_the_vae_encode_when_it_needs_more_than_the_checkpointed_step():
+    e = memory.Estimate({"unet": memory.GB}, "fp32", 0, 0, {"unet": memory.Activations(300, 40, 10)}, 2, 0, "", 64, 100)
+    assert e.working_bytes(False) == 600 and e.working_bytes(True) == 200  # max(50, 100) x batch 2
+    assert e.total(True) == memory.GB + 200
+    assert memory_report.total_of(e, _mini_cfg(batch_size=2), {"gradient_checkpointing": True, "base_dtype": "bf16"}) \
+        == (memory.GB + 200) // 2
+    mini = memory.estimate_diffusion(_mini_cfg(resolution=128))
+    assert 0 < mini.encode < mini.activations["unet"].plain  # the mini VAE's encode at 128 px, counted

@@ -10,6 +10,8 @@ What an adapter run holds on the accelerator, and what this module counts:
     activations  the tensors autograd keeps for the backward pass, per image at the resolution;
                  with checkpointing, only each block's inputs are kept, plus one block's own
                  activations while it is recomputed in the backward pass
+    vae encode   the peak of the tensors alive at once in the VAE encode of an uncached latent,
+                 per image; it runs before the forward, so a step needs the larger of the two
     runtime      what the process holds before any model: the CUDA context on a GPU (assumed
                  0.5 GB), the Python / torch / diffusers libraries on a CPU (measured here)
 
@@ -20,10 +22,10 @@ Activations are *counted*, not guessed: LoRA stands in on the layers the run ada
 adapter's own activations are a rank-r sliver), one forward runs at batch 1 and the run's
 resolution, and a ``saved_tensors_hooks`` pack hook adds up the distinct storages autograd
 saves -- not the model's own tensors (a Linear saves its weight's transpose: a view of a weight
-counted above), and attention as the run's device computes it (see ``_fused_attention``). The
-checkpointing figure comes from the same forward with diffusers' / transformers' checkpointing
-switched on and a checkpoint function that counts each block's saved tensors separately.
-Transient buffers (a gradient being summed, the VAE encode) are not saved tensors; they are what
+counted above), and attention as the run's device computes it. The checkpointing figure comes
+from the same forward with diffusers' / transformers' checkpointing switched on and a checkpoint
+function that counts each block's saved tensors separately (trainers/memory_count.py). Transient
+buffers (a gradient being summed) and the allocator's fragmentation are not counted; they are what
 the measured peaks exceed the count by (benchmarks/train_step.py ``BENCH memory_estimate_error_*``).
 
 The frozen base runs in bf16 / fp16 while the adapters stay fp32: the layer casts the input
@@ -35,15 +37,13 @@ bf16 the base matmuls are much slower in bf16 (see the README).
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from studio.errors import StudioError
+from trainers.memory_count import Activations, NoValues, adapter_sizes, count_activations, peak_live
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GB = 1024 ** 3
@@ -120,134 +120,6 @@ def gb(n: float) -> str:
     return f"{n / GB:.2f} GB" if n >= GB / 2 else f"{n / 1024 ** 2:.0f} MB"
 
 
-# -- counting saved activations on the meta device ---------------------------------------------
-class _Saved:
-    """Distinct storages saved for backward, in bytes (views of one storage count once), leaving
-    out the storages in ``own`` (the model's parameters and buffers, counted as weights)."""
-
-    def __init__(self, own: set[int] = frozenset()):
-        self.own = own
-        self.seen: dict[int, int] = {}
-        self.keep: list[torch.Tensor] = []  # alive while counting, so no storage id is reused
-
-    def add(self, t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
-            s = t.untyped_storage()
-            if s._cdata not in self.own:
-                self.seen.setdefault(s._cdata, s.nbytes())
-                self.keep.append(t)
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-
-def _storages(model: nn.Module) -> set[int]:
-    return {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-
-
-@contextmanager
-def _counting(saved: _Saved):
-    with torch.autograd.graph.saved_tensors_hooks(saved.add, lambda t: t), _fused_attention():
-        yield
-
-
-@contextmanager
-def _fused_attention():
-    """scaled_dot_product_attention as the run's device computes it.
-
-    On the meta device SDPA always takes the math path, which saves the (L x L) attention
-    probabilities of every head: 64 MB a 32 x 32-latent self-attention at batch 2. The CPU runs
-    a flash kernel and CUDA flash / memory-efficient ones whenever the inputs allow, which save
-    q, k, v, the output and one logsumexp per query instead. So each call asks the device which
-    backend it would choose for inputs like these (``torch._fused_sdp_choice`` on a small probe)
-    and, for a fused one, runs the CPU flash kernel's meta function: its saved tensors are those
-    of every fused kernel, up to their small scalars."""
-    original = F.scaled_dot_product_attention
-
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.is_meta and not enable_gqa and _device_fuses(query, key, attn_mask, dropout_p, is_causal, scale):
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
-    F.scaled_dot_product_attention = attention
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
-def _device_fuses(query, key, attn_mask, dropout_p, is_causal, scale) -> bool:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def probe(t, grad=False):  # the same heads, head size, dtype; 8 positions
-        return torch.zeros(*t.shape[:-2], 8, t.shape[-1], dtype=t.dtype, device=device, requires_grad=grad)
-    q, k = probe(query, query.requires_grad), probe(key)
-    mask = None if attn_mask is None else torch.zeros(1, 1, 8, 8, dtype=attn_mask.dtype, device=device)
-    choice = torch._fused_sdp_choice(q, k, k, mask, dropout_p, is_causal, scale=scale)
-    return choice != int(torch.nn.attention.SDPBackend.MATH)
-
-
-@dataclass
-class Activations:
-    plain: int
-    """Saved bytes of one image's forward, everything kept."""
-    outside: int = 0
-    """With checkpointing: bytes kept outside the checkpointed blocks (their inputs included)."""
-    largest_block: int = 0
-    """With checkpointing: the largest block's own saved bytes (live while it is recomputed)."""
-
-    @property
-    def checkpointed(self) -> int:
-        return self.outside + self.largest_block
-
-
-def count_activations(model: nn.Module, run, checkpointable: bool = True) -> Activations:
-    """Saved bytes of ``run(model)`` (a forward on meta tensors), plain and, when the model has
-    checkpointing, with it (each checkpointed call counted on its own)."""
-    own = _storages(model)
-    plain = _Saved(own)
-    with _counting(plain):
-        run(model)
-    if not checkpointable:
-        return Activations(plain.total, plain.total, 0)
-    outside, blocks = _Saved(own), []
-
-    def counted_block(function, *args, **kwargs):
-        for a in args:  # non-reentrant checkpointing keeps the block's inputs for the recompute
-            if isinstance(a, torch.Tensor):
-                outside.add(a)
-        inner = _Saved(own)
-        with _counting(inner):
-            out = function(*args, **kwargs)
-        blocks.append(inner.total)
-        return out
-
-    _set_checkpoint_function(model, counted_block)
-    try:
-        with _counting(outside):
-            run(model)
-    finally:
-        _unset_checkpointing(model)
-    return Activations(plain.total, outside.total, max(blocks, default=0))
-
-
-def _set_checkpoint_function(model: nn.Module, function) -> None:
-    if hasattr(model, "enable_gradient_checkpointing"):  # diffusers calls function(module.__call__, *args)
-        model.enable_gradient_checkpointing(gradient_checkpointing_func=lambda module, *a: function(module, *a))
-    else:  # transformers calls function(layer.__call__, *args, **kwargs)
-        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
-
-
-def _unset_checkpointing(model: nn.Module) -> None:
-    if hasattr(model, "disable_gradient_checkpointing"):
-        model.disable_gradient_checkpointing()
-    else:
-        model._set_gradient_checkpointing(enable=False)
-
-
 # -- the estimate -------------------------------------------------------------------------------
 @dataclass
 class Estimate:
@@ -264,6 +136,8 @@ class Estimate:
     runtime: int
     runtime_note: str
     resolution: int
+    encode: int = 0
+    """Peak bytes of one image's VAE encode (no autograd; a latent not in the cache yet)."""
 
     @property
     def adapter_bytes(self) -> int:
@@ -273,8 +147,14 @@ class Estimate:
         per_image = sum(a.checkpointed if checkpointing else a.plain for a in self.activations.values())
         return per_image * self.batch
 
+    def working_bytes(self, checkpointing: bool, batch: int | None = None) -> int:
+        """The step's own peak: the VAE encode runs before the forward, while no activation is kept,
+        so the larger of the two."""
+        per_image = sum(a.checkpointed if checkpointing else a.plain for a in self.activations.values())
+        return max(per_image, self.encode) * (self.batch if batch is None else batch)
+
     def total(self, checkpointing: bool) -> int:
-        return self.runtime + sum(self.weights.values()) + self.adapter_bytes + self.activation_bytes(checkpointing)
+        return self.runtime + sum(self.weights.values()) + self.adapter_bytes + self.working_bytes(checkpointing)
 
 
 def _rss_now() -> int:
@@ -335,37 +215,6 @@ def _meta_parts(base: str | None) -> tuple[str, dict[str, nn.Module]]:
     return ("sdxl" if "te2" in parts else "sd15"), parts
 
 
-def adapter_sizes(models) -> tuple[int, int]:
-    """(trainable values, bytes of every other adapter tensor) of the adapters attached to ``models``.
-
-    Per adapter, not per distinct tensor: each layer of a real base has its own W0, so its own SVD
-    (SVF's U, S, Vh), even where the meta proxy's cache hands one basis to same-shaped layers."""
-    from studio.adapters.layer import Adapter
-
-    trainable = fixed = 0
-    for module in (m for model in models for m in model.modules() if isinstance(m, Adapter)):
-        for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values():
-            if t.requires_grad:
-                trainable += t.numel()
-            else:
-                fixed += t.numel() * t.element_size()
-    return trainable, fixed
-
-
-class _NoValues(TorchDispatchMode):
-    """Attaching on the meta proxy: a method that reads W0's values at init (SVF and its kin hash
-    W0 to key their SVD cache) gets uninitialised memory of W0's shape when it copies W0 off the
-    meta device. Only the state's shapes are used, and they follow from W0's shape."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        device = kwargs.get("device")
-        if (func is torch.ops.aten._to_copy.default and args[0].is_meta and device is not None
-                and torch.device(device).type != "meta"):
-            return torch.empty(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype, device=device)
-        return func(*args, **kwargs)
-
-
 def estimate_diffusion(cfg) -> Estimate:
     """The memory of ``cfg``'s run (a DiffusionTrainConfig)."""
     import studio.adapters as A
@@ -388,7 +237,7 @@ def estimate_diffusion(cfg) -> Estimate:
     # what the trainer attaches. No meta default device: a method's own new tensors (LoRA's A, a
     # cached pattern) are made on the CPU as in the run -- a cache must not keep meta tensors for a
     # later real run -- and the attach moves each layer's state to the proxy's device, one at a time
-    with torch.random.fork_rng(devices=[]), _NoValues():
+    with torch.random.fork_rng(devices=[]), NoValues():
         diffusion.attach_adapters(cfg, components, family, run, composed)
     params, fixed = adapter_sizes(components.values())
     adapted = {}
@@ -416,7 +265,16 @@ def estimate_diffusion(cfg) -> Estimate:
     activations = {name: count_activations(components[name], _forward(name, components, family, resolution // scale,
                                                                       dtype, embeds_grad="unet" not in adapted))
                    for name in trained}
-    return Estimate(weights, cfg.base_dtype, params, fixed, activations, cfg.batch_size, runtime, note, resolution)
+    encode = peak_live(vae, lambda model: _encode(model, resolution, dtype))
+    return Estimate(weights, cfg.base_dtype, params, fixed, activations, cfg.batch_size, runtime, note, resolution,
+                    encode)
+
+
+def _encode(vae: nn.Module, resolution: int, dtype: torch.dtype) -> None:
+    """The trainer's encode of one image: the posterior's mean and std (trainers/diffusion.py)."""
+    with torch.device("meta"):
+        dist = vae.encode(torch.zeros(1, 3, resolution, resolution, dtype=dtype)).latent_dist
+        dist.mean, dist.std
 
 
 def _forward(name: str, parts: dict, family: str, latent: int, dtype: torch.dtype, embeds_grad: bool = False):

@@ -33,8 +33,8 @@ def total_of(estimate: Estimate, cfg, changes: dict) -> int:
     size = DTYPES[changes.get("base_dtype", cfg.base_dtype)].itemsize / DTYPES[cfg.base_dtype].itemsize
     checkpointing = changes.get("gradient_checkpointing", cfg.gradient_checkpointing)
     batch = changes.get("batch_size", cfg.batch_size)
-    per_image = sum(a.checkpointed if checkpointing else a.plain for a in estimate.activations.values())
-    return int(estimate.runtime + size * (sum(estimate.weights.values()) + per_image * batch) + estimate.adapter_bytes)
+    working = estimate.working_bytes(checkpointing, batch)
+    return int(estimate.runtime + size * (sum(estimate.weights.values()) + working) + estimate.adapter_bytes)
 
 
 def report(estimate: Estimate, cfg) -> str:
@@ -52,6 +52,8 @@ def report(estimate: Estimate, cfg) -> str:
                                                if e.adapter_fixed else ""),
         f"  activations  per image {gb(per_plain)}, {gb(per_ckpt)} with --gradient-checkpointing; "
         f"{gb(e.activation_bytes(cfg.gradient_checkpointing))} at batch {cfg.batch_size}",
+        f"  vae encode   per image {gb(e.encode)} (a latent not cached yet, before the forward: the step needs the "
+        f"larger, {gb(e.working_bytes(cfg.gradient_checkpointing))})",
         f"  runtime      {gb(e.runtime)} ({e.runtime_note})",
         f"  total        {gb(e.total(cfg.gradient_checkpointing))}"])
 
