@@ -18,9 +18,8 @@ What an adapter run holds on the accelerator, and what this module counts:
 The adapters are counted from the modules the trainer attaches (its ``attach_adapters``) on a
 copy of the base built on the meta device (shapes, no memory): what it leaves trainable, and the rest.
 
-Activations are *counted*, not guessed: LoRA stands in on the layers the run adapts (an
-adapter's own activations are a rank-r sliver), one forward runs at batch 1 and the run's
-resolution, and a ``saved_tensors_hooks`` pack hook adds up the distinct storages autograd
+Activations are *counted*, not guessed: with those adapters, one forward runs at batch 1 and
+the run's resolution, and a ``saved_tensors_hooks`` pack hook adds up the distinct storages autograd
 saves -- not the model's own tensors (a Linear saves its weight's transpose: a view of a weight
 counted above), and attention as the run's device computes it. The checkpointing figure comes
 from the same forward with diffusers' / transformers' checkpointing switched on and a checkpoint
@@ -217,12 +216,11 @@ def _meta_parts(base: str | None) -> tuple[str, dict[str, nn.Module]]:
 
 def estimate_diffusion(cfg) -> Estimate:
     """The memory of ``cfg``'s run (a DiffusionTrainConfig)."""
-    import studio.adapters as A
-    from studio.adapters import lora
-    from trainers import diffusion
-
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  (the libraries a run loads,
     from transformers import CLIPTextModel  # noqa: F401  counted in the runtime)
+
+    import studio.adapters as A
+    from trainers import diffusion
 
     # before this estimate holds anything of its own: a single-file base is loaded whole to read its configs
     runtime, note = runtime_overhead()
@@ -233,23 +231,13 @@ def estimate_diffusion(cfg) -> Estimate:
     resolution = cfg.resolution or unet.config.sample_size * scale
     components = {"unet": unet, **({"te1": parts["te"], "te2": parts["te2"]} if family == "sdxl" else {"te": parts["te"]})}
     composed = diffusion.composed_experts(cfg) if cfg.mixture_of else None
-    run = "estimate"
     # what the trainer attaches. No meta default device: a method's own new tensors (LoRA's A, a
     # cached pattern) are made on the CPU as in the run -- a cache must not keep meta tensors for a
     # later real run -- and the attach moves each layer's state to the proxy's device, one at a time
     with torch.random.fork_rng(devices=[]), NoValues():
-        diffusion.attach_adapters(cfg, components, family, run, composed)
+        diffusion.attach_adapters(cfg, components, family, "estimate", composed)
     params, fixed = adapter_sizes(components.values())
-    adapted = {}
-    for name, model in components.items():
-        if run in A.adapter_names(model):
-            adapted[name] = list(A.targets.layers_of(model, run))
-            A.detach(model, run)
-    # LoRA stands in for the method in the forward, on the same layers: the real state's values
-    # (which (IA)^3 and MoV branch on) do not exist on the meta device
-    with torch.device("meta"):
-        for name, paths in adapted.items():
-            A.attach(components[name], run, "lora", lora.Config(rank=min(cfg.rank, 8)), paths)
+    adapted = [name for name, model in components.items() if "estimate" in A.adapter_names(model)]
     for model in parts.values():
         cast_frozen(model, dtype)
     weights = {name: parameter_bytes(m)["frozen"] for name, m in parts.items()}

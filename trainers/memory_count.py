@@ -214,14 +214,21 @@ def adapter_sizes(models) -> tuple[int, int]:
 
 
 class NoValues(TorchDispatchMode):
-    """Attaching on the meta proxy: a method that reads W0's values at init (SVF and its kin hash
-    W0 to key their SVD cache) gets uninitialised memory of W0's shape when it copies W0 off the
-    meta device. Only the state's shapes are used, and they follow from W0's shape."""
+    """Attaching the run's adapters on the meta proxy, where no tensor has values:
+
+    - a method that reads W0's values at init (SVF and its kin hash W0 to key their SVD cache)
+      gets uninitialised memory of W0's shape when it copies W0 off the meta device: only the
+      state's shapes are used, and they follow from W0's shape;
+    - a method's 0-dim flags ((IA)^3's and MoV's ``input_side``) stay on the CPU with their
+      value instead of moving to the meta device: its forward branches on them."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         device = kwargs.get("device")
-        if (func is torch.ops.aten._to_copy.default and args[0].is_meta and device is not None
-                and torch.device(device).type != "meta"):
-            return torch.empty(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype, device=device)
+        if func is torch.ops.aten._to_copy.default and device is not None:
+            source, target = args[0], torch.device(device).type
+            if source.is_meta and target != "meta":
+                return torch.empty(source.shape, dtype=kwargs.get("dtype") or source.dtype, device=device)
+            if not source.is_meta and source.dim() == 0 and target == "meta":
+                return source.clone()
         return func(*args, **kwargs)
