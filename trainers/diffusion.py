@@ -321,11 +321,10 @@ def attach_adapters(cfg: DiffusionTrainConfig, components: dict, family: str, na
         unet.train()
         A.attach(unet, name, cfg.method, blocks.unet_config(cfg, family), cfg.unet_targets)
         groups += blocks.lr_groups(unet, name, family, cfg.lr_unet, blocks.parse(cfg.block_lrs, "--block-lrs", family))
-    if cfg.train_te:
-        method_cfg = None if cfg.prompt_kind else cfg.method_config()
+    if cfg.train_te:  # (a layer method: a prompt-side run trains no text-encoder adapter)
         for te in text_encoders:
             te.train()
-            A.attach(te, name, cfg.method, method_cfg, "te-attn")
+            A.attach(te, name, cfg.method, cfg.method_config(), "te-attn")
             groups.append((A.trainable_parameters(te, name), cfg.lr_te))
     return groups
 
