@@ -2,8 +2,9 @@
 
 "Will it load?" is decided from the key names alone, by each tool's documented key rules
 (reference/formats.md 2-4 and 6, reference/lycoris.md): a key a tool would leave unloaded is named for
-that tool. Those tools skip such keys with at most a warning (A1111 at debug level, ComfyUI's "lora key
-not loaded"), except diffusers' kohya path, which raises on any key it cannot rename and loads nothing.
+that tool. OneTrainer's OMI-named files add InvokeAI's line (the one tool with an OMI path: its
+``convert_from_omi``, for SDXL and Flux, chosen by the file's header). Those tools skip such keys with at
+most a warning (A1111 at debug level, ComfyUI's "lora key not loaded"), except diffusers' kohya path, which raises on any key it cannot rename and loads nothing.
 The studio itself loads every key of a file it reads (or refuses the file naming the keys).
 """
 
@@ -17,8 +18,9 @@ from studio.adapters.registry import get
 from studio.formats import embedding, files, kohya
 from studio.formats.adapter_file import AdapterFile
 from studio.formats.load import read
+from studio.formats.lycoris_file import OMI_FORMAT, SDXL_ARCHITECTURE
 from studio.formats.metadata import top_tags, trigger_words
-from studio.formats.names import FAMILY_NAMES
+from studio.formats.names import FAMILY_NAMES, in_omi_sdxl_key_set, is_omi, is_sgm
 
 
 def _ranks(af: AdapterFile) -> dict[str, list]:
@@ -85,6 +87,8 @@ COMFY_PREFIXES = (*KOHYA_PREFIXES, "lycoris_", "diffusion_model.", "text_encoder
 LORA_KEY_WORD = "lora"
 """What diffusers' loader requires in every key of a LoRA file (a key fragment, not a method's name)."""
 KOHYA_LORA = ("lora_down.weight", "lora_up.weight", "alpha")
+OMI_HINT = ("OMI names (unet.<SGM path>, clip_l. / clip_g.) are none of its key names: studio export FILE --format "
+            "kohya -o kohya.safetensors writes the same adapter in kohya names")
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -117,6 +121,8 @@ def _hints(skipped: list[str], family: str) -> str:
         hints.append("lora_te_ names no SDXL text encoder here: use lora_te1_")
     if any(_split(k)[1] == "on_input" for k in skipped):
         hints.append("no (IA)^3")
+    if any(is_omi(_split(k)[0]) for k in skipped):
+        hints.append(OMI_HINT)
     return "; ".join(hints)
 
 
@@ -141,13 +147,18 @@ def _comfyui(keys: list[str], family: str) -> tuple[list[str], str]:
     skipped = []
     for k in keys:
         name, suffix = _split(k)
-        current_diffusers = k.startswith("unet.") and ".to_" in name and ".processor." not in name
+        # unet. is mapped with diffusers paths (the attention's old processor names): not current ones, not SGM (OMI)
+        current_diffusers = k.startswith("unet.") and (".to_" in name and ".processor." not in name
+                                                       or is_sgm(name[len("unet."):]))
         if not k.startswith(COMFY_PREFIXES) or suffix not in COMFY_SUFFIXES or current_diffusers or _bare_te(k):
             skipped.append(k)
     return skipped, _hints(skipped, family)
 
 
 def _diffusers(keys: list[str], family: str) -> tuple[list[str], str]:
+    if any(is_omi(_split(k)[0]) for k in keys):  # neither its kohya path nor a diffusers module / component name
+        lycoris = any(_split(k)[1] not in KOHYA_LORA for k in keys)
+        return keys, OMI_HINT + (" (add --rank 32: it loads plain LoRAs only)" if lycoris else "")
     dora = [k for k in keys if "dora_scale" in k]  # dropped with a warning: the rest applies as a plain LoRA
     rest = [k for k in keys if k not in dora]
     if rest and all(k.startswith(KOHYA_PREFIXES) for k in rest):
@@ -177,6 +188,26 @@ def _kohya(keys: list[str], family: str) -> tuple[list[str], str]:
     return skipped, "; ".join(filter(None, hints))
 
 
+def _invokeai_omi(keys: list[str], family: str, header: dict[str, str]) -> tuple[list[str], str]:
+    """InvokeAI's OMI path: a file is OMI by OneTrainer's header (its omi_format branch); an SDXL one is renamed by
+    OMI's SDXL key set to kohya names, a key of any other module dropped, and that renaming keeps the dot only
+    before a two-part tensor name (lora_down.weight) or alpha / dora_scale."""
+    arch = header.get("modelspec.architecture", "")
+    if not (header.get("modelspec.sai_model_spec") and header.get("ot_branch") == "omi_format"
+            and arch.endswith("/lora")):
+        return keys, ("takes a file as OMI only by the header of OneTrainer's omi_format branch (modelspec.sai_model_spec,"
+                      " ot_branch = omi_format, modelspec.architecture = <base>/lora), which this file lacks; what its "
+                      "other LoRA probes make of OMI names is not checked here")
+    if arch != f"{SDXL_ARCHITECTURE}/lora":
+        return keys, f"converts OMI files of SDXL and Flux only (this header says {arch})"
+    outside = [k for k in keys if not in_omi_sdxl_key_set(_split(k)[0])]
+    one_part = [k for k in keys if "." not in _split(k)[1] and _split(k)[1] not in ("alpha", "dora_scale")]
+    notes = ["drops the keys of modules outside OMI's SDXL key set" if outside else "",
+             f"its renaming merges one-part tensor names ({', '.join(sorted({_split(k)[1] for k in one_part})[:3])}) "
+             f"into the module name: LoHa / LoKr / full modules do not load as such there" if one_part else ""]
+    return outside + one_part, "; ".join(filter(None, notes))
+
+
 # tool -> its key rules; the studio's own line comes from having read the file
 TOOLS = {"A1111": _a1111, "Forge": _comfyui, "ComfyUI": _comfyui, "diffusers": _diffusers, "kohya": _kohya}
 # what each tool does with an embedding bundled in a LoRA (bundle_emb.<token>.*; A1111's networks.py installs it)
@@ -189,6 +220,7 @@ BUNDLE_NOTES = {
                  "no kohya LoRA keys) and loads nothing: studio export FILE --format diffusers writes the LoRA "
                  "alone; load_textual_inversion reads the embedding file",
     "kohya": "networks.lora ignores the bundled embedding",
+    "InvokeAI": "strips the bundle_emb keys on loading: load the embedding file beside it",
 }
 
 
@@ -201,16 +233,20 @@ def _with_bundle(tool: str, skipped: list[str], note: str, keys: list[str], bund
     return skipped, "; ".join(filter(None, [BUNDLE_NOTES[tool], note if tool != "diffusers" else ""]))
 
 
-def compatibility(keys: list[str], family: str, path: str = "FILE", fmt: str = "") -> dict[str, dict]:
+def compatibility(keys: list[str], family: str, path: str = "FILE", fmt: str = "",
+                  header: dict[str, str] | None = None) -> dict[str, dict]:
     """{tool: {"modules": applied, "of": modules, "unloaded": [keys], "note": why}} (image tools on SD files):
-    a module counts as applied when a key of it other than its alpha loads."""
+    a module counts as applied when a key of it other than its alpha loads; OMI files add InvokeAI's line."""
     bundle = [k for k in keys if embedding.is_bundled(k)]  # an embedding, not a module of the LoRA
     keys = [k for k in keys if k not in bundle]
     modules = {_split(k)[0] for k in keys}
     out = {"studio": {"modules": len(modules), "of": len(modules), "unloaded": [], "note": ""}}
     if family == "lm":
         return out
-    for tool, rules in TOOLS.items():
+    tools = dict(TOOLS)
+    if fmt == OMI_FORMAT:
+        tools["InvokeAI"] = lambda keys, family: _invokeai_omi(keys, family, header or {})
+    for tool, rules in tools.items():
         skipped, note = _with_bundle(tool, *rules(keys, family), keys, bundle)
         skipped = sorted(set(skipped))
         applied = {_split(k)[0] for k in keys if k not in skipped and _split(k)[1] != "alpha"}
@@ -264,7 +300,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
                  "matches": None if stored is None else stored == digest},
         "metadata": header,
         "compatibility": compatibility(list(files.read_header(path).tensors), af.base, str(path),
-                                       af.source["format"]),
+                                       af.source["format"], header),
         "embeddings": [{"token": e.token, "vectors": e.count, "encoders": {embedding.KEYS[c]: w for c, w in
                                                                            e.widths.items()}}
                        for e in af.source.get(kohya.EMBEDDINGS, [])],  # bundled (pivotal tuning)

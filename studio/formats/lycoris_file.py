@@ -20,6 +20,11 @@ for CLIP-L / OpenCLIP-G, each followed by the tensor names of any kind the kohya
 is renamed to its kohya name, key by key (a key without a known tensor name or a module ComfyUI would not
 map is refused, named as the file has it), then read by the kohya reader; its errors name the file's keys.
 
+OneTrainer's OMI key format (the Open Model Initiative's names; ``names.omi_to_kohya``): ``unet.<SGM path>``,
+``clip_l.<path>`` / ``clip_g.<path>`` (``bundle_emb.`` as A1111's), SD1.5 and SDXL, read the same way: each key
+renamed to its kohya name (a module OMI's key sets do not name is refused as the file has it), then the kohya
+reader. A header saying ``modelspec.architecture = stable-diffusion-xl-v1-base/lora`` makes it an SDXL file.
+
 Kohya-named files whose components mix kinds (LyCORIS presets: ``module_algo_map`` / ``name_algo_map``) are
 claimed here too (this layout is asked before kohya's): each mixed component is put in one kind, exactly
 (``lycoris.one_kind_per_component``), then read by the kohya reader; so are such files under the other names.
@@ -34,13 +39,15 @@ from studio.adapters.registry import get
 from studio.errors import StudioError
 from studio.formats import embedding, kohya, lycoris
 from studio.formats.adapter_file import AdapterFile
-from studio.formats.names import COMFY_PREFIXES, comfy_to_kohya
+from studio.formats.names import COMFY_PREFIXES, OMI_PREFIXES, comfy_to_kohya, is_omi, omi_to_kohya
 from studio.formats.refuse import refuse_leftovers, refuse_unsupported
 from studio.formats.writing import ExportReport, WriteOptions, plain_write
 
 NAME = "lycoris"
 PREFIX = "lycoris_"
 COMFY_FORMAT = "OneTrainer / ComfyUI names"
+OMI_FORMAT = "OneTrainer OMI names"
+SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"  # modelspec.architecture of an SDXL file, before "/lora"
 
 
 def _comfy(tensors: dict) -> bool:
@@ -48,9 +55,16 @@ def _comfy(tensors: dict) -> bool:
             and all(k.startswith(COMFY_PREFIXES) or embedding.is_bundled(k) for k in tensors))
 
 
+def _omi(tensors: dict) -> bool:
+    """Every key under OMI's prefixes, one at least OMI's own (diffusers' files have unet.<diffusers path> too)."""
+    return (any(is_omi(k) for k in tensors)
+            and all(k.startswith(OMI_PREFIXES) or embedding.is_bundled(k) for k in tensors))
+
+
 def looks_like(tensors: dict, metadata: dict[str, str]) -> bool:
-    """lycoris_ names, ComfyUI's names, or kohya names whose components mix kinds (asked before kohya's)."""
-    return bool(tensors) and (all(k.startswith(PREFIX) for k in tensors) or _comfy(tensors)
+    """lycoris_ names, ComfyUI's or OMI's names, or kohya names whose components mix kinds (asked before kohya's
+    and diffusers')."""
+    return bool(tensors) and (all(k.startswith(PREFIX) for k in tensors) or _comfy(tensors) or _omi(tensors)
                               or (kohya.looks_like(tensors, metadata) and lycoris.mixes_kinds(tensors)))
 
 
@@ -70,7 +84,11 @@ TEXT_ENCODER_STARTS = ("text_model_", "encoder_layers_", "embeddings_", "final_l
 
 def read(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
     if _comfy(tensors):
-        return _read_comfy(tensors, metadata, where)
+        return _read_renamed(tensors, metadata, where, comfy_to_kohya, "ComfyUI-names", COMFY_FORMAT)
+    if _omi(tensors):
+        if metadata.get("modelspec.architecture", "").startswith(SDXL_ARCHITECTURE + "/"):
+            metadata = {**metadata, "studio.base": "sdxl"}  # (a hint to the kohya reader only: the header is kept)
+        return _read_renamed(tensors, metadata, where, omi_to_kohya, "OMI-names", OMI_FORMAT)
     if not all(k.startswith(PREFIX) for k in tensors):  # kohya names, components mixing kinds
         return _kohya_read(tensors, metadata, where)
     # The generic wrapper names whatever module it wraps; SimpleTuner wraps the UNet, and ComfyUI reads lycoris_
@@ -86,7 +104,10 @@ def read(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
     return af
 
 
-def _read_comfy(tensors: dict, metadata: dict[str, str], where: str) -> AdapterFile:
+def _read_renamed(tensors: dict, metadata: dict[str, str], where: str, to_kohya, names_of: str,
+                  fmt: str) -> AdapterFile:
+    """A file in another spelling of kohya names (``to_kohya``: module -> kohya name or None), renamed key by key
+    and read by the kohya reader; its errors are said in the file's own names."""
     allowed = (*lycoris.markers(), kohya.TUCKER)
     refuse_unsupported(tensors, where, allowed=allowed)  # GLoRA, OFT, ... by name, before anything else
     suffixes = sorted({*kohya.SUFFIXES, *allowed}, key=len, reverse=True)  # lora_down.weight before a bare name
@@ -97,18 +118,18 @@ def _read_comfy(tensors: dict, metadata: dict[str, str], where: str) -> AdapterF
             continue
         suffix = next((s for s in suffixes if key.endswith("." + s)), None)
         module = key[:-len(suffix) - 1] if suffix else None
-        name = comfy_to_kohya(module) if module else None
+        name = to_kohya(module) if module else None
         if name is None or names.get(name, module) != module:  # (two spellings of one kohya name: not ours to pick)
             leftovers.append(key)
             continue
         renamed[f"{name}.{suffix}"], names[name] = value, module
-    refuse_leftovers(leftovers, where, "ComfyUI-names")
+    refuse_leftovers(leftovers, where, names_of)
     try:
         af = _kohya_read(renamed, metadata, where)
     except StudioError as err:  # said in the file's own names
         pattern = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r"(?!\w)")
         raise StudioError(pattern.sub(lambda m: names[m.group(0)], str(err))) from None
-    af.source["format"] = COMFY_FORMAT
+    af.source["format"] = fmt
     return af
 
 

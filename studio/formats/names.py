@@ -233,3 +233,64 @@ def comfy_to_kohya(module: str) -> str | None:
         if module.startswith(prefix) and module[len(prefix):].startswith(("text_model.", "text_projection")):
             return f"{KOHYA_PREFIX[component]}_{underscored(module[len(prefix):])}"
     return None
+
+
+# -- OMI names (OneTrainer's OMI key format, omi_model_standards.convert.lora) ------------------
+# The Open Model Initiative's LoRA names: the UNet under unet. with SGM (LDM) paths, CLIP-L under clip_l. and
+# OpenCLIP-G under clip_g. with transformers' paths (text_model.encoder.layers.N..., text_projection), the tensor
+# names of the kind after them (OneTrainer's convert_to_omi of its dotted names). The standard's key sets
+# (convert_sd_lora / convert_sdxl_lora) name a resnet's conv1 / conv2 / time_emb_proj / conv_shortcut (no norms),
+# every module of an attention block (SD1.5; SDXL lists its Linear layers), the samplers (upsamplers at
+# output_blocks.N.2.conv on SD1.5 too), conv_in, the time / label embeddings, out.0 and out.2; each is a kohya
+# name with another spelling. swap_chunks (Flux's final adaLN modulation halves) and filter_is_last appear in no
+# SD1.5 / SDXL key set: the tensors are stored as kohya stores them.
+OMI_UNET = "unet."
+OMI_TEXT = {"clip_l.": "te1", "clip_g.": "te2"}
+OMI_PREFIXES = (OMI_UNET, *OMI_TEXT)
+_OMI_RESNET_LAYERS = {"conv1", "conv2", "time_emb_proj", "conv_shortcut"}
+
+
+def _omi_unet_path(path: str) -> str | None:
+    """The diffusers path of an OMI UNet module (an SGM path), None for one the standard does not name."""
+    mapped = sgm_to_diffusers(path) if is_sgm(path) else None
+    try:
+        if mapped is None or diffusers_to_sgm(mapped) != path:  # (OMI's only SGM spelling: upsamplers at .2.conv)
+            return None
+    except StudioError:  # (a path with no SGM name: not OMI's)
+        return None
+    resnet = re.fullmatch(r".+\.resnets\.\d+\.(.+)", mapped)
+    return None if resnet and resnet.group(1) not in _OMI_RESNET_LAYERS else mapped
+
+
+def is_omi(module: str) -> bool:
+    """Whether a module name is OMI's rather than diffusers' (which also writes unet.<path>: diffusers paths)."""
+    return module.startswith(tuple(OMI_TEXT)) or (module.startswith(OMI_UNET) and is_sgm(module[len(OMI_UNET):]))
+
+
+def omi_to_kohya(module: str) -> str | None:
+    """'unet.input_blocks.1.1.proj_in' -> 'lora_unet_input_blocks_1_1_proj_in'; 'clip_g.text_projection' ->
+    'lora_te2_text_projection'; None for a name OMI's key sets do not have."""
+    if module.startswith(OMI_UNET):
+        path = module[len(OMI_UNET):]
+        return f"{KOHYA_PREFIX['unet']}_{underscored(path)}" if _omi_unet_path(path) else None
+    for prefix, component in OMI_TEXT.items():
+        if module.startswith(prefix) and module[len(prefix):].startswith(("text_model.", "text_projection")):
+            return f"{KOHYA_PREFIX[component]}_{underscored(module[len(prefix):])}"
+    return None
+
+
+# the SDXL key set's modules (convert_sdxl_lora), beyond a UNet block's resnets, samplers and the top-level layers:
+# an attention block's Linear layers and a CLIP's encoder layers and text projection (what InvokeAI converts)
+_OMI_SDXL_ATTENTION = re.compile(r"proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2))")
+_OMI_SDXL_CLIP = re.compile(r"text_projection|text_model\.encoder\.layers\.\d+\.(mlp\.fc[12]|self_attn\.(q|k|v|out)_proj)")
+
+
+def in_omi_sdxl_key_set(module: str) -> bool:
+    """Whether OMI's SDXL key set lists this module (the SD1.5 set also takes every module of an attention block and
+    anything under clip_l.)."""
+    if module.startswith(OMI_UNET):
+        mapped = _omi_unet_path(module[len(OMI_UNET):])
+        attention = re.fullmatch(r".+\.attentions\.\d+\.(.+)", mapped or "")
+        return mapped is not None and (attention is None or bool(_OMI_SDXL_ATTENTION.fullmatch(attention.group(1))))
+    prefix = next((p for p in OMI_TEXT if module.startswith(p)), None)
+    return prefix is not None and bool(_OMI_SDXL_CLIP.fullmatch(module[len(prefix):]))
