@@ -4,7 +4,8 @@
 (reference/formats.md 2-4 and 6, reference/lycoris.md): a key a tool would leave unloaded is named for
 that tool. OneTrainer's OMI-named files add InvokeAI's line (the one tool with an OMI path: its
 ``convert_from_omi``, for SDXL and Flux, chosen by the file's header). Those tools skip such keys with at
-most a warning (A1111 at debug level, ComfyUI's "lora key not loaded"), except diffusers' kohya path, which raises on any key it cannot rename and loads nothing.
+most a warning (A1111 at debug level, ComfyUI's "lora key not loaded"), except diffusers' kohya path,
+which raises on any key it cannot rename and loads nothing.
 The studio itself loads every key of a file it reads (or refuses the file naming the keys).
 """
 

@@ -281,7 +281,8 @@ def omi_to_kohya(module: str) -> str | None:
 
 # the SDXL key set's modules (convert_sdxl_lora), beyond a UNet block's resnets, samplers and the top-level layers:
 # an attention block's Linear layers and a CLIP's encoder layers and text projection (what InvokeAI converts)
-_OMI_SDXL_ATTENTION = re.compile(r"proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2))")
+_OMI_SDXL_ATTENTION = re.compile(r"proj_in|proj_out"
+                                 r"|transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2))")
 _OMI_SDXL_CLIP = re.compile(r"text_projection|text_model\.encoder\.layers\.\d+\.(mlp\.fc[12]|self_attn\.(q|k|v|out)_proj)")
 
 
