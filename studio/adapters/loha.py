@@ -123,6 +123,32 @@ def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float
 
 
 # -- LyCORIS's layout (kohya files with hada_* keys; what ComfyUI, A1111 and Forge apply) -------------
+LYCORIS_KIND = "LoHa"
+HOLD_LEVEL = 2
+"""LoHa holds the other kinds of a LyCORIS preset's mixed component (formats/lycoris.py), module by module."""
+
+
+def hold(parts: dict, where: str) -> dict:
+    """A LoCon or LoKr module's LyCORIS tensors as LoHa's, the same delta:
+        LoCon (U, D, s = alpha / r):  w1 = (U, D), w2 = (1_out, 1_in^T):  (U D) * (1 1^T) = U D
+        LoKr:  kron(P1 Q1, P2 Q2) = (kron(P1, 1_b) kron(Q1, 1_dK^T)) * (kron(1_a, P2) kron(1_c^T, Q2)),
+               each half W = P Q its own factors (a full half: W I or I W, the narrower)."""
+    if "lora_down.weight" in parts:
+        up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()
+        return {"hada_w1_a": up, "hada_w1_b": down, "hada_w2_a": torch.ones(up.shape[0], 1),
+                "hada_w2_b": torch.ones(1, down[0].numel()), "alpha": parts.get("alpha", torch.tensor(0.0)).float()}
+    from studio.adapters import lokr
+
+    fields, t = lokr.from_lycoris(parts, where)
+    (a, _), (b, _), c, dK = t["w1"].shape, t["w2"].shape, t["w1_b"].shape[1], t["w2_b"].shape[1]
+    (P1, Q1), (P2, Q2) = lokr.halves(t, "1"), lokr.halves(t, "2")
+    w1_b = torch.kron(Q1, torch.ones(1, dK))                       # (k1, c d K)
+    kernel = fields.get("kernel")
+    return {"hada_w1_a": torch.kron(P1, torch.ones(b, 1)), "hada_w2_a": torch.kron(torch.ones(a, 1), P2),
+            "hada_w1_b": w1_b if kernel in (None, (1, 1)) else w1_b.reshape(w1_b.shape[0], -1, *kernel),
+            "hada_w2_b": torch.kron(torch.ones(1, c), Q2), "alpha": torch.tensor(float(lokr.scale(t)) * P1.shape[1])}
+
+
 LYCORIS_MARKER = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LYCORIS_ARGS = {"algo": "loha"}
 LYCORIS_CONV = {"lora_down.weight": "kernel", "lora_up.weight": "1x1"}  # a module written back as LoCon; every
@@ -133,7 +159,7 @@ KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 def to_lycoris(cfg: Config, state: dict, path: str = "") -> dict:
     """The module in LyCORIS's keys; as LoCon (up = w1_a, down = w1_b, the same alpha) when the file it came from
     stored it so (``stored_kinds``) and its second product is still all ones."""
-    if stored_kind(cfg, path) == "lora" and bool((state["w2_a"] @ state["w2_b"] == 1).all()):
+    if stored_kind(cfg, path) == "LoCon" and bool((state["w2_a"] @ state["w2_b"] == 1).all()):
         return {"lora_up.weight": state["w1_a"].detach(), "lora_down.weight": state["w1_b"].detach(),
                 "alpha": state["alpha"].detach().reshape(())}
     out = {f"hada_{k}": state[k].detach() for k in FACTORS}

@@ -177,6 +177,20 @@ def forward(cfg: Config, state: dict, x: torch.Tensor, base: Base, weight: float
 
 
 # -- LyCORIS's layout (kohya files with lokr_* keys; what ComfyUI, A1111 and Forge apply) -------------
+LYCORIS_KIND = "LoKr"
+HOLD_LEVEL = 1
+"""A LyCORIS preset's component mixing kinds is held in the kind of the highest level present (formats/lycoris.py):
+LoKr holds LoCon (W1 = [[1]]); LoHa (level 2) holds LoCon and LoKr."""
+
+
+def hold(parts: dict, where: str) -> dict:
+    """A LoCon module's LyCORIS tensors (lora_up U, lora_down D, alpha; s = alpha / r) as LoKr's, the same
+    delta: kron([[1]], U D), W2 factored at rank r."""
+    up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()
+    return {"lokr_w1": torch.ones(1, 1), "lokr_w2_a": up, "lokr_w2_b": down,
+            "alpha": parts.get("alpha", torch.tensor(0.0)).float()}
+
+
 LYCORIS_MARKER = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2")
 LYCORIS_ARGS = {"algo": "lokr"}
 LYCORIS_CONV = {"lokr_w2": "kernel",  # a full W2 is (b, d, kh, kw) on a convolution; the rest stays 2-D
@@ -190,7 +204,7 @@ def to_lycoris(cfg: Config, state: dict, kernel: tuple | None = None, path: str 
     = kron(P1, P2) kron(Q1, Q2) (each half P Q), factored at rank rank(W1) rank(W2) when LyCORIS's rule factors it,
     else whole with the scale in W1 (both halves whole: s = 1)."""
     state = {k: v.detach() for k, v in state.items()}
-    if stored_kind(cfg, path) == "lora" and tuple(state["w1"].shape) == (1, 1) and not state["w1_b"].shape[0]:
+    if stored_kind(cfg, path) == "LoCon" and tuple(state["w1"].shape) == (1, 1) and not state["w1_b"].shape[0]:
         return as_locon(state)
     (a, _), (b, _), c, dK = state["w1"].shape, state["w2"].shape, state["w1_b"].shape[1], state["w2_b"].shape[1]
     kernel = kernel or (1, 1)

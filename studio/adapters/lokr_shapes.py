@@ -141,8 +141,9 @@ def paths_rule(paths) -> str:
 
 
 # -- modules a file stored in another kind (LyCORIS presets, formats/lycoris.py) ----------------------
-STORED_AS = ("lora",)
-"""Kinds a LoKr or LoHa module of an imported file can be written back as, exactly: LoCon (a plain LoRA)."""
+STORED_AS = ("LoCon",)
+"""Kinds (LyCORIS names) a LoKr or LoHa module of an imported file can be written back as, exactly: LoCon
+(a plain LoRA)."""
 
 
 def check_stored_kinds(rules, label: str) -> tuple:
@@ -156,7 +157,7 @@ def check_stored_kinds(rules, label: str) -> tuple:
         except (TypeError, ValueError, re.error):
             ok = False
         if not ok:
-            raise StudioError(f"{label} stored_kinds must be ((module path pattern, 'lora'), ...), got {rule!r}: the "
+            raise StudioError(f"{label} stored_kinds must be ((module path pattern, 'LoCon'), ...), got {rule!r}: the "
                               f"file is damaged, or leave stored_kinds out")
         out.append((pattern, kind))
     return tuple(out)

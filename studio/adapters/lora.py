@@ -19,6 +19,7 @@ from studio.adapters.common import LowRankConfig, check_rank, conv_down, down_sh
 from studio.adapters.contract import Site, Traits
 
 NAME = "lora"
+LYCORIS_KIND = "LoCon"  # what LyCORIS presets call a plain LoRA module (formats/lycoris.py)
 TRAITS = Traits(kind="low-rank", summary="LoRA, dW = (alpha/r) B A; LoCon on k x k convolutions",
                 lr={"image": 1e-3, "lm": 2e-3})
 TRAINABLE = ("A", "B")

@@ -154,15 +154,18 @@ def write(af: AdapterFile, path, opts: WriteOptions, fmt: str = "kohya") -> Expo
 # -- presets that mix kinds in one component (LyCORIS's module_algo_map / name_algo_map) --------------
 # kohya_ss and LyCORIS presets can give each module class its own algorithm (LoCon on attention, LoHa or
 # LoKr on the ResNet convs). A Part holds one method, so such a component is held in the kind that holds
-# the others exactly, module by module (reference/lycoris.md 1-3), each module keeping its own scale s:
-#   LoCon (up U, down D, s = alpha / r) as LoKr:  W1 = [[1]], W2 = U D factored at rank r: kron([[1]], U D)
-#   LoCon as LoHa:  w1 = (U, D), w2 = (1_out, 1_in^T):  (U D) * (1 1^T) = U D
-#   LoKr as LoHa:   kron(P1 Q1, P2 Q2) = (kron(P1, 1_b) kron(Q1, 1_dK^T)) * (kron(1_a, P2) kron(1_c^T, Q2))
-#                   with each half W = P Q its own factors (a full half: W I or I W, the narrower)
-# The file's kinds are counted in ``af.source["stored_kinds"]`` for inspect, and the host config records its LoCon
-# modules (``stored_kinds``), which the host's ``to_lycoris`` writes back as LoCon; a LoKr beside LoHa stays LoHa.
-LOCON, MIXABLE = "lora", ("lora", "loha", "lokr")
-KIND_NAMES = {"lora": "LoCon", "loha": "LoHa", "lokr": "LoKr"}
+# the others exactly, module by module (reference/lycoris.md 1-3), each module keeping its own scale s: the
+# method of the highest ``HOLD_LEVEL`` present, whose ``hold(parts, where)`` re-expresses a module of a lower
+# kind (LoKr and LoHa: the formulas are in their files). The file's kinds are counted in
+# ``af.source["stored_kinds"]`` for inspect, and the host config records its LoCon modules (``stored_kinds``),
+# which the host's ``to_lycoris`` writes back as LoCon; a LoKr beside LoHa stays LoHa.
+LOCON = next(name for name, m in METHODS.items() if getattr(m, "LYCORIS_KIND", None) == "LoCon")
+"""The method a plain LoRA / LoCon module reads as."""
+
+
+def _level(method: str) -> int | None:
+    """The method's place among the kinds a preset mixes (None: it cannot be mixed with others)."""
+    return 0 if method == LOCON else getattr(get(method), "HOLD_LEVEL", None)
 
 
 def module_kinds(tensors: dict) -> dict[str, dict[str, str]]:
@@ -195,22 +198,25 @@ def one_kind_per_component(tensors: dict, where: str) -> tuple[dict, dict[str, d
         present = set(kinds.values())
         if len(present) < 2:
             continue
-        if not present <= set(MIXABLE):
-            odd = sorted(present - set(MIXABLE))
+        odd = sorted(m for m in present if _level(m) is None)
+        if odd:
+            mixable = ", ".join(get(m).LYCORIS_KIND for m in METHODS if _level(m) is not None)
             raise StudioError(f"{where}: its {component} modules mix {' and '.join(sorted(present))}: the studio reads "
-                              f"LoCon, LoHa and LoKr modules mixed in one component (LyCORIS presets), not "
+                              f"{mixable} modules mixed in one component (LyCORIS presets), not "
                               f"{', '.join(odd)} beside other kinds: re-export the file with one kind per component")
-        host = "loha" if "loha" in present else "lokr"
+        host = max(present, key=_level)
         for name, kind in kinds.items():
             if kind != host:
                 parts = {k.partition(".")[2]: out.pop(k) for k in [k for k in out if k.partition(".")[0] == name]}
                 # factors back in the file's dtype when that is exact (copies of its values, ones and zeros; a
                 # folded Tucker core is a new product: it stays fp32)
                 dtype = None if {"lora_mid.weight", "lokr_t2"} & set(parts) else next(v.dtype for k, v in parts.items() if k != "alpha")
-                moved = _as_host(host, kind, parts, f"{where}: module '{name}'", name, where)
+                where_module = f"{where}: module '{name}'"
+                moved = get(host).hold(_locon_parts(parts, where_module, name, where) if kind == LOCON else parts,
+                                       where_module)
                 out.update({f"{name}.{k}": _in(dtype, v) for k, v in moved.items()})
                 locon |= {name} if kind == LOCON else set()
-        stored[component] = {KIND_NAMES[k]: n for k, n in sorted(Counter(kinds.values()).items())}
+        stored[component] = {get(k).LYCORIS_KIND: n for k, n in sorted(Counter(kinds.values()).items())}
     return out, stored, locon
 
 
@@ -232,31 +238,15 @@ def record_locon(af: AdapterFile, names: set[str]) -> None:
     for part in af.parts.values():
         mine = [p for p in part.modules() if p in paths]
         if mine:
-            part.config = {**part.config, "stored_kinds": ((paths_rule(mine), LOCON),)}
+            part.config = {**part.config, "stored_kinds": ((paths_rule(mine), get(LOCON).LYCORIS_KIND),)}
 
 
-def _as_host(host: str, kind: str, parts: dict, where_module: str, name: str, where: str) -> dict:
-    """One module's stored tensors (``kind``) as the tensors of ``host`` with the same delta."""
-    if kind == LOCON:
-        parts = fold_tucker(parts, where, name)
-        extra = sorted(set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"})
-        if extra or "lora_up.weight" not in parts:
-            raise StudioError(f"{where_module} has {', '.join(extra) or 'no lora_up.weight'} beside its LoRA factors "
-                              f"(a LoCon module holds lora_down, lora_up, alpha and an optional lora_mid): the file is "
-                              f"damaged")
-        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
-        alpha = parts.get("alpha", torch.tensor(0.0)).float()
-        if host == "lokr":
-            return {"lokr_w1": torch.ones(1, 1), "lokr_w2_a": up, "lokr_w2_b": down, "alpha": alpha}
-        return {"hada_w1_a": up, "hada_w1_b": down, "hada_w2_a": torch.ones(up.shape[0], 1),
-                "hada_w2_b": torch.ones(1, down[0].numel()), "alpha": alpha}
-    # LoKr as LoHa (the only other pair: a component with LoHa holds everything as LoHa)
-    fields, t = get("lokr").from_lycoris(parts, where_module)
-    (a, _), (b, _), c, dK = t["w1"].shape, t["w2"].shape, t["w1_b"].shape[1], t["w2_b"].shape[1]
-    (P1, Q1), (P2, Q2) = get("lokr").halves(t, "1"), get("lokr").halves(t, "2")
-    s = float(get("lokr").scale(t))
-    w1_b = torch.kron(Q1, torch.ones(1, dK))                       # (k1, c d K)
-    kernel = fields.get("kernel")
-    return {"hada_w1_a": torch.kron(P1, torch.ones(b, 1)), "hada_w2_a": torch.kron(torch.ones(a, 1), P2),
-            "hada_w1_b": w1_b if kernel in (None, (1, 1)) else w1_b.reshape(w1_b.shape[0], -1, *kernel),
-            "hada_w2_b": torch.kron(torch.ones(1, c), Q2), "alpha": torch.tensor(s * P1.shape[1])}
+def _locon_parts(parts: dict, where_module: str, name: str, where: str) -> dict:
+    """A LoCon module's tensors, Tucker core folded, checked to be nothing but a LoRA pair and its alpha."""
+    parts = fold_tucker(parts, where, name)
+    extra = sorted(set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"})
+    if extra or "lora_up.weight" not in parts:
+        raise StudioError(f"{where_module} has {', '.join(extra) or 'no lora_up.weight'} beside its LoRA factors "
+                          f"(a LoCon module holds lora_down, lora_up, alpha and an optional lora_mid): the file is "
+                          f"damaged")
+    return parts
