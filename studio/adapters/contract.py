@@ -38,6 +38,10 @@ state (trainers/extras.py), so a resume continues bit-identically;
 and optionally ``prepare(cfg, paths) -> cfg``: a config resolved against the targeted module paths
 before any layer is built (MoLA's per-block expert counts); the result is what a file stores.
 
+A LyCORIS kind may add ``LYCORIS_KIND`` (its name in LyCORIS presets: "LoCon", "LoHa", "LoKr") and, to hold
+the other kinds of a preset's mixed component, ``HOLD_LEVEL: int`` with ``hold(parts, where) -> tensors``: a lower
+kind's module re-expressed exactly in its own LyCORIS keys (formats/lycoris.py picks the highest level present).
+
 A method whose delta is already an SVD (SVF) may add ``svd(cfg, state) -> (U, g, Vh)`` with signed,
 unsorted g: its plain-LoRA export then sorts g instead of taking a new SVD.
 
