@@ -25,10 +25,23 @@ Three rank-16 LoRA files on UNet and text-encoder attention (128 + 48 modules), 
     change vs a re-merge (goal: far below, <= 0.1) and the unmerged step vs the same mix merged
     (goal <= 1.3); LoKr and LoHa stay dense deltas, applied through their factors each step.
 
+(d) Routed mixtures (issue 17), on the same SD1.5-sized UNet:
+    routed4_step_vs_static     one CFG denoising step with a MoLoRA mixture of 4 experts (the 4 rank-16
+                               LoRAs of unet-attn as ``--mixture-of`` composes them, a random router per
+                               layer: softmax gates per token) vs the same 4 LoRAs as a static unmerged
+                               mix                                                        goal <= 1.3
+    molora_train_step_vs_lora  one training step (forward, MSE, backward, fused AdamW; batch 1, 256 px,
+                               kohya's unet-transformer set) of MoLoRA, 4 experts of rank 4, vs one LoRA
+                               of rank 16: the same A, B values (the router adds 4 x in a module)
+                                                                                          goal <= 1.3
+    Two module copies over the same base weights, one step of each in turn; the median of the
+    rounds' ratios.
+
 Prints BENCH weight_change_vs_remerge, weight_change_vs_set_adapters, unmerged3_step_vs_peft,
-unmerged3_step_vs_merged, three_kinds_weight_change_vs_remerge, three_kinds_step_vs_merged.
-Run: OMP_NUM_THREADS=1 python benchmarks/mixing.py [--threads N] [--only-three-kinds]
-(one copy of the weights at a time, ~5 GiB; about 10 minutes on one core at 256 px, (c) a few more).
+unmerged3_step_vs_merged, three_kinds_weight_change_vs_remerge, three_kinds_step_vs_merged,
+routed4_step_vs_static, molora_train_step_vs_lora.
+Run: OMP_NUM_THREADS=1 python benchmarks/mixing.py [--threads N] [--only-three-kinds | --only-mixtures]
+(one copy of the weights at a time, ~5 GiB; about 10 minutes on one core at 256 px, (c) and (d) a few more).
 """
 
 from __future__ import annotations
@@ -195,7 +208,7 @@ def step_rounds(unets: dict, rounds: int, warmup: int, size: int) -> dict[str, l
     for _ in range(warmup):
         for name in names:
             steps[name]()
-    ratios: dict[str, list[float]] = {f"vs_{n}": [] for n in ("peft", "merged") if n in steps}
+    ratios: dict[str, list[float]] = {f"vs_{n}": [] for n in ("peft", "merged", "static") if n in steps}
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -213,12 +226,102 @@ def step_rounds(unets: dict, rounds: int, warmup: int, size: int) -> dict[str, l
     if "plain" in seconds:  # what the adapters add to a step, each way
         plain = statistics.median(seconds["plain"])
         print("  added to the plain UNet's step: " + ", ".join(
-            f"{n} {statistics.median(seconds[n]) - plain:+.3f} s" for n in ("studio", "peft", "merged") if n in seconds))
+            f"{n} {statistics.median(seconds[n]) - plain:+.3f} s" for n in ("studio", "peft", "merged", "static")
+            if n in seconds))
     for other in (k[3:] for k in ratios):
         difference = ((outputs["studio"] - outputs[other]).norm() / outputs[other].norm()).item()
-        print(f"  studio vs {other} UNet outputs differ by {difference:.1e} (relative): the same computation")
+        note = "the router's gates are not the static 1/4 each" if other == "static" else "the same computation"
+        print(f"  studio vs {other} UNet outputs differ by {difference:.1e} (relative): {note}")
     print("  median step: " + ", ".join(f"{n} {statistics.median(v):.2f} s" for n, v in seconds.items()))
     return ratios
+
+
+def routed_experts(unet, experts: int, rank: int, targets: str, seed: int) -> dict[str, list[dict]]:
+    """``experts`` random LoRA factor sets ({path: {A, B}}) for ``unet``'s ``targets`` layers."""
+    g = torch.Generator().manual_seed(seed)
+    sets = [{} for _ in range(experts)]
+    for path, module in A.find_targets(unet, targets).items():
+        out, inp = module.weight.shape
+        for factors in sets:
+            factors[path] = {"A": torch.randn(rank, inp, generator=g) / inp ** 0.5,
+                             "B": 0.01 * torch.randn(out, rank, generator=g)}
+    return sets
+
+
+def routed4(args) -> float:
+    """(d) a generation step, 4 LoRAs routed per token vs the same 4 as a static unmerged mix."""
+    from studio.adapters import compose
+
+    unet = build().unet
+    static, bare = shared_copy(unet), shared_copy(unet)
+    sets = routed_experts(unet, 4, 16, TARGETS["unet"], seed=30)
+    fields = {"rank": 16, "alpha": 16.0}
+    config, tensors = compose.lora_experts([(f"e{i}", "lora", fields, f) for i, f in enumerate(sets)])
+    g = torch.Generator().manual_seed(31)
+    saved = {path: {k: tensors[f"{path}.{k}"] for k in "ABRc"} for path in sets[0]}
+    for t in saved.values():  # a router that routes: gates differ per token
+        t["R"] = torch.randn(t["R"].shape, generator=g) / t["R"].shape[1] ** 0.5
+    A.attach(unet, "mix", "molora", A.make_config("molora", config), TARGETS["unet"], saved=saved)
+    for i, factors in enumerate(sets):
+        A.attach(static, f"e{i}", "lora", A.make_config("lora", fields), TARGETS["unet"], weight=0.25, saved=factors)
+    print(f"(d) one CFG denoising step at {args.size} px: MoLoRA over 4 rank-16 LoRAs (routed) vs the 4 as a static "
+          f"unmerged mix, {len(saved)} modules", flush=True)
+    ratios = step_rounds({"studio": unet, "static": static, "plain": bare}, args.rounds, args.warmup, args.size)
+    return statistics.median(ratios["vs_static"])
+
+
+def train_step(unet, name: str, size: int):
+    """One adapter training step on ``unet``: forward at batch 1, MSE, backward, fused AdamW (as trainers.loop)."""
+    g = torch.Generator().manual_seed(3)
+    x, context = torch.randn(1, 4, size // 8, size // 8, generator=g), torch.randn(1, 77, 768, generator=g)
+    t, target = torch.tensor([500]), torch.randn(1, 4, size // 8, size // 8, generator=g)
+    opt = torch.optim.AdamW(A.trainable_parameters(unet, name), lr=1e-4, fused=True)
+
+    def step():
+        loss = torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=context).sample, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def molora_train(args) -> float:
+    """(d) a training step of MoLoRA (4 experts x rank 4) vs LoRA rank 16 on the same frozen UNet."""
+    unet = build().unet.train()
+    lora = shared_copy(unet)
+    torch.manual_seed(0)
+    mixture = A.make_config("molora", {"rank": 4, "alpha": 4.0, "experts": 4})
+    A.attach(unet, "mix", "molora", mixture, "unet-transformer")
+    A.attach(lora, "lora", "lora", A.make_config("lora", {"rank": 16, "alpha": 16.0}), "unet-transformer")
+    values = {n: sum(p.numel() for p in A.trainable_parameters(m, n)) for n, m in (("mix", unet), ("lora", lora))}
+    print(f"(d) one training step at {args.size} px, batch 1, unet-transformer: MoLoRA 4 x r4 "
+          f"({values['mix']:,} values with the routers) vs LoRA r16 ({values['lora']:,})", flush=True)
+    steps = {"molora": train_step(unet, "mix", args.size), "lora": train_step(lora, "lora", args.size)}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    ratios = []
+    for r in range(args.train_rounds):
+        order = list(steps) if r % 2 == 0 else list(steps)[::-1]
+        took = {}
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            took[name] = time.perf_counter() - start
+        ratios.append(took["molora"] / took["lora"])
+        print(f"  round {r + 1}: molora {took['molora']:.2f} s, lora {took['lora']:.2f} s -> {ratios[-1]:.3f}",
+              flush=True)
+    return statistics.median(ratios)
+
+
+def mixtures(args) -> None:
+    import gc
+
+    routed = routed4(args)
+    gc.collect()
+    train = molora_train(args)
+    bench("routed4_step_vs_static", routed, "<= 1.3")
+    bench("molora_train_step_vs_lora", train, "<= 1.3")
 
 
 def main() -> None:
@@ -228,11 +331,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="denoising steps timed per UNet")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--size", type=int, default=256, help="image size of the denoising step, in pixels")
+    parser.add_argument("--train-rounds", type=int, default=10, help="(d): training steps timed per adapter")
     parser.add_argument("--only-three-kinds", action="store_true", help="run (c) only")
+    parser.add_argument("--only-mixtures", action="store_true", help="run (d) only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.only_three_kinds:
         return three_kinds(args)
+    if args.only_mixtures:
+        return mixtures(args)
     began = time.perf_counter()
     # (a) on two identical copies (same seed): studio's adapters on one, diffusers + PEFT on the
     # other, timed round-robin so load on the machine hits both alike
@@ -279,6 +386,8 @@ def main() -> None:
     import gc
     gc.collect()
     three_kinds(args)
+    gc.collect()
+    mixtures(args)
 
 
 if __name__ == "__main__":
