@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -167,7 +168,7 @@ def main() -> None:
             path, seconds = run(variant, seed, args.steps, data, out, args.reuse)
             model, tokenizer = load_with_adapters(None, [(str(path), 1.0)])
             entry["scores"].append(scores(model, tokenizer))
-            entry["seconds"].append(seconds)
+            entry["seconds"].append(None if math.isnan(seconds) else seconds)  # NaN: reused, not trained here
             entry["values"] = trained_values(path)
             print(f"{variant} seed {seed}: {json.dumps(entry['scores'][-1])} ({seconds:.0f} s)", flush=True)
     base_fact = results["base"]["scores"][0]["plain_fact"]

@@ -72,6 +72,7 @@ def runs(args, out: Path) -> dict[str, list[str]]:
     plan = {c: [data, "--rank", str(args.rank), "--steps", str(args.steps)] for c, data in CONCEPTS.items()}
     plan["lora"] = [union, "--rank", str(3 * args.rank), "--steps", str(args.union_steps)]
     plan["router"] = [union, "--mixture-of", *experts, "--steps", str(args.router_steps)]
+    plan["router"] += ["--unet-lr", str(args.router_lr)] if args.router_lr else []
     plan["molora"] = [union, "--method", "molora", "--rank", str(args.rank), "--method-args", "experts=3",
                       "--steps", str(args.union_steps)]
     return plan
@@ -202,6 +203,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200, help="steps of each concept's own LoRA")
     parser.add_argument("--union-steps", type=int, default=2400, help="steps of (b) and (d) on the union")
     parser.add_argument("--router-steps", type=int, default=400, help="steps of (c)'s router")
+    parser.add_argument("--router-lr", type=float, default=None, help="(c)'s learning rate (default: MoLoRA's)")
     parser.add_argument("--rank", type=int, default=8, help="R: each concept LoRA's rank, each MoLoRA expert's")
     parser.add_argument("--n", type=int, default=24, help="prompts per concept")
     parser.add_argument("--out", default="/tmp/t_bench/sd")
