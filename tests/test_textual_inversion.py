@@ -332,3 +332,14 @@ def test_an_embedding_in_a_language_model_mix_is_one_error(tmp_path):
     with pytest.raises(StudioError, match="kbot.safetensors: textual-inversion embeddings apply to Stable Diffusion"):
         session.sync([MixEntry(str(path))])
     session.sync([])  # and the session stays usable
+
+
+def test_a_half_precision_base_trains_a_token_and_renders_its_samples(data, tmp_path):
+    """With --base-dtype bf16 the text encoder stays a bf16 model to diffusers (its first parameter is the
+    frozen table, not the fp32 rows): the final sample grid renders instead of a dtype traceback."""
+    out = tmp_path / "bf16"
+    assert main(["train", str(data), "--method", "ti", "--token", TOKEN, "--init-word", "robot", "--vectors", "2",
+                 "--steps", "1", "--batch-size", "2", "--base-dtype", "bf16", "--set", "sample_steps=1",
+                 "--out", str(out), "--set", f"cache_dir={data.parent / 'cache'}"]) == 0
+    assert (out / "samples" / "step-0000001.png").is_file()
+    assert load_file(str(out / "kbot.safetensors"))["emb_params"].dtype == torch.float32

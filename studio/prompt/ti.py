@@ -77,14 +77,28 @@ def init_id(tokenizer, init_word: str, where: str) -> int:
     return ids[0]
 
 
+class _Rows(nn.Module):
+    def __init__(self, vectors: torch.Tensor):
+        super().__init__()
+        self.vectors = nn.Parameter(vectors.to(torch.float32).clone())  # (N, d), fp32 whatever the base
+
+
 class TokenEmbedding(nn.Module):
-    """The frozen table W0 (V, d) plus trainable rows ``vectors`` (N, d) for ids V..V+N-1."""
+    """The frozen table W0 (V, d) plus trainable rows ``vectors`` (N, d) for ids V..V+N-1.
+
+    The rows sit in a child registered after the table, so the encoder's first parameter stays the
+    table: diffusers takes a text encoder's dtype from it (``ModelMixin.dtype``), and fp32 rows first
+    would make a half-precision base's prompt embeddings fp32 (the UNet then refuses them)."""
 
     def __init__(self, base: nn.Embedding, vectors: torch.Tensor):
         super().__init__()
         self.base = base
         self.first = base.num_embeddings
-        self.vectors = nn.Parameter(vectors.to(torch.float32).clone())  # (N, d), fp32 whatever the base
+        self.rows = _Rows(vectors)
+
+    @property
+    def vectors(self) -> nn.Parameter:
+        return self.rows.vectors
 
     @property
     def weight(self) -> torch.Tensor:
