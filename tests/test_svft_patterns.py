@@ -281,3 +281,15 @@ def test_bad_pattern_options_are_one_error_line_and_write_nothing(tiny_lm, tmp_p
     line = one_error_line(capsys, args + ["pattern=top_k", "--targets", "lm-mlp"])  # no square layer
     assert "adapts none of the layers" in line
     assert not out.exists()
+
+
+def test_the_banded_pattern_cache_is_on_the_cpu_whatever_the_default_device():
+    """The cached band indices serve every later caller: a first call under a meta default device (the
+    --check estimate) must not hand meta tensors to a real run."""
+    from studio.adapters import svft_patterns
+
+    svft_patterns.banded_entries.cache_clear()
+    with torch.device("meta"):
+        rows, cols = svft_patterns.banded_entries(7, 2)
+    assert rows.device.type == cols.device.type == "cpu"
+    assert torch.equal(rows, svft_patterns.banded_entries(7, 2)[0])

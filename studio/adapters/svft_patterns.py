@@ -46,9 +46,11 @@ def banded_count(n: int, d: int) -> int:
 
 @lru_cache(maxsize=64)
 def banded_entries(n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = [torch.arange(n)], [torch.arange(n)]
+    # on the CPU whatever the default device: the cache hands these to every later caller (a meta or
+    # CUDA default device at the first call would leak into them)
+    rows, cols = [torch.arange(n, device="cpu")], [torch.arange(n, device="cpu")]
     for o in range(1, min(d, n - 1) + 1):
-        i = torch.arange(n - o)
+        i = torch.arange(n - o, device="cpu")
         rows += [i, i + o]
         cols += [i + o, i]
     return torch.cat(rows), torch.cat(cols)
