@@ -121,7 +121,11 @@ def test_top_k_uses_exactly_k_experts_per_token(k):
     logits = x @ a.R.detach().T + a.c.detach()
     gates = mixture.route(logits, k, -1, None, False)
     assert ((gates > 0).sum(-1) == k).all()
-    torch.testing.assert_close(gates.sum(-1), torch.ones(40))
+    probs = logits.softmax(-1)
+    if k > 1:  # the k kept, renormalised (MoLA)
+        torch.testing.assert_close(gates.sum(-1), torch.ones(40))
+    else:  # top-1 gates by the raw probability (Switch Transformer), so the router gets a gradient
+        torch.testing.assert_close(gates.sum(-1), probs.max(-1).values)
     # the layer output is the sum over exactly those experts, each with its gate
     with torch.no_grad():
         got = model.to_k(x) - model.to_k.base(x)
@@ -235,3 +239,14 @@ def test_routers_and_experts_come_from_the_init_generator_alone(method, build):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert not torch.equal(a["R"], c["R"])                        # the seed decides the routers
         assert a["R"].abs().max() > 0 and torch.equal(a["c"], torch.zeros_like(a["c"]))
+
+
+def test_a_top_1_router_learns():
+    """With one expert kept per token the gate is that expert's probability, not 1: the router's R and c
+    get a gradient (renormalised, top-1 would leave a --mixture-of router untrained)."""
+    model = layer_pair().train()
+    A.attach(model, "m", "mola", A.mola.Config(experts=4, top_k=1, rank=2), ["to_k"])
+    randomise(model, "m")
+    a = model.to_k.adapters["m"]
+    (model.to_k(x_for((16, 12))) ** 2).sum().backward()
+    assert a.R.grad is not None and a.R.grad.abs().max() > 0 and a.c.grad.abs().max() > 0

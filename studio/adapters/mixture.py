@@ -5,7 +5,8 @@ field of each output position, with the base's geometry) and weighs E experts:
 
     p(x) = softmax(R x + c)            R: (E, in), c: (E,)        per token
     g(x) = p(x)                        soft merging (MoLoRA, MoV, LoRAMoE; arXiv 2309.05444, 2312.09979)
-    g(x) = topk_k(p) / sum topk_k(p)   top-k, renormalised over the k kept (MoLA, arXiv 2402.08562)
+    g(x) = topk_k(p) / sum topk_k(p)   top-k, renormalised over the k kept (MoLA, arXiv 2402.08562);
+                                       top-1 keeps p_i itself (Switch Transformer: the router still learns)
 
     LoRA experts:   y = W0 x + b + w * sum_i g_i(x) s B_i A_i x
                     run as one stacked pair: hidden = A_cat x (E r rows), each expert's r rows
@@ -189,7 +190,10 @@ def route(logits: torch.Tensor, top_k: int, dim: int, scratch: dict | None, trai
     if top_k and top_k < logits.shape[dim]:
         kept, index = probs.topk(top_k, dim)
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(dim, index, True)
-        gates = torch.zeros_like(probs).scatter(dim, index, kept / kept.sum(dim, keepdim=True))
+        # top-1 keeps the raw probability (Switch Transformer): renormalised, its one gate would be exactly 1
+        # and no gradient would ever reach the router
+        kept = kept / kept.sum(dim, keepdim=True) if top_k > 1 else kept
+        gates = torch.zeros_like(probs).scatter(dim, index, kept)
     else:
         mask, gates = None, probs
     if scratch is not None:
